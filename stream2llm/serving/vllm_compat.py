@@ -1,0 +1,196 @@
+"""Every use of a vLLM private member or internal structure lives here (pinned: vLLM 0.32).
+
+The rest of stream2llm talks to vLLM through its public surface (AsyncLLM, SamplingParams,
+StreamingInput, ``scheduler_cls``, ``additional_config``) and through the small named functions and
+hooks below. ``tests/unit/test_vllm_compat_contract.py`` checks each assumption made here, so a vLLM
+upgrade that breaks one fails loudly in one place instead of corrupting KV somewhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.request import Request, RequestStatus, StreamingUpdate
+
+VLLM_API = "0.32"
+
+__all__ = [
+    "HookedScheduler",
+    "Request",
+    "RequestStatus",
+    "StreamingUpdate",
+    "computed_token_ids",
+    "cut_session_kv",
+    "start_async_llm",
+    "truncate_session_prompt",
+    "with_prompt",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine start-up
+# ---------------------------------------------------------------------------------------------
+
+
+def start_async_llm(engine_args: Any, fork: bool) -> Any:
+    """Start an AsyncLLM; ``fork`` forks the engine-core and worker processes (~4 s, tests only).
+
+    The CPU platform forces ``spawn`` while the config is built; the launcher reads the variable
+    later, so setting it in between takes effect. Forked workers are not pinned to cores the way
+    spawned ones are, so per-step speed is lower: never benchmark a forked engine.
+    """
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    if not fork:
+        return AsyncLLM.from_engine_args(engine_args)
+    vllm_config = engine_args.create_engine_config()
+    previous = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+    try:
+        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=engine_args.disable_log_stats)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
+        else:
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler hooks: private override points mapped to named ones
+# ---------------------------------------------------------------------------------------------
+
+
+class HookedScheduler(Scheduler):
+    """vLLM's Scheduler with its private session and free hooks exposed under stable names."""
+
+    def before_session_update(self, session: Request, update: StreamingUpdate) -> StreamingUpdate:
+        """Called when a parked streaming session takes its next chunk; may rewrite the chunk."""
+        return update
+
+    def after_session_update(self, session: Request, update: StreamingUpdate) -> None:
+        """Called once the session holds the chunk and is queued again."""
+
+    def on_request_freed(self, request: Request, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Called when a request is finished or aborted; the returned dict reaches the front end
+        (``RequestOutput.kv_transfer_params``) with the request's final output."""
+        return params
+
+    # -- the private methods these hooks ride on --------------------------------------------
+
+    def _update_request_as_session(self, session: Request, update: StreamingUpdate) -> None:
+        update = self.before_session_update(session, update)
+        super()._update_request_as_session(session, update)
+        self.after_session_update(session, update)
+
+    def _free_request(self, request: Request, delay_free_blocks: bool = False):
+        kv_params, ec_params = super()._free_request(request, delay_free_blocks)
+        return self.on_request_freed(request, kv_params), ec_params
+
+    # -- read-only views of internal state ---------------------------------------------------
+
+    def num_parked_sessions(self) -> int:
+        return self.num_waiting_for_streaming_input
+
+    def kv_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+
+def with_prompt(update: StreamingUpdate, prompt_token_ids: list[int]) -> StreamingUpdate:
+    """The same streaming chunk carrying other prompt tokens."""
+    return dataclasses.replace(update, prompt_token_ids=prompt_token_ids)
+
+
+def computed_token_ids(request: Request) -> list[int]:
+    """The tokens whose KV the request holds (prompt and kept outputs), in order."""
+    return request._all_token_ids[: request.num_computed_tokens]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting a session back to a prefix (update mode)
+# ---------------------------------------------------------------------------------------------
+
+
+def _managers(scheduler: Scheduler) -> Sequence[Any]:
+    return scheduler.kv_cache_manager.coordinator.single_type_managers
+
+
+def _block_pool(scheduler: Scheduler) -> Any:
+    return scheduler.kv_cache_manager.block_pool
+
+
+def _release(scheduler: Scheduler, blocks: list[Any]) -> None:
+    """Return blocks to the pool, tail first, respecting vLLM's deferred frees when a step is in flight."""
+    if not blocks:
+        return
+    if scheduler.defer_block_free:
+        scheduler.deferred_frees.append((scheduler.sched_step_seq, blocks))
+    else:
+        _block_pool(scheduler).free_blocks(reversed(blocks))
+
+
+def _make_tail_block_writable(scheduler: Scheduler, manager: Any, request_id: str, index: int) -> bool:
+    """Ensure the block at ``index`` may be written; False if that is impossible right now.
+
+    A block that carries a prefix-cache hash must never be written: another request may hit it.
+    If only this request holds it, its hash is dropped (its contents are about to change); if
+    others share it, the request gets a private copy (vLLM's copy-on-write path, executed by the
+    worker before the next forward pass).
+    """
+    pool = _block_pool(scheduler)
+    block = manager.req_to_blocks[request_id][index]
+    if pool.is_block_writable(block):
+        return True
+    if block.ref_cnt == 1:
+        pool._maybe_evict_cached_block(block)
+        return pool.is_block_writable(block)
+    if pool.get_num_free_blocks() < 1:
+        return False
+    copy = pool.get_new_blocks(1)[0]
+    manager._apply_cow(request_id, index, block, copy)
+    return True
+
+
+def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> int:
+    """Free the request's KV past ``keep`` tokens and return how many tokens it really keeps.
+
+    Token-exact for full-attention groups: the block holding token ``keep`` stays, made writable
+    first. Other group kinds (sliding window, Mamba) keep only whole blocks they can vouch for, so
+    the cut falls back to a block boundary (and to 0 where a group cannot be cut at all).
+    """
+    managers = _managers(scheduler)
+    rid = request.request_id
+    if not all(type(m) is FullAttentionManager for m in managers):
+        keep = 0
+    block_size = max(m.block_size for m in managers)
+    if keep % block_size:
+        tail_index = keep // block_size
+        for manager in managers:
+            if tail_index < len(manager.req_to_blocks[rid]) and not _make_tail_block_writable(
+                scheduler, manager, rid, tail_index
+            ):
+                keep -= keep % block_size
+                break
+    for manager in managers:
+        blocks = manager.req_to_blocks[rid]
+        n_keep = cdiv(keep, manager.block_size)
+        tail = blocks[n_keep:]
+        del blocks[n_keep:]
+        _release(scheduler, tail)
+        if rid in manager.num_cached_block:
+            manager.num_cached_block[rid] = min(manager.num_cached_block[rid], keep // manager.block_size)
+    request.num_computed_tokens = keep
+    return keep
+
+
+def truncate_session_prompt(request: Request, keep: int) -> None:
+    """Make the first ``keep`` computed tokens the whole prompt, so vLLM's own session update
+    appends the new tail after them (it keeps tokens up to ``num_computed_tokens``)."""
+    assert request.num_computed_tokens == keep
+    del request.prompt_token_ids[keep:]
+    request.num_prompt_tokens = keep
