@@ -129,8 +129,12 @@ class StreamingEngine:
         request_id: str | None = None,
         truncate: bool = False,
         template: PromptTemplate | None = None,
+        cache_salt: str | None = None,
     ) -> Session:
-        """Open a session; in ``stream`` mode the instructions and question start prefilling now."""
+        """Open a session; in ``stream`` mode the instructions and question start prefilling now.
+
+        ``cache_salt`` isolates the session's prefix-cache entries (per tenant, or for references
+        that must not reuse another request's KV)."""
         if mode not in MODES:
             raise StreamError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if len(self._sessions) >= self.config.max_sessions:
@@ -146,7 +150,7 @@ class StreamingEngine:
         builder = PromptBuilder(
             self.tokenizer, question, template=template, max_prompt_tokens=max_prompt, truncate=truncate
         )
-        session = Session(self, request_id, builder, sampling, mode)
+        session = Session(self, request_id, builder, sampling, mode, cache_salt)
         self._sessions[request_id] = session
         await session._start()
         return session
@@ -164,10 +168,12 @@ class StreamingEngine:
     def stats(self) -> EngineStats:
         return self._board.read()
 
-    async def complete(self, prompt_ids: Sequence[int], sampling: Any) -> list[int]:
+    async def complete(
+        self, prompt_ids: Sequence[int], sampling: Any, *, use_prefix_cache: bool = True
+    ) -> list[int]:
         """One plain request on given token ids (the one-shot reference)."""
         request_id = f"s2l-oneshot-{uuid.uuid4().hex[:12]}"
-        prompt = {"prompt_token_ids": list(prompt_ids)}
+        prompt = _tokens_prompt(prompt_ids, None if use_prefix_cache else uuid.uuid4().hex)
         final = None
         async for out in self._llm.generate(prompt, sampling, request_id=request_id):
             final = out
@@ -214,6 +220,13 @@ def _engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str)
     return AsyncEngineArgs(**kwargs)
 
 
+def _tokens_prompt(ids: Sequence[int], cache_salt: str | None) -> dict[str, Any]:
+    prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}  # a copy: vLLM extends lists in place
+    if cache_salt is not None:
+        prompt["cache_salt"] = cache_salt
+    return prompt
+
+
 def _check_sampling(sampling: Any) -> None:
     """Reject what vLLM's streaming sessions cannot do, before anything reaches the engine."""
     if getattr(sampling, "n", 1) != 1:
@@ -228,9 +241,16 @@ class Session:
     """One request whose context arrives in pieces. Create it with ``StreamingEngine.open``."""
 
     def __init__(
-        self, engine: StreamingEngine, request_id: str, builder: PromptBuilder, sampling: Any, mode: Mode
+        self,
+        engine: StreamingEngine,
+        request_id: str,
+        builder: PromptBuilder,
+        sampling: Any,
+        mode: Mode,
+        cache_salt: str | None = None,
     ) -> None:
         self.engine = engine
+        self._cache_salt = cache_salt
         self.request_id = request_id
         self.mode = mode
         self._builder = builder
@@ -377,9 +397,10 @@ class Session:
         return params
 
     def _put_chunk(self, ids: list[int], op: str, final: bool) -> None:
-        vllm = _vllm()
-        prompt = vllm.inputs.TokensPrompt(prompt_token_ids=list(ids))  # vLLM extends lists in place
-        self._inputs.put_nowait(vllm.engine.protocol.StreamingInput(prompt, self._chunk_params(op, final)))
+        from vllm.engine.protocol import StreamingInput
+
+        prompt = _tokens_prompt(ids, self._cache_salt)
+        self._inputs.put_nowait(StreamingInput(prompt, self._chunk_params(op, final)))
         self._chunks.append(ChunkTiming(sent=time.monotonic(), tokens=len(ids)))
         if final:
             self._inputs.put_nowait(None)
@@ -395,7 +416,7 @@ class Session:
             prompt: Any = self._input_stream(self._inputs)
         else:
             self._chunks.append(ChunkTiming(sent=time.monotonic(), tokens=len(ids)))
-            prompt = {"prompt_token_ids": list(ids)}
+            prompt = _tokens_prompt(ids, self._cache_salt)
             self._chunks_before = len(self._chunks) - 1
         self._sent = list(ids)
         self._runner = asyncio.get_running_loop().create_task(self._run(prompt, internal_id))

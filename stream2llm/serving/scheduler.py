@@ -34,6 +34,7 @@ class UpdateRecord:
     lcp: int  # longest common prefix of old and new token ids
     kept: int  # tokens whose KV was kept (lcp, capped at new_len - 1 so one token yields logits)
     recomputed: int  # new_len - kept
+    tail: str  # the block holding the cut: private, unhashed, copied (on write) or aligned
 
 
 @dataclass
@@ -77,9 +78,9 @@ class StreamScheduler(compat.HookedScheduler):
         new_ids = list(update.prompt_token_ids or ())
         held = compat.computed_token_ids(session)
         lcp = common_prefix_len(held, new_ids)
-        kept = compat.cut_session_kv(self, session, min(lcp, len(new_ids) - 1))
+        kept, tail = compat.cut_session_kv(self, session, min(lcp, len(new_ids) - 1))
         compat.truncate_session_prompt(session, kept)
-        record = UpdateRecord(len(held), len(new_ids), lcp, kept, len(new_ids) - kept)
+        record = UpdateRecord(len(held), len(new_ids), lcp, kept, len(new_ids) - kept, tail)
         counters = self._counters_for(session.request_id)
         counters.updates.append(record)
         counters.tokens_recomputed += record.recomputed

@@ -134,8 +134,9 @@ def _release(scheduler: Scheduler, blocks: list[Any]) -> None:
         _block_pool(scheduler).free_blocks(reversed(blocks))
 
 
-def _make_tail_block_writable(scheduler: Scheduler, manager: Any, request_id: str, index: int) -> bool:
-    """Ensure the block at ``index`` may be written; False if that is impossible right now.
+def _make_tail_block_writable(scheduler: Scheduler, manager: Any, request_id: str, index: int) -> str | None:
+    """Ensure the block at ``index`` may be written; say how ("private", "unhashed", "copied"), or
+    None if that is impossible right now.
 
     A block that carries a prefix-cache hash must never be written: another request may hit it.
     If only this request holds it, its hash is dropped (its contents are about to change); if
@@ -145,19 +146,20 @@ def _make_tail_block_writable(scheduler: Scheduler, manager: Any, request_id: st
     pool = _block_pool(scheduler)
     block = manager.req_to_blocks[request_id][index]
     if pool.is_block_writable(block):
-        return True
+        return "private"
     if block.ref_cnt == 1:
         pool._maybe_evict_cached_block(block)
-        return pool.is_block_writable(block)
+        return "unhashed" if pool.is_block_writable(block) else None
     if pool.get_num_free_blocks() < 1:
-        return False
+        return None
     copy = pool.get_new_blocks(1)[0]
     manager._apply_cow(request_id, index, block, copy)
-    return True
+    return "copied"
 
 
-def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> int:
-    """Free the request's KV past ``keep`` tokens and return how many tokens it really keeps.
+def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> tuple[int, str]:
+    """Free the request's KV past ``keep`` tokens; return the tokens really kept and how the block
+    holding the cut was treated ("aligned" when the cut falls on a block boundary).
 
     Token-exact for full-attention groups: the block holding token ``keep`` stays, made writable
     first. Other group kinds (sliding window, Mamba) keep only whole blocks they can vouch for, so
@@ -168,12 +170,14 @@ def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> int:
     if not all(type(m) is FullAttentionManager for m in managers):
         keep = 0
     block_size = max(m.block_size for m in managers)
+    how = "aligned"
     if keep % block_size:
         tail_index = keep // block_size
         for manager in managers:
-            if tail_index < len(manager.req_to_blocks[rid]) and not _make_tail_block_writable(
-                scheduler, manager, rid, tail_index
-            ):
+            if tail_index >= len(manager.req_to_blocks[rid]):
+                continue
+            how = _make_tail_block_writable(scheduler, manager, rid, tail_index) or "aligned"
+            if how == "aligned":
                 keep -= keep % block_size
                 break
     for manager in managers:
@@ -185,7 +189,7 @@ def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> int:
         if rid in manager.num_cached_block:
             manager.num_cached_block[rid] = min(manager.num_cached_block[rid], keep // manager.block_size)
     request.num_computed_tokens = keep
-    return keep
+    return keep, how
 
 
 def truncate_session_prompt(request: Request, keep: int) -> None:

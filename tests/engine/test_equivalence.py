@@ -1,0 +1,138 @@
+"""Streamed prefill gives exactly what one-shot prefill gives (greedy, token for token)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from stream2llm.connectors.prompt import PromptTemplate, common_prefix_len
+from tests.conftest import corpus_text
+from tests.engine.helpers import GREEDY, oneshot, split_at_random
+
+QUESTION = "What does the documentation say about this?"
+
+
+def full_prompt_ids(engine, context: str) -> list[int]:
+    t = PromptTemplate()
+    return engine.tokenizer.encode(t.render_prefix(QUESTION) + context + t.render_suffix(QUESTION))
+
+
+@pytest.mark.parametrize(("k", "n_chars"), [(1, 2000), (2, 4000), (5, 6000), (20, 6800)])
+async def test_append_session_equals_oneshot(engine, k, n_chars):
+    rng = random.Random(k)
+    context = corpus_text(n_chars, seed=k)
+    pieces = split_at_random(context, k, rng)
+
+    session = await engine.open(QUESTION, GREEDY)
+    for piece in pieces:
+        await session.append(piece)
+        await asyncio.sleep(rng.choice([0, 0, 0.005, 0.03]))  # some chunks queue, some find it parked
+    await session.finish()
+    streamed = await session.result()
+
+    expected_prompt = full_prompt_ids(engine, context)
+    assert streamed.prompt_token_ids == expected_prompt  # no drift at chunk boundaries
+    assert 700 < len(expected_prompt) <= 3000
+    reference = await oneshot(engine, QUESTION, context)
+    assert reference.prompt_token_ids == expected_prompt
+    assert streamed.token_ids == reference.token_ids
+    assert len(streamed.token_ids) == GREEDY.max_tokens  # no throw-away token reached the caller
+    direct = await engine.complete(expected_prompt, GREEDY, use_prefix_cache=False)
+    assert streamed.token_ids == direct
+    # every prompt token was prefilled exactly once (the prefix cache was not used by the session)
+    assert streamed.tokens_prefilled == len(expected_prompt)
+
+
+async def _run_updates(engine, series: list[list[str]], wait: bool):
+    session = await engine.open(QUESTION, GREEDY)
+    snapshots = []
+    for docs in series:
+        before = session.prompt_ids
+        await session.update(docs)
+        snapshots.append((before, session.prompt_ids))
+        if wait:
+            await asyncio.sleep(0.15)
+    await session.finish()
+    return session, snapshots, await session.result()
+
+
+@pytest.mark.parametrize("wait", [True, False], ids=["parked", "queued"])
+async def test_update_session_equals_oneshot_and_recomputes_only_past_lcp(engine, wait):
+    a = corpus_text(7000, seed=11)
+    b = corpus_text(6000, seed=12)
+    docs_a = [a[:2500], a[2500:5000], a[5000:]]
+    series = [
+        docs_a,
+        [docs_a[0], docs_a[1], "A different final document replaces the old tail. " * 20],  # tail changed
+        [docs_a[0], docs_a[1][:900] + " EDITED IN THE MIDDLE " + docs_a[1][900:], docs_a[2]],  # middle
+        [b[:3000], b[3000:]],  # everything replaced
+        [b[:1700]],  # shorter than before (a prefix of the old context)
+    ]
+    session, snapshots, result = await _run_updates(engine, series, wait)
+
+    assert len(result.updates) == len(series) - 1  # the first docs open the context (an append)
+    for record, (before, after) in zip(result.updates, snapshots[1:]):
+        lcp = common_prefix_len(before, after)
+        assert record["old_len"] == len(before)
+        assert record["new_len"] == len(after)
+        assert record["lcp"] == lcp
+        # token-exact: everything up to the LCP is kept (one token is always recomputed for logits)
+        assert record["kept"] == min(lcp, len(after) - 1)
+        assert record["recomputed"] == len(after) - record["kept"]
+    prefix_len = len(engine.tokenizer.encode(PromptTemplate().render_prefix(QUESTION)))
+    assert result.updates[2]["lcp"] <= prefix_len  # "everything replaced" keeps only the instructions
+    assert any(r["lcp"] % 128 for r in result.updates)  # cuts inside KV blocks were exercised
+    assert {r["tail"] for r in result.updates} & {"unhashed", "private"}
+    assert result.tokens_recomputed == sum(r["recomputed"] for r in result.updates)
+
+    reference = await oneshot(engine, QUESTION, series[-1])
+    assert result.prompt_token_ids == reference.prompt_token_ids
+    assert result.token_ids == reference.token_ids
+
+
+async def test_update_cut_inside_a_block_shared_with_another_request(engine):
+    """A one-shot request hits a parked session's cached blocks; cutting the session inside one of
+    those shared blocks must copy it, never write it, and both must still equal one-shot."""
+    from vllm import SamplingParams
+
+    long_decode = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    context = corpus_text(4000, seed=21)
+    session = await engine.open(QUESTION, GREEDY)
+    await session.update([context])
+    await asyncio.sleep(0.3)  # prefilled and parked; its full blocks are in the prefix cache
+    other = asyncio.create_task(_shared_oneshot(engine, context, long_decode))
+    await asyncio.sleep(0.15)  # the other request now holds the same blocks while it decodes
+    cut = context[:1500] + " a replacement that diverges inside a shared block " * 5
+    await session.update([cut])
+    await session.finish()
+    streamed, shared = await session.result(), await other
+    assert shared.tokens_prefilled < len(shared.prompt_token_ids)  # it really reused the blocks
+    assert streamed.updates[-1]["kept"] % 128 != 0
+    assert streamed.updates[-1]["tail"] == "copied"  # the shared block was copied, never written
+    assert shared.token_ids == await engine.complete(
+        shared.prompt_token_ids, long_decode, use_prefix_cache=False
+    )
+    assert streamed.token_ids == (await oneshot(engine, QUESTION, [cut])).token_ids
+
+
+async def _shared_oneshot(engine, context, sampling):
+    """A one-shot request that may reuse cached blocks (no salt)."""
+    s = await engine.open(QUESTION, sampling, mode="nonstream")
+    await s.update([context])
+    await s.finish()
+    return await s.result()
+
+
+async def test_vllm_mode_update_resubmits_and_equals_oneshot(engine):
+    a = corpus_text(5000, seed=31)
+    session = await engine.open(QUESTION, GREEDY, mode="vllm")
+    await session.update([a])
+    await asyncio.sleep(0.1)
+    await session.update([a[:3000] + " changed tail " * 10])
+    await session.finish()
+    result = await session.result()
+    reference = await oneshot(engine, QUESTION, [a[:3000] + " changed tail " * 10])
+    assert result.token_ids == reference.token_ids
+    assert result.updates == []  # stock path: no in-place update happened
