@@ -30,7 +30,7 @@ async def engine(tiny_model):
     eng = await StreamingEngine.start(
         EngineConfig(
             model="tiny",
-            fast_start=True,
+            fast_start=False,  # spawn: forking after the unit tests ran torch in this process can hang
             kv_cache_bytes=256 << 20,
             max_model_len=4096,
             max_num_batched_tokens=2048,

@@ -69,9 +69,7 @@ class TextTokenizer:
 class PromptTemplate:
     """Where the question, the context and the answer cue go."""
 
-    prefix: str = (
-        "Answer the question using the context. Be brief.\nQuestion: {question}\n\nContext:\n"
-    )
+    prefix: str = "Answer the question using the context. Be brief.\nQuestion: {question}\n\nContext:\n"
     suffix: str = "\n\nAnswer:"
 
     def render_prefix(self, question: str) -> str:

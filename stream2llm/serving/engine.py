@@ -305,7 +305,9 @@ class Session:
             raise InvalidEvent(f"event for {event.request_id!r} pushed to session {self.request_id!r}")
         self._check_open(f"event {event.seq}")
         if event.seq < self._next_seq:
-            raise SequenceError(f"duplicate event {event.seq} for {self.request_id!r} (next is {self._next_seq})")
+            raise SequenceError(
+                f"duplicate event {event.seq} for {self.request_id!r} (next is {self._next_seq})"
+            )
         if event.seq > self._next_seq:
             raise SequenceError(
                 f"out-of-order event {event.seq} for {self.request_id!r}: expected {self._next_seq}"

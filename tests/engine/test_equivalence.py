@@ -70,7 +70,7 @@ async def test_update_session_equals_oneshot_and_recomputes_only_past_lcp(engine
         [b[:3000], b[3000:]],  # everything replaced
         [b[:1700]],  # shorter than before (a prefix of the old context)
     ]
-    session, snapshots, result = await _run_updates(engine, series, wait)
+    _, snapshots, result = await _run_updates(engine, series, wait)
 
     assert len(result.updates) == len(series) - 1  # the first docs open the context (an append)
     for record, (before, after) in zip(result.updates, snapshots[1:]):

@@ -1,0 +1,108 @@
+"""vLLM's scheduler on a synthetic setup: a real Scheduler (ours), real KV block manager, no model.
+
+The model runner is played by hand: each step's output samples one fixed token per request that
+reaches the end of its prompt. Building it reads only the tiny model's config (no weights).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+
+from stream2llm.serving.scheduler import CONFIG_KEY, StreamScheduler
+
+SAMPLED = 7
+
+
+def make_scheduler(
+    model_dir: str, *, num_blocks: int = 64, block_size: int = 16, policy: str = "vllm", **options: Any
+) -> StreamScheduler:
+    model_config = ModelConfig(
+        model=model_dir, skip_tokenizer_init=True, max_model_len=4096, dtype="bfloat16"
+    )
+    vllm_config = VllmConfig(
+        model_config=model_config,
+        cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=32,
+            max_num_batched_tokens=4096,
+            max_model_len=4096,
+            is_encoder_decoder=False,
+        ),
+        additional_config={CONFIG_KEY: {"policy": policy, **options}},
+    )
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer0"],
+                FullAttentionSpec(block_size=block_size, num_kv_heads=2, head_size=32, dtype=torch.bfloat16),
+            )
+        ],
+    )
+    init_none_hash(sha256)
+    return StreamScheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=block_size,
+    )
+
+
+def make_request(
+    scheduler: StreamScheduler, request_id: str, ids: list[int], *, op: str = "append", max_tokens: int = 1
+) -> Request:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args={CONFIG_KEY: {"op": op}})
+    params.update_from_generation_config({}, None)
+    hasher = get_request_block_hasher(scheduler.block_size, sha256)
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(ids),
+        sampling_params=params,
+        pooling_params=None,
+        arrival_time=0.0,
+        block_hasher=hasher,
+        resumable=True,
+    )
+
+
+def step(scheduler: StreamScheduler) -> Any:
+    """One engine step: schedule, then play the model runner."""
+    out = scheduler.schedule()
+    req_ids = list(out.num_scheduled_tokens)
+    sampled = []
+    for rid in req_ids:
+        request = scheduler.requests[rid]
+        done_prefill = request.num_computed_tokens >= request.num_tokens
+        sampled.append([SAMPLED] if done_prefill else [])
+    runner = ModelRunnerOutput(
+        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
+    )
+    scheduler.update_from_output(out, runner)
+    return out
+
+
+def run_until_idle(scheduler: StreamScheduler, max_steps: int = 100) -> list[Any]:
+    outputs = []
+    for _ in range(max_steps):
+        if not scheduler.running and not any(
+            r.status.name in ("WAITING", "PREEMPTED") for r in scheduler.requests.values()
+        ):
+            break
+        outputs.append(step(scheduler))
+    return outputs
+
+
+def blocks_of(scheduler: StreamScheduler, request_id: str) -> list[Any]:
+    return scheduler.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[request_id]

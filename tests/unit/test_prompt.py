@@ -1,0 +1,77 @@
+"""Prompt layout: committed ids are always a prefix of the final tokenization, or become an update."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from stream2llm.connectors.prompt import PromptBuilder, TextTokenizer, common_prefix_len
+from stream2llm.errors import ContextTooLong
+from tests.conftest import corpus_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return TextTokenizer(tiny_model.path, tiny_model.bos_token_id)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "n"),
+    [
+        ([], [], 0),
+        ([1], [], 0),
+        ([1, 2, 3], [1, 2, 3], 3),
+        ([1, 2, 3], [1, 2, 4], 2),
+        ([5], [6], 0),
+        (list(range(1000)), list(range(999)) + [0], 999),
+        (list(range(600)), list(range(600)) + [1], 600),
+    ],
+)
+def test_common_prefix_len(a, b, n):
+    assert common_prefix_len(a, b) == n == common_prefix_len(b, a)
+
+
+def test_bos_is_added_once(tokenizer, tiny_model):
+    ids = tokenizer.encode("hello world")
+    assert ids[0] == tiny_model.bos_token_id and ids.count(tiny_model.bos_token_id) == 1
+    assert tokenizer.decode(ids) == "hello world"
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_streamed_ids_match_final_tokenization(tokenizer, seed):
+    """Feed text in random pieces; each step's committed ids either extend what was sent (append) or
+    the difference is an update; the final ids equal one tokenization of the whole prompt."""
+    rng = random.Random(seed)
+    text = corpus_text(rng.randrange(200, 4000), seed=seed)
+    builder = PromptBuilder(tokenizer, "Why?")
+    sent: list[int] = []
+    drift_tokens = 0
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randrange(1, 30)))
+    for a, b in zip([0, *cuts], [*cuts, len(text)]):
+        builder.append(text[a:b])
+        ids = builder.ids(final=False).ids
+        drift_tokens += len(sent) - common_prefix_len(sent, ids)
+        sent = ids
+    final = builder.ids(final=True).ids
+    assert final == tokenizer.encode(builder.prefix + text + builder.suffix)
+    assert final[: len(sent)] == sent or common_prefix_len(sent, final) >= len(sent) - 8
+    assert drift_tokens == 0  # the hold-back kept every committed token stable on this corpus
+
+
+def test_context_too_long_names_size_and_limit(tokenizer):
+    builder = PromptBuilder(tokenizer, "Q?", max_prompt_tokens=100)
+    builder.append("word " * 500)
+    with pytest.raises(ContextTooLong, match=r"needs (\d+) tokens but max_model_len is 100") as err:
+        builder.ids(final=False)
+    assert err.value.size > 100
+
+
+def test_truncate_keeps_the_newest_context(tokenizer):
+    builder = PromptBuilder(tokenizer, "Q?", max_prompt_tokens=200, truncate=True)
+    text = " ".join(f"item{i}" for i in range(400))
+    builder.append(text)
+    ids = builder.ids(final=True).ids
+    assert 150 < len(ids) <= 200
+    assert builder.body.endswith("item399") and "item0 " not in builder.body
+    assert builder.truncated_chars > 0

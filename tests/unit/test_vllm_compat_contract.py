@@ -1,0 +1,135 @@
+"""Contract tests for every vLLM internal that stream2llm relies on (serving/vllm_compat.py).
+
+They run vLLM's real scheduler and KV block manager on a synthetic setup (no model), so a vLLM
+upgrade that moves or changes one of these internals fails here, by name, not as corrupt KV.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import vllm
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+from stream2llm.serving import vllm_compat
+from stream2llm.serving.stats_board import StatsBoard
+from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
+
+BS = 16
+
+
+@pytest.fixture
+def scheduler(tiny_model):
+    return make_scheduler(str(tiny_model.path), block_size=BS)
+
+
+def park(scheduler, rid: str, ids: list[int]):
+    request = make_request(scheduler, rid, ids)
+    scheduler.add_request(request)
+    run_until_idle(scheduler)
+    assert request.status.name == "WAITING_FOR_STREAMING_REQ"
+    return request
+
+
+def test_pinned_vllm_version():
+    assert vllm.__version__.startswith(vllm_compat.VLLM_API)
+
+
+def test_private_hooks_exist_with_expected_signatures():
+    for name, params in {
+        "_update_request_as_session": ["self", "session", "update"],
+        "_free_request": ["self", "request", "delay_free_blocks"],
+    }.items():
+        assert name in vars(Scheduler), f"vLLM Scheduler lost {name}"
+        assert list(inspect.signature(getattr(Scheduler, name)).parameters) == params
+
+
+def test_scheduler_internals_present(scheduler):
+    (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
+    assert type(manager) is FullAttentionManager
+    for attr in ("req_to_blocks", "num_cached_block", "block_size", "_apply_cow"):
+        assert hasattr(manager, attr), attr
+    pool = scheduler.kv_cache_manager.block_pool
+    for attr in ("defer_block_free", "deferred_frees", "sched_step_seq", "num_waiting_for_streaming_input"):
+        assert hasattr(scheduler, attr), attr
+    for attr in ("is_block_writable", "_maybe_evict_cached_block", "get_new_blocks", "free_blocks"):
+        assert callable(getattr(pool, attr)), attr
+    request = make_request(scheduler, "r", list(range(40)))
+    assert request._all_token_ids == list(range(40))
+
+
+def test_update_cut_inside_hashed_block_drops_hash_and_frees_tail(scheduler):
+    old = list(range(100, 200))  # 100 tokens: 6 full hashed blocks + a partial one
+    request = park(scheduler, "a", old)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    cut_block = blocks_of(scheduler, "a")[50 // BS]
+    assert cut_block.block_hash is not None  # full and cached: must not be written as it is
+
+    new = old[:50] + [1] * 30
+    scheduler.add_request(make_request(scheduler, "a", new, op="update"))
+
+    assert request.num_computed_tokens == 50 and request.num_prompt_tokens == 80
+    assert request._all_token_ids == new
+    assert len(blocks_of(scheduler, "a")) == 4  # cdiv(50, 16)
+    assert pool.get_num_free_blocks() == free_before + 3
+    assert cut_block.block_hash is None and pool.is_block_writable(cut_block)
+    record = scheduler._counters["a"].updates[-1]
+    assert (record.lcp, record.kept, record.recomputed, record.tail) == (50, 50, 30, "unhashed")
+
+    outputs = run_until_idle(scheduler)
+    assert outputs[0].num_scheduled_tokens == {"a": 30}  # only past the LCP
+    fresh = make_request(scheduler, "fresh", new)
+    assert request.block_hashes == fresh.block_hashes  # hashes recomputed from the cut
+
+
+def test_update_cut_inside_shared_block_copies_on_write(scheduler):
+    old = list(range(300, 400))
+    park(scheduler, "a", old)
+    other = make_request(scheduler, "b", old[:64] + [9] * 10, max_tokens=5)
+    scheduler.add_request(other)
+    step(scheduler)  # b hits a's cached blocks 0..3 and holds them while it decodes
+    shared = blocks_of(scheduler, "a")[40 // BS]
+    assert shared.ref_cnt == 2
+
+    scheduler.add_request(make_request(scheduler, "a", old[:40] + [2] * 8, op="update"))
+    assert scheduler._counters["a"].updates[-1].tail == "copied"
+    copy = blocks_of(scheduler, "a")[40 // BS]
+    assert copy is not shared and shared.block_hash is not None  # the shared block stays intact
+    out = step(scheduler)
+    assert (shared.block_id, copy.block_id) in [
+        (c.src_block_id, c.dst_block_id) for c in out.kv_cache_block_copies
+    ]
+
+
+def test_update_on_block_boundary_is_aligned(scheduler):
+    old = list(range(500, 600))
+    request = park(scheduler, "a", old)
+    scheduler.add_request(make_request(scheduler, "a", old[:48] + [3] * 5, op="update"))
+    assert scheduler._counters["a"].updates[-1].tail == "aligned"
+    assert request.num_computed_tokens == 48 and len(blocks_of(scheduler, "a")) == 3
+
+
+def test_new_context_that_is_a_prefix_keeps_all_but_one_token(scheduler):
+    old = list(range(700, 800))
+    request = park(scheduler, "a", old)
+    scheduler.add_request(make_request(scheduler, "a", old[:60], op="update"))
+    record = scheduler._counters["a"].updates[-1]
+    assert (record.lcp, record.kept, record.recomputed) == (60, 59, 1)
+    assert request.num_computed_tokens == 59
+
+
+def test_abort_frees_everything_and_board_shows_it(tiny_model, tmp_path):
+    path = str(tmp_path / "board")
+    board = StatsBoard(path, create=True)
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, stats_path=path)
+    park(scheduler, "a", list(range(100)))
+    park(scheduler, "b", list(range(1000, 1070)))
+    stats = board.read()
+    assert stats.parked == 2 and stats.kv_usage > 0 and stats.requests == 2
+    assert stats.tokens_prefilled == 170
+    scheduler.finish_requests(["a", "b"], vllm_compat.RequestStatus.FINISHED_ABORTED)
+    stats = board.read()
+    assert (stats.parked, stats.requests, stats.kv_usage) == (0, 0, 0.0)
