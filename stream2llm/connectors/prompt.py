@@ -72,6 +72,17 @@ class PromptTemplate:
     prefix: str = "Answer the question using the context. Be brief.\nQuestion: {question}\n\nContext:\n"
     suffix: str = "\n\nAnswer:"
 
+    @classmethod
+    def for_chat_turn(cls, turn: tuple[str, str] | None) -> PromptTemplate:
+        """A chat model's user turn: context first, then the question, then the model's turn.
+
+        Small chat models tend to echo instructions placed before a long context, so the question
+        goes last (it is short, so prefilling it with the final chunk costs little).
+        """
+        if turn is None:
+            return cls()
+        return cls(prefix=turn[0], suffix="\n\n{question}" + turn[1])
+
     def render_prefix(self, question: str) -> str:
         return self.prefix.format(question=question)
 

@@ -99,6 +99,7 @@ class StreamingEngine:
         self.config = config
         self.model = model
         self.tokenizer = TextTokenizer(model.path, model.bos_token_id)
+        self.template = PromptTemplate.for_chat_turn(model.chat_turn)
         self._llm = llm
         self._board = board
         self._sessions: dict[str, Session] = {}
@@ -148,7 +149,11 @@ class StreamingEngine:
         _check_sampling(sampling)
         max_prompt = self.config.max_model_len - (sampling.max_tokens or 0)
         builder = PromptBuilder(
-            self.tokenizer, question, template=template, max_prompt_tokens=max_prompt, truncate=truncate
+            self.tokenizer,
+            question,
+            template=template or self.template,
+            max_prompt_tokens=max_prompt,
+            truncate=truncate,
         )
         session = Session(self, request_id, builder, sampling, mode, cache_salt)
         self._sessions[request_id] = session
@@ -283,21 +288,21 @@ class Session:
     def is_open(self) -> bool:
         return self._state == "open"
 
-    async def append(self, text: str) -> None:
-        """Add text after the context sent so far."""
+    async def append(self, text: str, *, final: bool = False) -> None:
+        """Add text after the context sent so far; ``final`` also ends the context (one chunk)."""
         self._check_open("append")
         if not isinstance(text, str) or not text:
             raise InvalidEvent(f"append to {self.request_id!r} needs non-empty text")
-        self._apply(lambda b: b.append(text), final=False)
+        self._change(lambda b: b.append(text), final)
 
-    async def update(self, docs: str | Sequence[str]) -> None:
+    async def update(self, docs: str | Sequence[str], *, final: bool = False) -> None:
         """Replace the context; KV is kept up to the longest common prefix."""
         self._check_open("update")
         if isinstance(docs, str):
             docs = [docs]
         if not docs or not any(isinstance(d, str) and d.strip() for d in docs):
             raise InvalidEvent(f"update of {self.request_id!r} needs at least one non-empty document")
-        self._apply(lambda b: b.replace(list(docs)), final=False, replaced=True)
+        self._change(lambda b: b.replace(list(docs)), final)
 
     async def push(self, event: ContextEvent) -> None:
         """Apply a retriever's event, checking its sequence number; ``final`` finishes the session."""
@@ -313,19 +318,17 @@ class Session:
                 f"out-of-order event {event.seq} for {self.request_id!r}: expected {self._next_seq}"
             )
         if event.op is Op.APPEND and event.text:
-            await self.append(event.text)
+            await self.append(event.text, final=event.final)
         elif event.op is Op.UPDATE:
-            await self.update(event.docs)
-        self._next_seq += 1
-        if event.final:
+            await self.update(event.docs, final=event.final)
+        elif event.final:
             await self.finish()
+        self._next_seq += 1
 
     async def finish(self) -> None:
         """No more context: prefill the rest and start generating."""
         self._check_open("finish")
-        self._t_final = time.monotonic()
-        self._apply(lambda b: None, final=True)
-        self._state = "finished"
+        self._change(lambda b: None, final=True)
 
     async def abort(self) -> None:
         """Stop the session and free all of its KV. Safe to call at any time, more than once."""
@@ -360,7 +363,14 @@ class Session:
         if self.mode != "nonstream":
             self._apply(lambda b: None, final=False)
 
-    def _apply(self, change: Any, final: bool, replaced: bool = False) -> None:
+    def _change(self, change: Any, final: bool) -> None:
+        if final:
+            self._t_final = time.monotonic()
+        self._apply(change, final)
+        if final:
+            self._state = "finished"
+
+    def _apply(self, change: Any, final: bool) -> None:
         """Change the context, then send what became safe to prefill. A failing change leaves the
         session as it was."""
         before = self._builder.body

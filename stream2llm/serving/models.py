@@ -22,6 +22,8 @@ import platformdirs
 
 META_FILE = "stream2llm.json"
 DEFAULT_MODEL = "gemma-270m"
+GEMMA_TURN = ("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n")
+CHAT_TURNS: dict[str, tuple[str, str]] = {"gemma-270m": GEMMA_TURN}  # for directories built before the field
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class ModelInfo:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     engine_overrides: dict = field(default_factory=dict)
+    chat_turn: tuple[str, str] | None = None  # text before the user turn, and from its end to the answer
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> ModelInfo:
@@ -46,6 +49,7 @@ class ModelInfo:
             bos_token_id=meta.get("bos_token_id"),
             eos_token_ids=tuple(meta.get("eos_token_ids", ())),
             engine_overrides=meta.get("engine_overrides", {}),
+            chat_turn=tuple(meta["chat_turn"]) if meta.get("chat_turn") else CHAT_TURNS.get(name or ""),
         )
 
 
@@ -188,6 +192,7 @@ def build_gemma(out: Path) -> dict:
         # Sliding-window layers otherwise keep only the last window of blocks, which defeats
         # longest-common-prefix reuse (update mode and cross-request prefix caching).
         "engine_overrides": {"disable_hybrid_kv_cache_manager": True},
+        "chat_turn": list(GEMMA_TURN),  # the instruction-tuned model answers inside a chat turn
     }
 
 
