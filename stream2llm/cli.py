@@ -75,6 +75,76 @@ def demo(
         json_out.write_text(json.dumps(report, indent=2))
 
 
+@app.command()
+def synth(
+    workload: Annotated[str, typer.Option(help="crawler or anns")] = "crawler",
+    n: Annotated[int, typer.Option(help="Requests to generate.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    scale: Annotated[float, typer.Option(help="Multiply token counts.")] = 1.0,
+    out: Annotated[Path, typer.Option(help="Trace file to write (JSON Lines).")] = Path("traces.jsonl"),
+    debug: DebugOpt = False,
+):
+    """Synthetic traces matching the published workload statistics; prints achieved vs target."""
+    from stream2llm.workloads import synth as synth_mod
+    from stream2llm.workloads.trace import write_trace
+
+    try:
+        requests = synth_mod.synthesize(workload, n, seed=seed, scale=scale)
+    except ValueError as exc:
+        _fail(exc, debug)
+    write_trace(out, requests)
+    target = synth_mod.published_stats()["workloads"][workload]
+    achieved = synth_mod.achieved_stats(requests)
+    table = Table("statistic", "target (published)", "achieved", title=f"{n} {workload} requests -> {out}")
+    for group, values in achieved.items():
+        for key, value in values.items():
+            published = target.get(group, {}).get(key)
+            shown = "" if published is None else f"{published * (scale if 'tokens' in group else 1):,.1f}"
+            table.add_row(f"{group}.{key}", shown, f"{value:,.1f}")
+    console.print(table)
+
+
+@app.command()
+def bench(
+    traces: Annotated[Path, typer.Argument(help="Trace file (stream2llm.trace/1).")],
+    qps: Annotated[str, typer.Option(help="Comma-separated arrival rates.")] = "0.5,1,2,4",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "nonstream,vllm,stream2llm",
+    delay_multiplier: Annotated[float, typer.Option(help="Stretch the gaps between events.")] = 1.0,
+    kv_budget: Annotated[str | None, typer.Option(help="KV cache size, e.g. 512M or 2G.")] = None,
+    scale: Annotated[float, typer.Option(help="Multiply synthetic token counts.")] = 1.0,
+    repeat: Annotated[int, typer.Option(help="Repeats per (policy, qps).")] = 1,
+    limit: Annotated[int | None, typer.Option(help="Replay only the first N requests.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 1,
+    max_model_len: Annotated[int, typer.Option(help="Context window (longer requests are capped).")] = 32768,
+    model: ModelOpt = "tiny",
+    out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
+    debug: DebugOpt = False,
+):
+    """Replay traces against one engine for every policy and rate; results JSON, table and plots."""
+    from stream2llm.workloads.bench import run_bench_command
+
+    try:
+        asyncio.run(
+            run_bench_command(
+                traces,
+                qps=[float(q) for q in qps.split(",")],
+                policies=policies.split(","),
+                delay_multiplier=delay_multiplier,
+                kv_budget=kv_budget,
+                scale=scale,
+                repeat=repeat,
+                limit=limit,
+                max_tokens=max_tokens,
+                max_model_len=max_model_len,
+                model=model,
+                out=out,
+                console=console,
+            )
+        )
+    except Exception as exc:
+        _fail(exc, debug)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="stream2llm")
 

@@ -49,11 +49,11 @@ class TextTokenizer:
         self._tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         self.bos_token_id = bos_token_id
 
-    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+    def encode_with_ends(self, text: str, bos: bool = True) -> tuple[list[int], list[int]]:
         """Token ids (BOS first) and, for each, the character offset where it ends."""
         enc = self._tok.encode(text, add_special_tokens=False)
         ids, ends = list(enc.ids), [end for _, end in enc.offsets]
-        if self.bos_token_id is not None:
+        if bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
             ends.insert(0, 0)
         return ids, ends
@@ -120,6 +120,8 @@ class PromptBuilder:
         self.truncate = truncate
         self.holdback_chars = holdback_chars
         self.truncated_chars = 0
+        self._suffix_len = len(tokenizer.encode_with_ends(self.suffix, bos=False)[0])
+        self._last: tuple[str, list[int], list[int]] | None = None  # text, ids, ends at the last call
 
     def append(self, text: str) -> None:
         self.body += text
@@ -135,12 +137,36 @@ class PromptBuilder:
 
         Raises ContextTooLong (naming size and limit) unless ``truncate`` drops the oldest context.
         """
-        ids, ends = self._fit()
-        if final:
-            return PromptIds(ids, len(ids))
+        if final or self.truncate:
+            ids, ends = self._fit()
+            if final:
+                self._last = None
+                return PromptIds(ids, len(ids))
+        else:
+            ids, ends = self._encode_incrementally()
         stable_end = len(self.prefix) + len(self.body) - self.holdback_chars
-        n = bisect.bisect_right(ends, stable_end)
-        return PromptIds(ids[: max(n, 1)], len(ids))
+        n = max(bisect.bisect_right(ends, stable_end), 1)
+        self._last = (self.prefix + self.body, ids, ends)
+        return PromptIds(ids[:n], len(ids))
+
+    def _encode_incrementally(self) -> tuple[list[int], list[int]]:
+        """Tokens of prefix + body, re-tokenizing only after the last committed token when the body
+        grew by appending (the final call always tokenizes everything, so this is only a saving)."""
+        text = self.prefix + self.body
+        last = self._last
+        if last is None or not text.startswith(last[0]):
+            ids, ends = self._tok.encode_with_ends(text)
+        else:
+            old_text, old_ids, old_ends = last
+            keep = max(bisect.bisect_right(old_ends, len(old_text) - self.holdback_chars), 1)
+            restart = old_ends[keep - 1]
+            tail_ids, tail_ends = self._tok.encode_with_ends(text[restart:], bos=False)
+            ids = old_ids[:keep] + tail_ids
+            ends = old_ends[:keep] + [restart + e for e in tail_ends]
+        size = len(ids) + self._suffix_len
+        if self.max_prompt_tokens is not None and size > self.max_prompt_tokens:
+            raise ContextTooLong(size, self.max_prompt_tokens)
+        return ids, ends
 
     def _fit(self) -> tuple[list[int], list[int]]:
         ids, ends = self._tok.encode_with_ends(self.text(final=True))

@@ -131,11 +131,13 @@ class StreamingEngine:
         truncate: bool = False,
         template: PromptTemplate | None = None,
         cache_salt: str | None = None,
+        policy: str | None = None,
     ) -> Session:
         """Open a session; in ``stream`` mode the instructions and question start prefilling now.
 
         ``cache_salt`` isolates the session's prefix-cache entries (per tenant, or for references
-        that must not reuse another request's KV)."""
+        that must not reuse another request's KV). ``policy`` names the scheduling policy the
+        engine should apply while this session runs (default: the engine's)."""
         if mode not in MODES:
             raise StreamError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if len(self._sessions) >= self.config.max_sessions:
@@ -155,7 +157,7 @@ class StreamingEngine:
             max_prompt_tokens=max_prompt,
             truncate=truncate,
         )
-        session = Session(self, request_id, builder, sampling, mode, cache_salt)
+        session = Session(self, request_id, builder, sampling, mode, cache_salt, policy or self.config.policy)
         self._sessions[request_id] = session
         await session._start()
         return session
@@ -253,9 +255,11 @@ class Session:
         sampling: Any,
         mode: Mode,
         cache_salt: str | None = None,
+        policy: str | None = None,
     ) -> None:
         self.engine = engine
         self._cache_salt = cache_salt
+        self._policy = policy
         self.request_id = request_id
         self.mode = mode
         self._builder = builder
@@ -403,7 +407,8 @@ class Session:
     def _chunk_params(self, op: str, final: bool) -> Any:
         base = self._sampling if final else _vllm().SamplingParams(temperature=0, max_tokens=1)
         params = base.clone()
-        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: {"op": op}}
+        meta = {"op": op, "final": final, "policy": self._policy}
+        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: meta}
         if not final:
             params.output_kind = _vllm().sampling_params.RequestOutputKind.CUMULATIVE
         return params
@@ -471,9 +476,10 @@ class Session:
         if self._t_first is None:
             self._t_first = now
         self._emit(real)
-        if out.finished:
+        if out.outputs[0].finish_reason is not None:
             self._finish_reason = out.outputs[0].finish_reason
-            self._counters = (out.kv_transfer_params or {}).get(CONFIG_KEY, {})
+        if out.kv_transfer_params and CONFIG_KEY in out.kv_transfer_params:
+            self._counters = out.kv_transfer_params[CONFIG_KEY]
 
     def _emit(self, real: list[int]) -> None:
         """Push the new part of the decoded text (holding back an incomplete UTF-8 character)."""

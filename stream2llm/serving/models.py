@@ -92,7 +92,7 @@ def _build_atomically(target: Path, build: Callable[[Path], dict]) -> Path:
 # tiny: random-weight Llama with a locally trained byte-level BPE (test model)
 # ---------------------------------------------------------------------------------------------
 
-TINY_VERSION = "tiny-llama-v1"
+TINY_VERSION = "tiny-llama-v2"  # v2: 32k positions (published prompts exceed 8k)
 
 
 def _tiny_training_files() -> list[str]:
@@ -124,7 +124,7 @@ def build_tiny(out: Path) -> dict:
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
-    hf_tok.model_max_length = 8192
+    hf_tok.model_max_length = 32768
     hf_tok.save_pretrained(out)
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -135,7 +135,7 @@ def build_tiny(out: Path) -> dict:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=8192,
+        max_position_embeddings=32768,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,

@@ -51,10 +51,14 @@ class RequestCounters:
         }
 
 
-def chunk_op(sampling_params: Any) -> str:
-    """The op a chunk asks for: 'append' (vLLM's own behaviour) or 'update'."""
+def chunk_meta(sampling_params: Any) -> dict[str, Any]:
+    """What the front end says about a chunk: op ('append' or 'update'), final, policy."""
     extra = getattr(sampling_params, "extra_args", None) or {}
-    return (extra.get(CONFIG_KEY) or {}).get("op", "append")
+    return extra.get(CONFIG_KEY) or {}
+
+
+def chunk_op(sampling_params: Any) -> str:
+    return chunk_meta(sampling_params).get("op", "append")
 
 
 class StreamScheduler(compat.HookedScheduler):
@@ -86,6 +90,9 @@ class StreamScheduler(compat.HookedScheduler):
         counters.tokens_recomputed += record.recomputed
         self._totals.tokens_recomputed += record.recomputed
         return compat.with_prompt(update, new_ids[kept:])
+
+    def is_last_chunk(self, request: compat.Request) -> bool:
+        return bool(chunk_meta(request.sampling_params).get("final"))
 
     # -- counters and stats ---------------------------------------------------------------------
 

@@ -61,9 +61,17 @@ def make_scheduler(
 
 
 def make_request(
-    scheduler: StreamScheduler, request_id: str, ids: list[int], *, op: str = "append", max_tokens: int = 1
+    scheduler: StreamScheduler,
+    request_id: str,
+    ids: list[int],
+    *,
+    op: str = "append",
+    max_tokens: int = 1,
+    final: bool = False,
+    resumable: bool = True,
 ) -> Request:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args={CONFIG_KEY: {"op": op}})
+    meta = {"op": op, "final": final}
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args={CONFIG_KEY: meta})
     params.update_from_generation_config({}, None)
     hasher = get_request_block_hasher(scheduler.block_size, sha256)
     return Request(
@@ -73,7 +81,7 @@ def make_request(
         pooling_params=None,
         arrival_time=0.0,
         block_hasher=hasher,
-        resumable=True,
+        resumable=resumable,
     )
 
 

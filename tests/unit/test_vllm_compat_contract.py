@@ -133,3 +133,15 @@ def test_abort_frees_everything_and_board_shows_it(tiny_model, tmp_path):
     scheduler.finish_requests(["a", "b"], vllm_compat.RequestStatus.FINISHED_ABORTED)
     stats = board.read()
     assert (stats.parked, stats.requests, stats.kv_usage) == (0, 0, 0.0)
+
+
+def test_last_chunk_finishes_the_session_and_drops_the_late_end_marker(scheduler):
+    request = park(scheduler, "a", list(range(50)))
+    scheduler.add_request(make_request(scheduler, "a", [5, 6, 7], max_tokens=2, final=True))
+    outputs = run_until_idle(scheduler)
+    assert request.is_finished() and "a" not in scheduler.requests
+    assert scheduler.kv_cache_manager.usage == 0.0
+    # vLLM's end-of-input marker (a non-resumable [0] request) arrives after the session ended
+    scheduler.add_request(make_request(scheduler, "a", [0], resumable=False))
+    assert "a" not in scheduler.requests and not scheduler.waiting
+    assert outputs  # the session's last step produced output (which carries its counters)

@@ -1,0 +1,153 @@
+"""``stream2llm bench``: replay traces for every policy and rate on one engine; write results and plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from stream2llm.serving.engine import EngineConfig, StreamingEngine
+from stream2llm.workloads import plots
+from stream2llm.workloads.replay import BenchPlan, ReplayOptions, run_bench
+from stream2llm.workloads.trace import read_trace
+
+KNOWN_POLICIES = ("nonstream", "vllm", "fcfs", "lcas", "mcps", "stream2llm")
+
+
+def parse_bytes(text: str | None, default: int) -> int:
+    if not text:
+        return default
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)i?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"--kv-budget {text!r}: expected a size like 512M or 2G")
+    unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
+    return int(float(match.group(1)) * unit)
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in lines if "model name" in line), platform.processor()
+    )
+    import os
+
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} cpus"
+
+
+def ratio_table(result: dict[str, Any], metric: str = "ttft_final_s") -> Table:
+    table = Table(
+        "qps",
+        "policy",
+        "p50",
+        "p95",
+        "p99",
+        "completion",
+        "p50 vs nonstream",
+        "p99 vs nonstream",
+        "p99 vs vllm",
+        "errors",
+        title=f"{metric} (ratios > 1: faster than the baseline)",
+    )
+    by_key = {(r["qps"], r["policy"]): r for r in result["runs"] if r["repeat"] == 0}
+    for (qps, policy), run in sorted(by_key.items()):
+        base_n, base_v = by_key.get((qps, "nonstream")), by_key.get((qps, "vllm"))
+
+        def ratio(base: dict | None, pct: str, run: dict = run) -> str:
+            if not base or not run[metric][pct]:
+                return "-"
+            return f"{base[metric][pct] / run[metric][pct]:.2f}x"
+
+        table.add_row(
+            f"{qps:g}",
+            policy,
+            *(f"{run[metric][p]:.3f}" for p in ("p50", "p95", "p99")),
+            f"{run['completion_s']:.1f}s",
+            ratio(base_n, "p50"),
+            ratio(base_n, "p99"),
+            ratio(base_v, "p99"),
+            str(run["errors"]),
+        )
+    return table
+
+
+async def run_bench_command(
+    traces: Path,
+    *,
+    qps: list[float],
+    policies: list[str],
+    delay_multiplier: float,
+    kv_budget: str | None,
+    scale: float,
+    repeat: int,
+    limit: int | None,
+    max_tokens: int,
+    max_model_len: int,
+    model: str,
+    out: Path,
+    console: Console,
+) -> dict[str, Any]:
+    unknown = [p for p in policies if p not in KNOWN_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; known: {', '.join(KNOWN_POLICIES)}")
+    requests = read_trace(traces)[:limit]
+    if scale != 1.0:
+        console.print(
+            f"[yellow]token counts scaled by {scale:g} so that this machine's load matches "
+            "the published setting[/yellow]"
+        )
+    config = EngineConfig(
+        model=model,
+        max_model_len=max_model_len,
+        kv_cache_bytes=parse_bytes(kv_budget, 2 << 30),
+        max_num_batched_tokens=2048,
+    )
+    with console.status(f"starting the engine ({model}) ..."):
+        engine = await StreamingEngine.start(config)
+    options = ReplayOptions(delay_multiplier=delay_multiplier, scale=scale, max_tokens=max_tokens)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def track(label: str, total: int):
+        task = progress.add_task(label, total=total)
+        return lambda: progress.advance(task)
+
+    try:
+        with progress:
+            result = await run_bench(
+                engine, requests, BenchPlan(tuple(policies), tuple(qps), repeat), options, track
+            )
+    finally:
+        await engine.shutdown()
+    result["machine"] = machine()
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["trace"] = str(traces)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    plots.plot_ttft_vs_qps(result, out / "ttft_final_vs_qps.png")
+    plots.plot_ttft_vs_qps(result, out / "ttft_query_vs_qps.png", metric="ttft_query_s")
+    plots.plot_completion(result, out / "completion.png")
+    top = max(qps)
+    samples = {
+        r["policy"]: r["samples"]["ttft_final_s"]
+        for r in result["runs"]
+        if r["qps"] == top and r["repeat"] == 0
+    }
+    plots.plot_ccdf(
+        samples, out / f"ttft_final_ccdf_qps{top:g}.png", f"TTFT after the final chunk, {top:g} qps"
+    )
+    console.print(ratio_table(result))
+    console.print(f"results: {out / 'results.json'}")
+    return result

@@ -1,0 +1,87 @@
+"""Benchmark metrics: percentiles, per-run summaries and the ``stream2llm.bench/1`` result schema."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BENCH_SCHEMA = "stream2llm.bench/1"
+PERCENTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99, "p999": 0.999}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    out = {name: percentile(values, q) for name, q in PERCENTILES.items()}
+    out["mean"] = statistics.fmean(values) if values else math.nan
+    return out
+
+
+@dataclass
+class RequestRecord:
+    """One replayed request."""
+
+    id: str
+    arrival_s: float  # from the run's start
+    ttft_final_s: float | None = None
+    ttft_query_s: float | None = None
+    done_s: float | None = None  # completion, from the run's start
+    prompt_tokens: int = 0
+    final_chunk_tokens: int = 0
+    tokens_prefilled: int = 0
+    tokens_recomputed: int = 0
+    lower_bound_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    policy: str
+    qps: float
+    repeat: int
+    records: list[RequestRecord] = field(default_factory=list)
+    completion_s: float = 0.0
+    preemptions: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        ok = [r for r in self.records if r.error is None]
+        return {
+            "policy": self.policy,
+            "qps": self.qps,
+            "repeat": self.repeat,
+            "requests": len(self.records),
+            "ttft_final_s": summary([r.ttft_final_s for r in ok if r.ttft_final_s is not None]),
+            "ttft_query_s": summary([r.ttft_query_s for r in ok if r.ttft_query_s is not None]),
+            "lower_bound_s": summary([r.lower_bound_s for r in ok if r.lower_bound_s is not None]),
+            "completion_s": self.completion_s,
+            "tokens_prefilled": sum(r.tokens_prefilled for r in ok),
+            "tokens_invalidated": sum(r.tokens_recomputed for r in ok),
+            "preemptions": dict(self.preemptions),
+            "errors": len(self.records) - len(ok),
+            "error_examples": sorted({r.error for r in self.records if r.error})[:3],
+            "samples": {
+                "ttft_final_s": [round(r.ttft_final_s, 5) for r in ok if r.ttft_final_s is not None],
+                "final_chunk_tokens": [r.final_chunk_tokens for r in ok],
+            },
+        }
+
+
+def ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of a 95% confidence interval (t-distribution, small n)."""
+    if len(values) < 2:
+        return (values[0] if values else math.nan), math.nan
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(
+        len(values), 2.0
+    )
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))

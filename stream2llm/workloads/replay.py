@@ -1,0 +1,241 @@
+"""Replay traces against one engine: every policy, every rate, the same arrivals.
+
+Queries arrive as a Poisson process (fixed seed, the same for every rate and policy, as published).
+Each request replays its events at their recorded times (times ``delay_multiplier``): streaming
+policies hand each event to the engine as it comes; ``nonstream`` sends the whole prompt once the
+last event is in. Runs are separated by a cache salt, so no run reuses another's KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from stream2llm.serving.engine import StreamingEngine
+from stream2llm.workloads.filler import FillerText
+from stream2llm.workloads.metrics import RequestRecord, RunResult
+from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
+from stream2llm.workloads.trace import TraceEvent, TraceRequest
+
+TEMPLATE_ALLOWANCE = 96  # tokens of instructions and answer cue around the context
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    delay_multiplier: float = 1.0
+    scale: float = 1.0  # multiplies synthetic token counts (n_tokens, filler documents)
+    max_tokens: int = 1  # the published runs generated one token
+    seed: int = 42
+
+
+def poisson_arrivals(n: int, qps: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(qps)
+    return out
+
+
+def mode_of(policy: str) -> str:
+    return {"nonstream": "nonstream", "vllm": "vllm"}.get(policy, "stream")
+
+
+class EventText:
+    """Turns trace events into text, scaling synthetic token counts and capping each request so it
+    fits the engine's context window."""
+
+    def __init__(self, engine: StreamingEngine, options: ReplayOptions) -> None:
+        self._filler = FillerText(engine.tokenizer)
+        self._scale = options.scale
+        self._cap = engine.config.max_model_len - options.max_tokens - TEMPLATE_ALLOWANCE
+
+    def factor(self, request: TraceRequest) -> float:
+        tokens = request_tokens(request) * self._scale
+        return self._scale * min(1.0, self._cap / tokens) if tokens else self._scale
+
+    def append_text(self, request: TraceRequest, index: int, event: TraceEvent, factor: float) -> str:
+        if event.n_tokens is not None:
+            return self._filler.text(f"{request.id}:{index}", max(1, round(event.n_tokens * factor)))
+        return event.text or ""
+
+    def docs(self, event: TraceEvent, factor: float) -> list[str]:
+        out = []
+        for doc in event.docs or ():
+            if doc.startswith(FILLER_PREFIX):
+                doc_id, n = doc[len(FILLER_PREFIX) :].rsplit(":", 1)
+                out.append(self._filler.text(doc_id, max(1, round(int(n) * factor))))
+            else:
+                out.append(doc)
+        return out
+
+
+async def _replay_one(
+    engine: StreamingEngine,
+    request: TraceRequest,
+    record: RequestRecord,
+    policy: str,
+    start: float,
+    texts: EventText,
+    sampling: Any,
+    options: ReplayOptions,
+    salt: str,
+) -> None:
+    loop = asyncio.get_running_loop()
+    arrival = start + record.arrival_s
+    await asyncio.sleep(max(0.0, arrival - loop.time()))
+    factor = texts.factor(request)
+    session = await engine.open(request.query, sampling, mode=mode_of(policy), cache_salt=salt, policy=policy)
+    last = len(request.events) - 1
+    for i, event in enumerate(request.events):
+        await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))
+        if event.op == "append":
+            await session.append(texts.append_text(request, i, event, factor) or " ", final=i == last)
+        else:
+            await session.update(texts.docs(event, factor), final=i == last)
+    result = await session.result()
+    record.ttft_final_s = result.ttft_final_s
+    record.ttft_query_s = result.ttft_open_s
+    record.done_s = loop.time() - start
+    record.prompt_tokens = len(result.prompt_token_ids)
+    record.final_chunk_tokens = result.chunks[-1].tokens if result.chunks else 0
+    record.tokens_prefilled = result.tokens_prefilled
+    record.tokens_recomputed = result.tokens_recomputed
+
+
+async def run_once(
+    engine: StreamingEngine,
+    requests: Sequence[TraceRequest],
+    policy: str,
+    qps: float,
+    options: ReplayOptions,
+    repeat: int = 0,
+    on_done: Callable[[], None] | None = None,
+) -> RunResult:
+    """One (policy, qps) run over the whole trace."""
+    from vllm import SamplingParams
+
+    sampling = SamplingParams(temperature=0, max_tokens=options.max_tokens, ignore_eos=True)
+    texts = EventText(engine, options)
+    arrivals = poisson_arrivals(len(requests), qps, options.seed + repeat)
+    records = [RequestRecord(r.id, a) for r, a in zip(requests, arrivals)]
+    salt = uuid.uuid4().hex
+    before = engine.stats()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def guarded(request: TraceRequest, record: RequestRecord) -> None:
+        try:
+            await _replay_one(engine, request, record, policy, start, texts, sampling, options, salt)
+        except Exception as exc:  # one failing request must not stop the run
+            record.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if on_done:
+                on_done()
+
+    await asyncio.gather(*(guarded(r, rec) for r, rec in zip(requests, records)))
+    done = [r.done_s for r in records if r.done_s is not None]
+    after = engine.stats()
+    await wait_idle(engine)
+    return RunResult(
+        policy,
+        qps,
+        repeat,
+        records,
+        completion_s=max(done) if done else 0.0,
+        preemptions={"recompute": after.preemptions - before.preemptions},
+    )
+
+
+async def wait_idle(engine: StreamingEngine, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.requests == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
+class LowerBound:
+    """TTFT of a prompt of n tokens on the idle engine (interpolated between measured sizes)."""
+
+    def __init__(self, sizes: list[int], seconds: list[float]) -> None:
+        self.sizes, self.seconds = sizes, seconds
+
+    @classmethod
+    async def measure(cls, engine: StreamingEngine, max_tokens: int, repeats: int = 3) -> LowerBound:
+        from vllm import SamplingParams
+
+        sampling = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        limit = engine.config.max_model_len - max_tokens - 1
+        sizes = sorted(
+            {s for s in (8, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768) if s <= limit} | {limit}
+        )
+        filler = FillerText(engine.tokenizer)
+        seconds = []
+        for size in sizes:
+            ids = engine.tokenizer.encode(filler.text(f"lb-{size}", size))[:size]
+            times = []
+            for _ in range(repeats):
+                t0 = time.monotonic()
+                await engine.complete(ids, sampling, use_prefix_cache=False)
+                times.append(time.monotonic() - t0)
+            seconds.append(sorted(times)[len(times) // 2])
+        return cls(sizes, seconds)
+
+    def __call__(self, n_tokens: int) -> float:
+        i = bisect.bisect_left(self.sizes, n_tokens)
+        if i == 0:
+            return self.seconds[0]
+        if i >= len(self.sizes):
+            return self.seconds[-1] * n_tokens / self.sizes[-1]
+        x0, x1, y0, y1 = self.sizes[i - 1], self.sizes[i], self.seconds[i - 1], self.seconds[i]
+        return y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    policies: tuple[str, ...]
+    qps: tuple[float, ...]
+    repeat: int = 1
+
+
+async def run_bench(
+    engine: StreamingEngine,
+    requests: Sequence[TraceRequest],
+    plan: BenchPlan,
+    options: ReplayOptions,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> dict[str, Any]:
+    """Every (policy, qps, repeat) on the same engine; returns a ``stream2llm.bench/1`` document."""
+    from stream2llm.workloads.metrics import BENCH_SCHEMA
+
+    lower_bound = await LowerBound.measure(engine, options.max_tokens)
+    runs = []
+    for qps in plan.qps:
+        for repeat in range(plan.repeat):
+            for policy in plan.policies:
+                tick = progress(f"{policy} @ {qps} qps", len(requests)) if progress else None
+                result = await run_once(engine, requests, policy, qps, options, repeat, tick)
+                for record in result.records:
+                    if record.error is None:
+                        record.lower_bound_s = lower_bound(record.final_chunk_tokens)
+                runs.append(result.to_json())
+    return {
+        "schema": BENCH_SCHEMA,
+        "engine": {
+            "model": engine.config.model,
+            "max_model_len": engine.config.max_model_len,
+            "kv_cache_bytes": engine.config.kv_cache_bytes,
+            "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+        },
+        "options": vars(options) | {"requests": len(requests)},
+        "lower_bound_profile": {"tokens": lower_bound.sizes, "seconds": lower_bound.seconds},
+        "runs": runs,
+    }

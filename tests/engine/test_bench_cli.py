@@ -1,0 +1,59 @@
+"""`stream2llm synth` then `stream2llm bench`, end to end on the tiny model (small size)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from stream2llm.cli import app
+from stream2llm.workloads.trace import read_trace
+
+
+def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
+    runner = CliRunner()
+    trace = tmp_path / "crawler.jsonl"
+    res = runner.invoke(
+        app,
+        ["synth", "--workload", "crawler", "--n", "6", "--seed", "3", "--scale", "0.05", "--out", str(trace)],
+    )
+    assert res.exit_code == 0, res.output
+    assert "inter_chunk_gap_ms.median" in res.output and len(read_trace(trace)) == 6
+
+    out = tmp_path / "bench"
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(trace),
+            "--qps",
+            "4",
+            "--policies",
+            "nonstream,vllm,stream2llm",
+            "--delay-multiplier",
+            "0.2",
+            "--kv-budget",
+            "256M",
+            "--max-model-len",
+            "4096",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "results.json").read_text())
+    assert result["schema"] == "stream2llm.bench/1"
+    runs = {r["policy"]: r for r in result["runs"]}
+    assert set(runs) == {"nonstream", "vllm", "stream2llm"}
+    for run in runs.values():
+        assert run["qps"] == 4.0 and run["requests"] == 6 and run["errors"] == 0
+        assert 0 < run["ttft_final_s"]["p50"] <= run["ttft_final_s"]["p99"] <= run["ttft_final_s"]["p999"]
+        assert run["ttft_query_s"]["p50"] > run["ttft_final_s"]["p50"]  # the query waited for retrieval
+        assert run["completion_s"] > 0 and run["tokens_prefilled"] > 0
+        assert len(run["samples"]["ttft_final_s"]) == 6
+    # streaming prefills each chunk on arrival: the final chunk is a fraction of the prompt
+    assert max(runs["stream2llm"]["samples"]["final_chunk_tokens"]) < max(
+        runs["nonstream"]["samples"]["final_chunk_tokens"]
+    )
+    for png in ("ttft_final_vs_qps.png", "completion.png", "ttft_final_ccdf_qps4.png"):
+        assert (out / png).stat().st_size > 5000

@@ -1,0 +1,179 @@
+"""Traces, synthetic workloads and metrics: pure logic, no model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stream2llm.workloads import metrics, synth
+from stream2llm.workloads.trace import (
+    SCHEMA,
+    TraceError,
+    TraceEvent,
+    TraceRequest,
+    import_ann_traces,
+    import_crawler_csv,
+    read_trace,
+    write_trace,
+)
+
+
+def test_round_trip(tmp_path):
+    requests = [
+        TraceRequest(
+            "a",
+            "crawler",
+            "q?",
+            (TraceEvent(0.5, "append", text="page"), TraceEvent(1.0, "append", n_tokens=9)),
+        ),
+        TraceRequest("b", "anns", "q2", (TraceEvent(0.1, "update", docs=("d1", "d2")),)),
+    ]
+    path = tmp_path / "t.jsonl"
+    assert write_trace(path, requests) == 2
+    assert read_trace(path) == requests
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", r"t.jsonl:2: not JSON"),
+        (json.dumps({"schema": "other"}), r"t.jsonl:2: field 'schema' is 'other'"),
+        (
+            json.dumps({"schema": SCHEMA, "id": "x", "workload": "w", "query": "q", "events": []}),
+            "'events' is empty",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "id": "x",
+                    "workload": "w",
+                    "query": "q",
+                    "events": [{"t": 1, "op": "insert", "text": "a"}],
+                }
+            ),
+            r"events\[0\]: field 'op' is 'insert'",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "id": "x",
+                    "workload": "w",
+                    "query": "q",
+                    "events": [{"t": 2, "op": "append", "text": "a"}, {"t": 1, "op": "append", "text": "b"}],
+                }
+            ),
+            r"events\[1\]: field 't' goes back in time",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "id": "x",
+                    "workload": "w",
+                    "query": "q",
+                    "events": [{"t": 1, "op": "append", "text": "a", "n_tokens": 3}],
+                }
+            ),
+            "exactly one of",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "id": "x",
+                    "workload": "w",
+                    "query": 5,
+                    "events": [{"t": 1, "op": "append", "text": "a"}],
+                }
+            ),
+            "field 'query' has type int",
+        ),
+        (
+            json.dumps(
+                {
+                    "schema": SCHEMA,
+                    "id": "a",
+                    "workload": "w",
+                    "query": "q",
+                    "events": [{"t": 1, "op": "append", "text": "a"}],
+                }
+            ),
+            "duplicate id 'a'",
+        ),
+    ],
+)
+def test_errors_name_line_and_field(tmp_path, line, message):
+    good = TraceRequest("a", "w", "q", (TraceEvent(0.0, "append", text="x"),))
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good.to_json()) + "\n" + line + "\n")
+    with pytest.raises(TraceError, match=message):
+        read_trace(path)
+
+
+def test_import_published_crawler_csv(tmp_path):
+    csv_path = tmp_path / "query_7.csv"
+    csv_path.write_text(
+        "type,query,content,startTime,endTime\n"
+        "tavily_search,who wrote it,,0.0,0.9\n"
+        "page_scrape,,second page,1.0,2.5\n"
+        "page_scrape,,first page,1.0,1.7\n"
+        "page_scrape,,,1.0,3.0\n"
+    )
+    request = import_crawler_csv(csv_path)
+    assert request.query == "who wrote it" and request.id == "query_7"
+    assert [(e.t, e.text) for e in request.events] == [(1.7, "first page"), (2.5, "second page")]
+
+
+def test_import_published_ann_traces(tmp_path):
+    (tmp_path / "corpus.part.0.json").write_text(
+        json.dumps({"11": "doc eleven", "12": "doc twelve", "13": "doc 13"})
+    )
+    (tmp_path / "q0_pipeline_trace.csv").write_text(
+        'StartTime_us,EndTime_us,PipelinePool\n0,2000000,"(11,12)"\n2000000,2050000,"(11,13)"\n'
+    )
+    (tmp_path / "map.json").write_text(
+        json.dumps({"0": {"query": "what?", "trace_file": "q0_pipeline_trace.csv"}})
+    )
+    (request,) = import_ann_traces(tmp_path / "map.json", [tmp_path / "corpus.part.0.json"])
+    assert [e.t for e in request.events] == pytest.approx([2.0, 2.05])
+    assert request.events[1].docs == ("doc eleven", "doc 13")
+
+
+def test_synthetic_traces_match_published_statistics():
+    stats = synth.published_stats()["workloads"]
+    for workload in ("crawler", "anns"):
+        achieved = synth.achieved_stats(synth.synthesize(workload, 800, seed=1))
+        target = stats[workload]
+        assert achieved["tokens_per_query"]["p50"] == pytest.approx(
+            target["tokens_per_query"]["p50"], rel=0.15
+        )
+        assert achieved["tokens_per_query"]["mean"] == pytest.approx(
+            target["tokens_per_query"]["mean"], rel=0.15
+        )
+        assert achieved["chunks_per_query"]["mean"] == pytest.approx(
+            target["chunks_per_query"]["mean"], rel=0.1
+        )
+        gap = target["inter_chunk_gap_ms"]
+        assert achieved["inter_chunk_gap_ms"]["median"] == pytest.approx(gap["median"], rel=0.15)
+        assert achieved["collection_s"]["p50"] == pytest.approx(target["collection_s"]["p50"], rel=0.2)
+
+
+def test_synthesis_is_seeded_and_scaled():
+    a = synth.synthesize("crawler", 20, seed=3)
+    assert a == synth.synthesize("crawler", 20, seed=3) != synth.synthesize("crawler", 20, seed=4)
+    half = synth.synthesize("crawler", 20, seed=3, scale=0.5)
+    ratio = sum(map(synth.request_tokens, half)) / sum(map(synth.request_tokens, a))
+    assert ratio == pytest.approx(0.5, rel=0.05)
+
+
+def test_percentiles_and_summary():
+    values = list(range(1, 101))
+    assert metrics.percentile(values, 0.5) == pytest.approx(50.5)
+    assert metrics.percentile(values, 0.99) == pytest.approx(99.01)
+    s = metrics.summary([1.0, 2.0, 3.0])
+    assert (s["p50"], s["mean"]) == (2.0, 2.0)
+    mean, half = metrics.ci95([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.30 * 1.0 / 3**0.5, rel=1e-3)
