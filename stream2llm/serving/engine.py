@@ -35,6 +35,7 @@ from stream2llm.errors import (
     UnknownSession,
 )
 from stream2llm.serving import models
+from stream2llm.serving.policies import POLICIES
 from stream2llm.serving.scheduler import CONFIG_KEY
 from stream2llm.serving.stats_board import EngineStats, StatsBoard
 
@@ -140,6 +141,8 @@ class StreamingEngine:
         engine should apply while this session runs (default: the engine's)."""
         if mode not in MODES:
             raise StreamError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if policy is not None and policy not in POLICIES:
+            raise StreamError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if len(self._sessions) >= self.config.max_sessions:
             raise AdmissionRejected(
                 f"engine has {len(self._sessions)} open sessions (max_sessions={self.config.max_sessions})"

@@ -15,12 +15,17 @@ Everything that touches vLLM internals goes through ``vllm_compat``.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from stream2llm.connectors.prompt import common_prefix_len
 from stream2llm.serving import vllm_compat as compat
+from stream2llm.serving.policies import Policy, RequestView, VllmPolicy, make_policy
 from stream2llm.serving.stats_board import EngineStats, StatsBoard
+
+DEFAULT_GAP_S = 0.7  # expected gap to a session's next chunk before any is observed (crawler median)
 
 CONFIG_KEY = "stream2llm"  # in VllmConfig.additional_config and SamplingParams.extra_args
 
@@ -61,6 +66,27 @@ def chunk_op(sampling_params: Any) -> str:
     return chunk_meta(sampling_params).get("op", "append")
 
 
+@dataclass
+class StreamState:
+    """What the broker tracks per request to build its policy view."""
+
+    arrival: float
+    last_chunk: float
+    complete: bool
+    gap_ewma: float | None = None
+
+    def on_chunk(self, now: float, final: bool) -> None:
+        gap = now - self.last_chunk
+        self.gap_ewma = gap if self.gap_ewma is None else 0.5 * self.gap_ewma + 0.5 * gap
+        self.last_chunk = now
+        self.complete = self.complete or final
+
+    def next_chunk_eta(self) -> float:
+        if self.complete:
+            return math.inf
+        return self.last_chunk + (self.gap_ewma if self.gap_ewma is not None else DEFAULT_GAP_S)
+
+
 class StreamScheduler(compat.HookedScheduler):
     """vLLM's scheduler plus update mode, per-request counters and a live stats board."""
 
@@ -72,13 +98,39 @@ class StreamScheduler(compat.HookedScheduler):
         self._board = StatsBoard(board_path) if board_path else None
         self._counters: dict[str, RequestCounters] = {}
         self._totals = RequestCounters()
+        self._streams: dict[str, StreamState] = {}
+        self._policies: dict[str, Policy] = {}
+        self.parked_kv_cap: float = float(options.get("parked_kv_cap", 1.0))
+        self.evictions = 0
         self._publish()
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def add_request(self, request: compat.Request) -> None:
+        meta = chunk_meta(request.sampling_params)
+        if meta.get("policy"):
+            self.policy_name = meta["policy"]
+        super().add_request(request)
+        now = time.monotonic()
+        rid = request.request_id
+        if rid not in self._streams and rid in self.requests:
+            final = bool(meta.get("final")) or not request.resumable
+            self._streams[rid] = StreamState(now, now, final)
 
     # -- update mode ----------------------------------------------------------------------------
 
     def before_session_update(self, session: compat.Request, update: compat.StreamingUpdate):
-        if chunk_op(update.sampling_params) != "update":
-            return update
+        meta = chunk_meta(update.sampling_params)
+        state = self._streams.get(session.request_id)
+        if state is not None:
+            state.on_chunk(time.monotonic(), bool(meta.get("final")))
+        if meta.get("op", "append") != "update":
+            if not compat.was_evicted(session):
+                return update
+            # evicted while parked: resend the whole prompt; vLLM's prefix cache returns what survived
+            new_ids = list(session.prompt_token_ids) + list(update.prompt_token_ids or ())
+            compat.truncate_session_prompt(session, 0)
+            return compat.with_prompt(update, new_ids)
         new_ids = list(update.prompt_token_ids or ())
         held = compat.computed_token_ids(session)
         lcp = common_prefix_len(held, new_ids)
@@ -99,7 +151,72 @@ class StreamScheduler(compat.HookedScheduler):
     def _counters_for(self, request_id: str) -> RequestCounters:
         return self._counters.setdefault(request_id, RequestCounters())
 
+    # -- the broker: apply the policy's decision through vLLM's own levers ---------------------
+
+    def stream_policy(self) -> Policy:
+        name = self.policy_name
+        if name not in self._policies:
+            try:
+                self._policies[name] = make_policy(name)
+            except ValueError:  # never take the engine down over a name; the front end validates
+                self._policies[name] = VllmPolicy()
+        return self._policies[name]
+
+    def _view(self, request: compat.Request, now: float) -> RequestView:
+        rid = request.request_id
+        state = self._streams.get(rid) or StreamState(now, now, True)
+        parked = compat.is_parked(request)
+        pending = 0 if parked else max(request.num_tokens - request.num_computed_tokens, 1)
+        return RequestView(
+            rid,
+            state.arrival,
+            state.last_chunk,
+            state.complete,
+            parked,
+            request.num_computed_tokens,
+            pending,
+            compat.blocks_held(self, rid),
+            state.next_chunk_eta(),
+        )
+
+    def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:
+        """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
+        excess of parked KV over its cap, whichever is larger."""
+        by_id = {v.request_id: v for v in views}
+        budget, want = self.max_num_scheduled_tokens, 0
+        for rid in order:
+            v = by_id[rid]
+            if v.blocks_held or budget <= 0:
+                continue
+            take = min(v.tokens_pending, budget)
+            budget -= take
+            want += -(-take // self.block_size)
+        short = want - compat.free_block_count(self)
+        parked_blocks = sum(v.blocks_held for v in views if v.parked)
+        over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(self))
+        return max(short, over_cap, 0)
+
+    def _apply_policy(self) -> None:
+        policy = self.stream_policy()
+        if isinstance(policy, VllmPolicy) or not self.requests:
+            return
+        now = time.monotonic()
+        views = [self._view(r, now) for r in self.requests.values() if not r.is_finished()]
+        order = policy.rank([v for v in views if not v.parked])
+        ranked_ids = [v.request_id for v in order]
+        short = self._blocks_short(views, ranked_ids)
+        victims = policy.victims(order, views, short, now) if short > 0 else []
+        rank = {rid: i for i, rid in enumerate(ranked_ids)}
+        last = len(rank)
+        compat.sort_queues(self, key=lambda r: rank.get(r.request_id, last))
+        for rid, _mode in victims:  # CPU: vLLM cannot offload here, so every mode recomputes
+            request = self.requests.get(rid)
+            if request is not None and compat.is_parked(request):
+                compat.evict_parked_session(self, request)
+                self.evictions += 1
+
     def schedule(self, *args: Any, **kwargs: Any):
+        self._apply_policy()
         output = super().schedule(*args, **kwargs)
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
@@ -114,6 +231,7 @@ class StreamScheduler(compat.HookedScheduler):
         return output
 
     def on_request_freed(self, request: compat.Request, params: dict[str, Any] | None):
+        self._streams.pop(request.request_id, None)
         counters = self._counters.pop(request.request_id, None)
         if counters is None:
             return params
@@ -143,5 +261,6 @@ class StreamScheduler(compat.HookedScheduler):
                 requests=len(self.requests),
                 tokens_prefilled=self._totals.tokens_prefilled,
                 tokens_recomputed=self._totals.tokens_recomputed,
+                preemptions=self.evictions,
             )
         )

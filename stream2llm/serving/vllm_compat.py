@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,6 +128,50 @@ class HookedScheduler(Scheduler):
 
     def kv_usage(self) -> float:
         return self.kv_cache_manager.usage
+
+
+def is_parked(request: Request) -> bool:
+    """A streaming session waiting for its next chunk (it holds KV and a batch slot)."""
+    return request.status == RequestStatus.WAITING_FOR_STREAMING_REQ
+
+
+def blocks_held(scheduler: Scheduler, request_id: str) -> int:
+    return sum(len(m.req_to_blocks.get(request_id, ())) for m in _managers(scheduler))
+
+
+def free_block_count(scheduler: Scheduler) -> int:
+    return _block_pool(scheduler).get_num_free_blocks()
+
+
+def total_block_count(scheduler: Scheduler) -> int:
+    return _block_pool(scheduler).num_gpu_blocks - 1  # minus vLLM's null block
+
+
+def sort_queues(scheduler: Scheduler, key: Any) -> None:
+    """Order the running list and the FCFS waiting queues by ``key`` (smallest first). vLLM
+    schedules in this order and preempts from the end of the running list."""
+    scheduler.running.sort(key=key)
+    for queue in (scheduler.kv_holding_waiting, scheduler.waiting):
+        if isinstance(queue, deque) and len(queue) > 1:
+            ordered = sorted(queue, key=key)
+            queue.clear()
+            queue.extend(ordered)
+
+
+def evict_parked_session(scheduler: Scheduler, request: Request) -> int:
+    """Free a parked session's KV; it recomputes when its next chunk comes. Freed blocks keep their
+    prefix-cache hashes, so if nobody reuses them first, the session gets them back for free."""
+    assert is_parked(request), request.status
+    n = blocks_held(scheduler, request.request_id)
+    scheduler.kv_cache_manager.free(request)
+    request.num_computed_tokens = 0
+    request.num_preemptions += 1
+    return n
+
+
+def was_evicted(request: Request) -> bool:
+    """A session whose KV was evicted while it was parked holds fewer tokens than its prompt."""
+    return request.num_computed_tokens < request.num_prompt_tokens
 
 
 def with_prompt(update: StreamingUpdate, prompt_token_ids: list[int]) -> StreamingUpdate:

@@ -91,7 +91,10 @@ async def _replay_one(
     arrival = start + record.arrival_s
     await asyncio.sleep(max(0.0, arrival - loop.time()))
     factor = texts.factor(request)
-    session = await engine.open(request.query, sampling, mode=mode_of(policy), cache_salt=salt, policy=policy)
+    engine_policy = "vllm" if policy == "nonstream" else policy  # the published baseline: stock vLLM
+    session = await engine.open(
+        request.query, sampling, mode=mode_of(policy), cache_salt=salt, policy=engine_policy
+    )
     last = len(request.events) - 1
     for i, event in enumerate(request.events):
         await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))

@@ -1,0 +1,72 @@
+"""The broker on vLLM's real scheduler (synthetic setup, no model): parked-session eviction,
+resume after eviction, update after eviction, and stock vLLM's stall for contrast."""
+
+from __future__ import annotations
+
+from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
+
+BS = 16
+
+
+def park(scheduler, rid, ids, policy):
+    request = make_request(scheduler, rid, ids)
+    request.sampling_params.extra_args["stream2llm"]["policy"] = policy
+    scheduler.add_request(request)
+    run_until_idle(scheduler)
+    assert request.status.name == "WAITING_FOR_STREAMING_REQ"
+    return request
+
+
+def pressure(tiny_model, policy):
+    """Two parked sessions hold 17 of 19 blocks; a new request needs 7."""
+    scheduler = make_scheduler(str(tiny_model.path), num_blocks=20, block_size=BS, policy=policy)
+    a = park(scheduler, "a", list(range(1000, 1150)), policy)  # 10 blocks
+    b = park(scheduler, "b", list(range(2000, 2100)), policy)  # 7 blocks
+    c = make_request(scheduler, "c", list(range(3000, 3100)), max_tokens=3, final=True, resumable=False)
+    c.sampling_params.extra_args["stream2llm"]["policy"] = policy
+    scheduler.add_request(c)
+    return scheduler, a, b, c
+
+
+def test_stock_vllm_stalls_behind_parked_sessions(tiny_model):
+    scheduler, a, b, _ = pressure(tiny_model, "vllm")
+    for _ in range(5):
+        out = step(scheduler)
+        assert "c" not in out.num_scheduled_tokens  # no blocks: it waits as long as they stay parked
+    assert a.num_computed_tokens == 150 and b.num_computed_tokens == 100
+
+
+def test_stream2llm_evicts_parked_session_and_admits_new_work(tiny_model):
+    scheduler, a, b, c = pressure(tiny_model, "stream2llm")
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("c") == 100
+    evicted = [r for r in (a, b) if r.num_computed_tokens == 0]
+    assert len(evicted) == 1 and not blocks_of(scheduler, evicted[0].request_id)
+    assert scheduler.evictions == 1
+    run_until_idle(scheduler)
+    assert c.is_finished()
+
+
+def test_resume_after_eviction_recomputes_the_whole_prompt(tiny_model):
+    scheduler, a, b, _ = pressure(tiny_model, "stream2llm")
+    run_until_idle(scheduler)  # c runs and finishes; one parked session was evicted
+    (victim,) = [r for r in (a, b) if r.num_computed_tokens == 0]
+    old = list(victim.prompt_token_ids)
+    scheduler.add_request(make_request(scheduler, victim.request_id, [7, 8, 9]))
+    run_until_idle(scheduler)
+    assert victim.status.name == "WAITING_FOR_STREAMING_REQ"
+    assert list(victim.prompt_token_ids) == old + [7, 8, 9]
+    assert victim.num_computed_tokens == len(old) + 3
+    assert len(blocks_of(scheduler, victim.request_id)) == -(-(len(old) + 3) // BS)
+
+
+def test_update_after_eviction_keeps_nothing_and_recomputes_everything(tiny_model):
+    scheduler, a, b, _ = pressure(tiny_model, "stream2llm")
+    run_until_idle(scheduler)
+    (victim,) = [r for r in (a, b) if r.num_computed_tokens == 0]
+    new = list(victim.prompt_token_ids[:40]) + [5] * 20
+    scheduler.add_request(make_request(scheduler, victim.request_id, new, op="update"))
+    record = scheduler._counters[victim.request_id].updates[-1]
+    assert (record.old_len, record.kept, record.recomputed) == (0, 0, 60)
+    run_until_idle(scheduler)
+    assert list(victim.prompt_token_ids) == new and victim.num_computed_tokens == 60

@@ -1,0 +1,87 @@
+"""Policies on synthetic request views (no model, no vLLM)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stream2llm.serving.policies import (
+    OFFLOAD,
+    RECOMPUTE,
+    Costs,
+    RequestView,
+    Stream2llmPolicy,
+    make_policy,
+)
+
+
+def view(
+    rid, arrival, *, last=None, complete=False, parked=False, computed=0, pending=10, blocks=1, eta=math.inf
+):
+    return RequestView(
+        rid, arrival, arrival if last is None else last, complete, parked, computed, pending, blocks, eta
+    )
+
+
+VIEWS = [
+    view("a", 1.0, last=5.0, complete=False, computed=500),
+    view("b", 2.0, last=3.0, complete=True, computed=100),
+    view("c", 3.0, last=4.0, complete=True, computed=900),
+    view("d", 0.5, last=6.0, complete=False, computed=50),
+    view("p", 0.1, parked=True, pending=0, blocks=8, eta=10.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "order"),
+    [
+        ("vllm", ["a", "b", "c", "d"]),  # vLLM's own order is kept
+        ("fcfs", ["b", "c", "d", "a"]),  # complete first, then partial, each by arrival
+        ("lcas", ["b", "c", "a", "d"]),  # complete first, then partial, by latest chunk
+        ("mcps", ["c", "a", "b", "d"]),  # most computed first
+        ("stream2llm", ["b", "c", "d", "a"]),  # complete by final hand-off; partial by next chunk eta
+    ],
+)
+def test_ranking(name, order):
+    assert make_policy(name).decide(VIEWS).order == order
+
+
+def test_parked_sessions_are_never_ranked_and_vllm_never_evicts_them():
+    assert "p" not in make_policy("fcfs").decide(VIEWS).order
+    assert make_policy("vllm").decide(VIEWS, blocks_needed=100).victims == []
+
+
+def test_published_victims_are_lowest_ranked_holders_first():
+    victims = make_policy("fcfs").decide(VIEWS, blocks_needed=9).victims
+    assert victims[0] == ("p", RECOMPUTE)  # parked: not ranked at all, so lowest
+    assert [rid for rid, _ in victims] == ["p", "a"]  # 8 blocks + 1 block >= 9
+
+
+def test_stream2llm_evicts_parked_with_the_furthest_next_chunk_first():
+    now = 100.0
+    views = [
+        view("soon", 0, parked=True, pending=0, blocks=4, eta=now + 0.1),
+        view("late", 0, parked=True, pending=0, blocks=2, eta=now + 9.0),
+        view("later-big", 0, parked=True, pending=0, blocks=6, eta=now + 9.0),
+        view("run", 0, complete=True, blocks=3),
+        view("partial", 0, complete=False, blocks=5),
+    ]
+    policy = Stream2llmPolicy()
+    assert [r for r, _ in policy.decide(views, blocks_needed=7, now=now).victims] == ["later-big", "late"]
+    everything = [r for r, _ in policy.decide(views, blocks_needed=100, now=now).victims]
+    assert everything == ["later-big", "late", "soon", "partial"]  # a complete stream is never a victim
+
+
+def test_stream2llm_offloads_only_when_cheaper_and_possible():
+    big = view("x", 0, parked=True, pending=0, computed=10_000, blocks=80, eta=50)
+    assert Stream2llmPolicy().mode(big) == RECOMPUTE  # no offload path (CPU)
+    cheap_offload = Costs(recompute_s=lambda t: t * 1e-4, offload_roundtrip_s=lambda b: b * 1e-4)
+    assert Stream2llmPolicy(cheap_offload).mode(big) == OFFLOAD
+    dear_offload = Costs(recompute_s=lambda t: t * 1e-6, offload_roundtrip_s=lambda b: b * 1e-3)
+    assert Stream2llmPolicy(dear_offload).mode(big) == RECOMPUTE
+
+
+def test_unknown_policy_is_named():
+    with pytest.raises(ValueError, match="unknown policy 'lifo'"):
+        make_policy("lifo")
