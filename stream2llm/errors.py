@@ -19,6 +19,10 @@ class SessionClosed(StreamError):
     """An event or call arrived after the session was finished or aborted."""
 
 
+class SessionExpired(SessionClosed):
+    """A session's next chunk did not come within the engine's session_ttl_s; it was aborted."""
+
+
 class UnknownSession(StreamError, KeyError):
     """No open session has this id."""
 

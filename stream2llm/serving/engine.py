@@ -31,6 +31,7 @@ from stream2llm.errors import (
     InvalidEvent,
     SequenceError,
     SessionClosed,
+    SessionExpired,
     StreamError,
     UnknownSession,
 )
@@ -63,6 +64,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_sessions: int = 1024  # open sessions admitted at once
+    session_ttl_s: float | None = 600.0  # abort a session whose next event does not come in time
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
@@ -105,6 +107,7 @@ class StreamingEngine:
         self._board = board
         self._sessions: dict[str, Session] = {}
         self._ids = itertools.count()
+        self._reaper: asyncio.Task | None = None
 
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> StreamingEngine:
@@ -162,8 +165,23 @@ class StreamingEngine:
         )
         session = Session(self, request_id, builder, sampling, mode, cache_salt, policy or self.config.policy)
         self._sessions[request_id] = session
+        self._ensure_reaper()
         await session._start()
         return session
+
+    def _ensure_reaper(self) -> None:
+        if self.config.session_ttl_s and (self._reaper is None or self._reaper.done()):
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
+
+    async def _reap_expired(self) -> None:
+        """Abort sessions whose next event never came: a stalled retriever must not hold KV forever."""
+        while self._sessions and self.config.session_ttl_s:
+            ttl = self.config.session_ttl_s
+            await asyncio.sleep(min(ttl / 4, 1.0))
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                if session.is_open and now - session.last_activity > ttl:
+                    await session._expire(ttl)
 
     def session(self, request_id: str) -> Session:
         """The open session with this id (UnknownSession otherwise)."""
@@ -190,6 +208,8 @@ class StreamingEngine:
         return list(final.outputs[0].token_ids) if final is not None else []
 
     async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         for session in list(self._sessions.values()):
             with contextlib.suppress(Exception):
                 await session.abort()
@@ -275,6 +295,7 @@ class Session:
         self._next_seq = 0
         self._state: Literal["open", "finished", "aborted", "failed"] = "open"
         self._t_open = time.monotonic()
+        self.last_activity = self._t_open
         self._t_final: float | None = None
         self._t_first: float | None = None
         self._out_ids: list[int] = []
@@ -339,6 +360,14 @@ class Session:
 
     async def abort(self) -> None:
         """Stop the session and free all of its KV. Safe to call at any time, more than once."""
+        await self._close(SessionClosed(f"session {self.request_id!r} was aborted"))
+
+    async def _expire(self, ttl: float) -> None:
+        await self._close(
+            SessionExpired(f"session {self.request_id!r} got no event for {ttl:g} s (session_ttl_s); aborted")
+        )
+
+    async def _close(self, error: StreamError) -> None:
         if self._state in ("aborted", "failed"):
             return
         self._state = "aborted"
@@ -346,7 +375,7 @@ class Session:
         await self._stop_runner()
         self._deltas.put_nowait(None)
         if not self._done.done():
-            self._done.set_exception(SessionClosed(f"session {self.request_id!r} was aborted"))
+            self._done.set_exception(error)
             self._done.exception()  # mark retrieved: an abort is not an unhandled error
 
     async def stream(self) -> AsyncIterator[str]:
@@ -371,6 +400,7 @@ class Session:
             self._apply(lambda b: None, final=False)
 
     def _change(self, change: Any, final: bool) -> None:
+        self.last_activity = time.monotonic()
         if final:
             self._t_final = time.monotonic()
         self._apply(change, final)

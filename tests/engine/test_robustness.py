@@ -9,7 +9,14 @@ import pytest
 from vllm import SamplingParams
 
 from stream2llm.connectors.events import ContextEvent, Op
-from stream2llm.errors import ContextTooLong, InvalidEvent, SequenceError, SessionClosed, UnknownSession
+from stream2llm.errors import (
+    ContextTooLong,
+    InvalidEvent,
+    SequenceError,
+    SessionClosed,
+    SessionExpired,
+    UnknownSession,
+)
 from tests.conftest import corpus_text
 from tests.engine.helpers import GREEDY, oneshot, split_at_random
 
@@ -140,3 +147,21 @@ async def test_truncate_drops_the_oldest_context_to_fit(engine):
     assert long_context[-500:] in text and long_context[:500] not in text
     direct = await engine.complete(result.prompt_token_ids, GREEDY, use_prefix_cache=False)
     assert result.token_ids == direct
+
+
+async def test_a_session_whose_next_chunk_never_comes_expires_and_frees_its_kv(engine):
+    ttl = engine.config.session_ttl_s
+    engine.config.session_ttl_s = 0.6
+    try:
+        stalled = await engine.open(QUESTION, GREEDY)
+        await stalled.append(corpus_text(2000, seed=12))
+        await asyncio.sleep(0.3)
+        assert engine.stats().parked == 1  # prefilled, holding KV, waiting for more
+        with pytest.raises(SessionExpired, match="session_ttl_s"):
+            await asyncio.wait_for(stalled.result(), timeout=5)
+        with pytest.raises(SessionClosed):
+            await stalled.append("too late")
+    finally:
+        engine.config.session_ttl_s = ttl
+    stats = await wait_for_idle(engine)
+    assert (stats.parked, stats.kv_usage) == (0, 0.0)
