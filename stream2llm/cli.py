@@ -145,6 +145,71 @@ def bench(
         _fail(exc, debug)
 
 
+@app.command()
+def simulate(
+    traces: Annotated[Path | None, typer.Argument(help="Trace file; default: synthetic --workload.")] = None,
+    workload: Annotated[str, typer.Option(help="crawler or anns, when no trace file is given.")] = "crawler",
+    n: Annotated[int, typer.Option(help="Synthetic requests.")] = 1000,
+    profile: Annotated[
+        str, typer.Option(help="Cost profile: packaged name or JSON file.")
+    ] = "h200-llama3.1-8b",
+    qps: Annotated[str, typer.Option(help="Comma-separated arrival rates.")] = "0.5,1,2,4",
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated policies.")
+    ] = "nonstream,vllm,fcfs,lcas,mcps,stream2llm",
+    delay_multiplier: Annotated[float, typer.Option(help="Stretch the gaps between events.")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Multiply token counts.")] = 1.0,
+    block_size: Annotated[int, typer.Option(help="KV block size in tokens.")] = 16,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+):
+    """Discrete-event model of the engine with the same policies, in seconds instead of hours;
+    beside the published results where they exist (H200 profile, crawler or anns)."""
+    from stream2llm.workloads.simulate import simulate_command
+
+    try:
+        report = simulate_command(
+            traces,
+            workload=workload,
+            n=n,
+            profile=profile,
+            qps=[float(q) for q in qps.split(",")],
+            policies=policies.split(","),
+            delay_multiplier=delay_multiplier,
+            scale=scale,
+            block_size=block_size,
+            console=console,
+        )
+    except (ValueError, OSError) as exc:
+        _fail(exc, debug)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = "tiny",
+    out: Annotated[Path, typer.Option(help="Profile JSON to write.")] = Path("cost-profile.json"),
+    max_model_len: Annotated[int, typer.Option(help="Longest prompt to measure.")] = 32768,
+    repeats: Annotated[int, typer.Option(help="Measurements per size (median).")] = 3,
+    debug: DebugOpt = False,
+):
+    """Measure the engine at hand (prefill latency against prompt length) and write a cost profile."""
+    from stream2llm.serving.calibrate import calibrate as run_calibrate
+
+    try:
+        profile = asyncio.run(
+            run_calibrate(model, max_model_len=max_model_len, repeats=repeats, console=console)
+        )
+    except Exception as exc:
+        _fail(exc, debug)
+    profile.save(out)
+    console.print(
+        f"profile written to {out}: prefill(n) = {profile.prefill[0]:.4g} + {profile.prefill[1]:.4g} n"
+        f" + {profile.prefill[2]:.4g} n^2 s; offload: {profile.offload_note}"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="stream2llm")
 

@@ -57,7 +57,7 @@ class Costs:
     """Cost estimates a policy may consult (seconds)."""
 
     recompute_s: Callable[[int], float] = lambda tokens: tokens * 2e-5
-    offload_roundtrip_s: Callable[[int], float] | None = None  # blocks -> seconds; None: cannot offload
+    offload_roundtrip_s: Callable[[int], float] | None = None  # tokens -> seconds; None: cannot offload
 
 
 @dataclass
@@ -169,7 +169,9 @@ class Stream2llmPolicy(Policy):
 
     def mode(self, view: RequestView) -> str:
         offload = self.costs.offload_roundtrip_s
-        if offload is not None and offload(view.blocks_held) < self.costs.recompute_s(view.tokens_computed):
+        if offload is not None and offload(view.tokens_computed) < self.costs.recompute_s(
+            view.tokens_computed
+        ):
             return OFFLOAD
         return RECOMPUTE
 

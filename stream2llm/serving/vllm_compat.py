@@ -62,6 +62,29 @@ def start_async_llm(engine_args: Any, fork: bool) -> Any:
             os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = previous
 
 
+def calm_shm_spin(busy_loop_s: float = 0.0) -> None:
+    """Stop vLLM's shared-memory queue readers from spinning between engine steps.
+
+    After each read, a reader spins (sched_yield) for 1 s before it sleeps on its socket. On a
+    2-core CPU machine the engine core then spins on the core the front end needs while the worker
+    computes on the other, which delays every streamed chunk and every first token.
+    """
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    spin = shm_broadcast.SpinCondition
+    if getattr(spin, "_stream2llm_calm", False):
+        return
+    original = spin.__init__
+
+    def __init__(
+        self: Any, is_reader: bool, context: Any, notify_address: str, busy_loop_s_: float = 1
+    ) -> None:
+        original(self, is_reader, context, notify_address, busy_loop_s=busy_loop_s)
+
+    spin.__init__ = __init__
+    spin._stream2llm_calm = True
+
+
 # ---------------------------------------------------------------------------------------------
 # Scheduler hooks: private override points mapped to named ones
 # ---------------------------------------------------------------------------------------------

@@ -76,9 +76,9 @@ def test_stream2llm_evicts_parked_with_the_furthest_next_chunk_first():
 def test_stream2llm_offloads_only_when_cheaper_and_possible():
     big = view("x", 0, parked=True, pending=0, computed=10_000, blocks=80, eta=50)
     assert Stream2llmPolicy().mode(big) == RECOMPUTE  # no offload path (CPU)
-    cheap_offload = Costs(recompute_s=lambda t: t * 1e-4, offload_roundtrip_s=lambda b: b * 1e-4)
+    cheap_offload = Costs(recompute_s=lambda t: t * 1e-4, offload_roundtrip_s=lambda t: t * 1e-5)
     assert Stream2llmPolicy(cheap_offload).mode(big) == OFFLOAD
-    dear_offload = Costs(recompute_s=lambda t: t * 1e-6, offload_roundtrip_s=lambda b: b * 1e-3)
+    dear_offload = Costs(recompute_s=lambda t: t * 1e-6, offload_roundtrip_s=lambda t: t * 1e-3)
     assert Stream2llmPolicy(dear_offload).mode(big) == RECOMPUTE
 
 

@@ -1,0 +1,56 @@
+"""``stream2llm calibrate``: fit a cost profile to the engine at hand."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from rich.console import Console
+
+from stream2llm.serving.cost_model import CostProfile, fit_prefill
+from stream2llm.serving.engine import EngineConfig, StreamingEngine
+
+CPU_OFFLOAD_NOTE = (
+    "vLLM's CPU backend has no KV offload path (the OffloadingConnector needs a GPU); "
+    "policies recompute on CPU."
+)
+
+
+async def calibrate(model: str, *, max_model_len: int, repeats: int, console: Console) -> CostProfile:
+    from stream2llm.workloads.replay import LowerBound
+
+    config = EngineConfig(model=model, max_model_len=max_model_len)
+    with console.status(f"starting {model} ..."):
+        engine = await StreamingEngine.start(config)
+    try:
+        with console.status("measuring prefill latency at powers of two ..."):
+            bound = await LowerBound.measure(engine, max_tokens=1, repeats=repeats)
+    finally:
+        await engine.shutdown()
+    sizes, seconds = bound.sizes[1:], bound.seconds[1:]  # the smallest size is dominated by warm-up
+    coeffs = fit_prefill(sizes, seconds)
+    kv_bytes = _kv_bytes_per_token(engine)
+    return CostProfile(
+        name=f"measured-{model}",
+        hardware=f"{platform.machine()} {platform.processor()}",
+        model=model,
+        prefill=coeffs,
+        step_s=coeffs[0],
+        decode_token_s=0.0005,
+        kv_bytes_per_token=kv_bytes,
+        kv_capacity_tokens=config.kv_cache_bytes // max(kv_bytes, 1),
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        offload=None,
+        offload_note=CPU_OFFLOAD_NOTE,
+        source=f"stream2llm calibrate, {time.strftime('%Y-%m-%d')}: idle-engine TTFT, median of {repeats}",
+        measurements={"tokens": sizes, "seconds": seconds},
+    )
+
+
+def _kv_bytes_per_token(engine: StreamingEngine) -> int:
+    import json
+
+    cfg = json.loads((engine.model.path / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg["num_hidden_layers"] * kv_heads * head_dim * 2 * 2  # K and V, bf16

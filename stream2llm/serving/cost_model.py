@@ -1,0 +1,99 @@
+"""Cost model: how long recomputing n tokens takes, and moving KV bytes out and back.
+
+A profile is JSON: ``prefill`` holds the coefficients of t(n) = a + b*n + c*n^2 (seconds for a
+prefill of n tokens on an empty context; the n^2 term is attention), ``step`` the fixed cost of an
+engine step, ``offload`` t(bytes) = a + b*bytes for a round trip to host memory (or null where the
+engine cannot offload, with ``offload_note`` saying why), and the KV geometry. Profiles are fitted
+from measurements (``stream2llm calibrate``) or estimated from published hardware figures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+PROFILE_SCHEMA = "stream2llm.cost-profile/1"
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    name: str
+    hardware: str
+    model: str
+    prefill: tuple[float, float, float]  # a, b, c
+    step_s: float  # fixed cost of one engine step (scheduling, launch, sampling)
+    decode_token_s: float  # per running request per step
+    kv_bytes_per_token: int
+    kv_capacity_tokens: int
+    max_num_batched_tokens: int
+    offload: tuple[float, float] | None = None  # a, b (seconds, seconds per byte), round trip
+    offload_note: str = ""
+    source: str = ""
+    measurements: dict = field(default_factory=dict)
+
+    def prefill_s(self, n_tokens: float) -> float:
+        a, b, c = self.prefill
+        return a + b * n_tokens + c * n_tokens * n_tokens
+
+    def chunk_s(self, n_tokens: float, context: float) -> float:
+        """Prefill of n tokens after ``context`` cached ones: the attention term grows with both."""
+        _, b, c = self.prefill
+        return b * n_tokens + c * (n_tokens * n_tokens + 2 * n_tokens * context)
+
+    def offload_roundtrip_s(self, n_tokens: int) -> float | None:
+        if self.offload is None:
+            return None
+        a, b = self.offload
+        return a + b * n_tokens * self.kv_bytes_per_token
+
+    def to_json(self) -> dict:
+        return {"schema": PROFILE_SCHEMA, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, obj: dict) -> CostProfile:
+        if obj.get("schema") != PROFILE_SCHEMA:
+            raise ValueError(
+                f"not a cost profile: schema is {obj.get('schema')!r}, expected {PROFILE_SCHEMA!r}"
+            )
+        fields = {k: v for k, v in obj.items() if k != "schema"}
+        fields["prefill"] = tuple(fields["prefill"])
+        if fields.get("offload") is not None:
+            fields["offload"] = tuple(fields["offload"])
+        return cls(**fields)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> CostProfile:
+        """A packaged profile by name (``cpu-tiny``, ``h200-llama3.1-8b``...) or a JSON file."""
+        path = Path(name_or_path)
+        if not path.exists():
+            packaged = resources.files("stream2llm.serving").joinpath(f"profiles/{name_or_path}.json")
+            if not packaged.is_file():
+                raise ValueError(
+                    f"no cost profile {name_or_path!r}; packaged: {', '.join(packaged_profiles())}"
+                )
+            return cls.from_json(json.loads(packaged.read_text()))
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def packaged_profiles() -> list[str]:
+    folder = resources.files("stream2llm.serving").joinpath("profiles")
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def fit_prefill(tokens: list[int], seconds: list[float]) -> tuple[float, float, float]:
+    """Least-squares fit of a + b*n + c*n^2 (non-negative b and c), weighting relative error."""
+    x = np.asarray(tokens, dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    design = np.stack([np.ones_like(x), x, x * x], axis=1) / y[:, None]
+    coeffs, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
+    a, b, c = (float(v) for v in coeffs)
+    return max(a, 0.0), max(b, 0.0), max(c, 0.0)

@@ -1,0 +1,306 @@
+"""A discrete-event model of the engine, driven by the same policies and a cost profile.
+
+It evaluates GPU-scale settings in seconds. The model: an engine step takes ``step_s`` plus the
+prefill cost of every chunk it schedules (``CostProfile.chunk_s``: linear in tokens, attention
+growing with the context) plus a decode cost per running request; each step has a token budget
+(``max_num_batched_tokens``) and KV memory is ``kv_capacity_tokens`` in blocks. Requests arrive as
+a Poisson process and replay their trace events: ``stream`` policies get each chunk on arrival,
+``nonstream`` gets the whole prompt after the last event. Parked sessions hold their blocks;
+``vllm`` never evicts them (work waits for memory), the other policies evict by their own rule and
+the victim recomputes when its next chunk comes. One generated token, as in the published runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from stream2llm.serving.cost_model import CostProfile
+from stream2llm.serving.policies import Costs, RequestView, make_policy
+from stream2llm.workloads.metrics import summary
+from stream2llm.workloads.replay import poisson_arrivals
+from stream2llm.workloads.synth import FILLER_PREFIX
+from stream2llm.workloads.trace import TraceRequest
+
+TEMPLATE_TOKENS = 40  # instructions, question and answer cue around the context
+
+
+@dataclass
+class _Req:
+    id: str
+    arrival: float
+    chunks: list[tuple[float, int, int]]  # (absolute time, prompt length after it, tokens it keeps)
+    next_chunk: int = 0
+    target: int = 0  # prompt tokens known so far
+    computed: int = 0
+    complete: bool = False
+    last_chunk_at: float = 0.0
+    final_at: float = 0.0
+    first_token_at: float | None = None
+    blocks: int = 0
+    evictions: int = 0
+    waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
+
+    @property
+    def parked(self) -> bool:
+        return self.waiting_chunk and self.blocks > 0
+
+    @property
+    def pending(self) -> int:
+        return max(self.target - self.computed, 0)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    qps: float
+    ttft_final: list[float] = field(default_factory=list)
+    completion_s: float = 0.0
+    evictions: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "policy": self.policy,
+            "qps": self.qps,
+            "ttft_final_s": summary(self.ttft_final),
+            "completion_s": self.completion_s,
+            "evictions": self.evictions,
+        }
+
+
+def _token_length(event_docs: Sequence[str] | None, n_tokens: int | None, text: str | None) -> int:
+    if n_tokens is not None:
+        return n_tokens
+    if event_docs is not None:
+        total = 0
+        for doc in event_docs:
+            total += int(doc.rsplit(":", 1)[1]) if doc.startswith(FILLER_PREFIX) else max(1, len(doc) // 4)
+        return total
+    return max(1, len(text or "") // 4)
+
+
+def _chunks(
+    request: TraceRequest, arrival: float, scale: float, delay: float, cap: int
+) -> list[tuple[float, int, int]]:
+    """(time, prompt length, tokens kept) per event: appends keep everything; an update keeps the
+    documents before the first one that changed (the longest common prefix)."""
+    out, total, previous = [], TEMPLATE_TOKENS, ()
+    for event in request.events:
+        t = arrival + event.t * delay
+        if event.op == "append":
+            total += max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
+            out.append((t, min(total, cap), cap))
+            continue
+        docs = tuple(event.docs or ())
+        sizes = [max(1, round(_token_length((d,), None, None) * scale)) for d in docs]
+        keep = TEMPLATE_TOKENS // 2
+        for old, new, size in zip(previous, docs, sizes):
+            if old != new:
+                break
+            keep += size
+        total = TEMPLATE_TOKENS + sum(sizes)
+        out.append((t, min(total, cap), min(keep, cap)))
+        previous = docs
+    return out
+
+
+class Simulator:
+    def __init__(self, profile: CostProfile, block_size: int = 16) -> None:
+        self.profile = profile
+        self.block_size = block_size
+        self.capacity = profile.kv_capacity_tokens // block_size
+
+    def run(
+        self,
+        requests: Sequence[TraceRequest],
+        policy: str,
+        qps: float,
+        *,
+        scale: float = 1.0,
+        delay_multiplier: float = 1.0,
+        seed: int = 42,
+        max_model_len: int = 131072,
+    ) -> SimResult:
+        nonstream = policy == "nonstream"
+        rank_policy = make_policy(
+            "vllm" if nonstream else policy,
+            Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
+        )
+        arrivals = poisson_arrivals(len(requests), qps, seed)
+        reqs = [
+            _Req(r.id, a, _chunks(r, a, scale, delay_multiplier, max_model_len - 1))
+            for r, a in zip(requests, arrivals)
+        ]
+        if nonstream:  # the whole prompt once the last event is in
+            for r in reqs:
+                r.chunks = [r.chunks[-1]]
+        events = [(r.chunks[0][0], i) for i, r in enumerate(reqs)]
+        heapq.heapify(events)
+        now, free, active, done = 0.0, self.capacity, [], 0
+        result = SimResult(policy, qps)
+        admitted: list[_Req] = []  # admission order (vLLM's own order)
+        while done < len(reqs):
+            # deliver every chunk that has arrived by now
+            while events and events[0][0] <= now:
+                _, i = heapq.heappop(events)
+                r = reqs[i]
+                t, target, keep = r.chunks[r.next_chunk]
+                r.next_chunk += 1
+                r.target, r.last_chunk_at, r.waiting_chunk = max(target, 1), t, False
+                r.computed = min(r.computed, keep, r.target - 1)  # one token always yields logits
+                kept_blocks = -(-r.computed // self.block_size)
+                free += max(r.blocks - kept_blocks, 0)
+                r.blocks = min(r.blocks, kept_blocks)
+                if r.next_chunk == len(r.chunks):
+                    r.complete, r.final_at = True, t
+                else:
+                    heapq.heappush(events, (r.chunks[r.next_chunk][0], i))
+                if r not in admitted:
+                    admitted.append(r)
+            active = [r for r in admitted if r.first_token_at is None]
+            work = [r for r in active if r.pending > 0 and not r.waiting_chunk]
+            if not work:
+                if not events:
+                    break
+                now = events[0][0]
+                continue
+            free, duration = self._step(work, active, rank_policy, free, now, result)
+            if duration is None:  # nothing could run: wait for the next chunk
+                if not events:
+                    break
+                now = events[0][0]
+                continue
+            now += duration
+            for r in work:
+                if not r.complete and r.computed >= r.target:
+                    r.waiting_chunk = True
+                elif r.complete and r.computed >= r.target and r.first_token_at is None:
+                    r.first_token_at = now
+                    result.ttft_final.append(now - r.final_at)
+                    free += r.blocks
+                    r.blocks = 0
+                    done += 1
+        result.completion_s = now
+        result.evictions = sum(r.evictions for r in reqs)
+        return result
+
+    def _step(self, work, active, policy, free, now, result):
+        views = {
+            r.id: RequestView(
+                r.id,
+                r.arrival,
+                r.last_chunk_at,
+                r.complete,
+                r.parked,
+                r.computed,
+                r.pending,
+                r.blocks,
+                math.inf if r.complete else r.last_chunk_at + 0.7,
+            )
+            for r in active
+        }
+        ranked = policy.rank([views[r.id] for r in work])
+        by_id = {r.id: r for r in active}
+        budget, cost, scheduled = self.profile.max_num_batched_tokens, self.profile.step_s, False
+        for view in ranked:
+            r = by_id[view.request_id]
+            take = min(r.pending, budget)
+            if take <= 0:
+                continue
+            need = -(-(r.computed + take) // self.block_size) - r.blocks
+            if need > free:
+                short = need - free
+                for rid, _mode in policy.victims(ranked, list(views.values()), short, now):
+                    victim = by_id[rid]
+                    if victim.parked and victim is not r:
+                        free += victim.blocks
+                        victim.blocks, victim.computed = 0, 0
+                        victim.evictions += 1
+                if need > free:
+                    continue
+            free -= need
+            r.blocks += need
+            cost += self.profile.chunk_s(take, r.computed)
+            r.computed += take
+            budget -= take
+            scheduled = True
+            if budget <= 0:
+                break
+        if not scheduled:
+            return free, None
+        return free, cost
+
+
+def simulate_command(
+    traces,
+    *,
+    workload: str,
+    n: int,
+    profile: str,
+    qps: list[float],
+    policies: list[str],
+    delay_multiplier: float,
+    scale: float,
+    block_size: int,
+    console,
+) -> dict:
+    """Run the model for every (policy, qps); print it beside the published results where they exist."""
+    from rich.table import Table
+
+    from stream2llm.workloads.synth import published_stats, synthesize
+    from stream2llm.workloads.trace import read_trace
+
+    requests = read_trace(traces) if traces else synthesize(workload, n, seed=42)
+    if requests and traces:
+        workload = requests[0].workload
+    cost = CostProfile.load(profile)
+    sim = Simulator(cost, block_size=block_size)
+    runs = [
+        sim.run(requests, p, q, scale=scale, delay_multiplier=delay_multiplier).to_json()
+        for q in qps
+        for p in policies
+    ]
+    published = published_stats()["results_h200"].get(f"{workload}_ttft_s", {})
+    table = Table(
+        "qps",
+        "policy",
+        "p50",
+        "p95",
+        "p99",
+        "published p50/p95/p99",
+        "speedup p50/p95/p99 vs nonstream",
+        "published fcfs speedup",
+        title=f"simulated ttft_final (s): {workload}, profile {cost.name}",
+    )
+    by_key = {(r["qps"], r["policy"]): r for r in runs}
+    for (q, p), run in by_key.items():
+        s = run["ttft_final_s"]
+        key = f"{q:g}"
+        pub = {"nonstream": published.get("nonstream", {}), "vllm": published.get("vllm_stream", {})}.get(
+            p, {}
+        )
+        base = by_key.get((q, "nonstream"))
+        speed = (
+            "/".join(f"{base['ttft_final_s'][k] / s[k]:.2f}" for k in ("p50", "p95", "p99")) if base else "-"
+        )
+        pub_speed = published.get("fcfs_speedup_vs_nonstream", {}).get(key) if p == "fcfs" else None
+        table.add_row(
+            key,
+            p,
+            f"{s['p50']:.3f}",
+            f"{s['p95']:.3f}",
+            f"{s['p99']:.3f}",
+            "/".join(f"{v:.3f}" for v in pub[key]) if key in pub else "",
+            speed,
+            "/".join(f"{v:.2f}" for v in pub_speed) if pub_speed else "",
+        )
+    console.print(table)
+    return {
+        "profile": cost.name,
+        "workload": workload,
+        "requests": len(requests),
+        "runs": runs,
+        "published": published,
+    }

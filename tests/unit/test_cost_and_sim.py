@@ -1,0 +1,84 @@
+"""Cost profiles and the discrete-event simulator (pure computation)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from stream2llm.serving.cost_model import CostProfile, fit_prefill, packaged_profiles
+from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
+from stream2llm.workloads.synth import filler_doc, synthesize
+from stream2llm.workloads.trace import TraceEvent, TraceRequest
+
+
+def test_fit_recovers_a_quadratic():
+    a, b, c = 0.005, 2e-5, 3e-9
+    sizes = [256, 1024, 4096, 8192, 16384]
+    got = fit_prefill(sizes, [a + b * n + c * n * n for n in sizes])
+    assert got == pytest.approx((a, b, c), rel=1e-3)
+
+
+def test_packaged_profiles_load_and_round_trip(tmp_path):
+    assert {"cpu-tiny", "h200-llama3.1-8b", "h100-llama3.1-8b"} <= set(packaged_profiles())
+    cpu = CostProfile.load("cpu-tiny")
+    assert cpu.offload is None and "no KV offload" in cpu.offload_note
+    assert cpu.prefill_s(4096) == pytest.approx(0.15, rel=0.3)  # measured 0.153 s
+    h200 = CostProfile.load("h200-llama3.1-8b")
+    assert h200.offload_roundtrip_s(1000) > 0
+    path = h200.save(tmp_path / "p.json")
+    assert CostProfile.load(path) == h200
+    with pytest.raises(ValueError, match="no cost profile 'nope'"):
+        CostProfile.load("nope")
+
+
+def toy_profile(**kw) -> CostProfile:
+    base = CostProfile(
+        "toy",
+        "toy",
+        "toy",
+        (0.0, 1e-3, 0.0),
+        step_s=0.01,
+        decode_token_s=0.0,
+        kv_bytes_per_token=1,
+        kv_capacity_tokens=1_000_000,
+        max_num_batched_tokens=100_000,
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def test_single_request_ttft_is_the_cost_of_what_remains():
+    request = TraceRequest(
+        "r",
+        "crawler",
+        "q",
+        (TraceEvent(1.0, "append", n_tokens=400), TraceEvent(2.0, "append", n_tokens=100)),
+    )
+    sim = Simulator(toy_profile())
+    nonstream = sim.run([request], "nonstream", qps=1.0)
+    stream = sim.run([request], "stream2llm", qps=1.0)
+    assert nonstream.ttft_final == [pytest.approx(0.01 + (TEMPLATE_TOKENS + 500) * 1e-3)]
+    assert stream.ttft_final == [pytest.approx(0.01 + 100 * 1e-3)]  # only the last chunk is left
+
+
+def test_update_recomputes_only_past_the_changed_document():
+    docs1 = (filler_doc("a", 100), filler_doc("b", 100), filler_doc("c", 100))
+    docs2 = (filler_doc("a", 100), filler_doc("x", 100), filler_doc("c", 100))
+    request = TraceRequest(
+        "r", "anns", "q", (TraceEvent(1.0, "update", docs=docs1), TraceEvent(2.0, "update", docs=docs2))
+    )
+    result = Simulator(toy_profile()).run([request], "stream2llm", qps=1.0)
+    # docs b->x and c are recomputed, and the answer cue after them
+    assert result.ttft_final == [pytest.approx(0.01 + (200 + TEMPLATE_TOKENS // 2) * 1e-3)]
+
+
+def test_memory_pressure_stock_stalls_where_eviction_does_not():
+    requests = synthesize("crawler", 60, seed=5, scale=0.2)
+    small = toy_profile(kv_capacity_tokens=20_000, prefill=(0.0, 2e-5, 0.0))
+    sim = Simulator(small)
+    stock = sim.run(requests, "vllm", qps=4.0, delay_multiplier=10)
+    ours = sim.run(requests, "stream2llm", qps=4.0, delay_multiplier=10)
+    assert ours.evictions > 0 and stock.evictions == 0
+    assert len(ours.ttft_final) == 60
+    p99 = lambda xs: sorted(xs)[int(0.99 * (len(xs) - 1))]  # noqa: E731
+    assert len(stock.ttft_final) < 60 or p99(stock.ttft_final) > 3 * p99(ours.ttft_final)
