@@ -25,6 +25,21 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the res
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
+def _run(coro):
+    """asyncio.run, with SIGTERM turned into KeyboardInterrupt so that ``finally`` blocks shut the
+    engine down (otherwise vLLM's engine-core and worker processes outlive a killed command)."""
+    import signal
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return asyncio.run(coro)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _fail(exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
@@ -66,7 +81,7 @@ def demo(
     from stream2llm.pipelines.demo import run_demo
 
     try:
-        report = asyncio.run(
+        report = _run(
             run_demo(model, chunks=chunks, gap_s=gap, max_tokens=max_tokens, console=console)
         )
     except Exception as exc:
@@ -124,7 +139,7 @@ def bench(
     from stream2llm.workloads.bench import run_bench_command
 
     try:
-        asyncio.run(
+        _run(
             run_bench_command(
                 traces,
                 qps=[float(q) for q in qps.split(",")],
@@ -198,7 +213,7 @@ def calibrate(
     from stream2llm.serving.calibrate import calibrate as run_calibrate
 
     try:
-        profile = asyncio.run(
+        profile = _run(
             run_calibrate(model, max_model_len=max_model_len, repeats=repeats, console=console)
         )
     except Exception as exc:

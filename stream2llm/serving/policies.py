@@ -20,8 +20,9 @@ Published policies (Stream2LLM, MLSys 2026), reproduced for comparison:
    then partial streams whose next chunk is expected soonest (their prefill is needed first).
 2. Victims, only when the top-ranked work cannot get the blocks it needs: parked sessions first,
    those whose next chunk is expected furthest in the future first (their KV would sit idle the
-   longest), and among those the ones that free the most blocks; a partial stream still
-   prefilling next; a complete stream never (it is on the TTFT clock).
+   longest), and among those the ones that free the most blocks; then partial streams waiting
+   for blocks, lowest-ranked first; a complete stream only as a last resort (it is on the TTFT
+   clock, but a memory full of waiting streams would otherwise deadlock).
 3. Mode per victim: offload when the cost model says moving its bytes out and back is cheaper than
    recomputing its tokens and the engine can offload; else recompute. An evicted parked session
    keeps its prefix-cache hashes, so if its blocks are not reused before it returns, "recompute"
@@ -155,12 +156,14 @@ class Stream2llmPolicy(Policy):
         # furthest next chunk first; then the most blocks (fewest victims)
         parked.sort(key=lambda v: (-(v.next_chunk_eta - now), -v.blocks_held))
         position = {v.request_id: i for i, v in enumerate(ranked)}
-        partial = sorted(
-            (v for v in views if not v.parked and not v.complete and v.blocks_held > 0),
+        holding = sorted(
+            (v for v in views if not v.parked and v.blocks_held > 0),
             key=lambda v: -position.get(v.request_id, 0),
         )
+        partial = [v for v in holding if not v.complete]
+        complete = [v for v in holding if v.complete]  # last resort: only to break a deadlock
         out, freed = [], 0
-        for v in [*parked, *partial]:
+        for v in [*parked, *partial, *complete]:
             if freed >= blocks_needed:
                 break
             out.append((v.request_id, self.mode(v)))

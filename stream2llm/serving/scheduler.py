@@ -183,14 +183,15 @@ class StreamScheduler(compat.HookedScheduler):
         """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
         excess of parked KV over its cap, whichever is larger."""
         by_id = {v.request_id: v for v in views}
+        running = {r.request_id for r in self.running}
         budget, want = self.max_num_scheduled_tokens, 0
         for rid in order:
             v = by_id[rid]
-            if v.blocks_held or budget <= 0:
+            if rid in running or budget <= 0:
                 continue
             take = min(v.tokens_pending, budget)
             budget -= take
-            want += -(-take // self.block_size)
+            want += max(-(-(v.tokens_computed + take) // self.block_size) - v.blocks_held, 0)
         short = want - compat.free_block_count(self)
         parked_blocks = sum(v.blocks_held for v in views if v.parked)
         over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(self))
@@ -209,11 +210,14 @@ class StreamScheduler(compat.HookedScheduler):
         rank = {rid: i for i, rid in enumerate(ranked_ids)}
         last = len(rank)
         compat.sort_queues(self, key=lambda r: rank.get(r.request_id, last))
+        running = {r.request_id for r in self.running}
+        first = ranked_ids[0] if ranked_ids else None
         for rid, _mode in victims:  # CPU: vLLM cannot offload here, so every mode recomputes
             request = self.requests.get(rid)
-            if request is not None and compat.is_parked(request):
-                compat.evict_parked_session(self, request)
-                self.evictions += 1
+            if request is None or rid in running or rid == first:
+                continue  # running victims: vLLM's allocator preempts from the end of the ranked list
+            compat.evict_waiting_kv(self, request)
+            self.evictions += 1
 
     def schedule(self, *args: Any, **kwargs: Any):
         self._apply_policy()

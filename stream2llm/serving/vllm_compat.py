@@ -62,29 +62,6 @@ def start_async_llm(engine_args: Any, fork: bool) -> Any:
             os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = previous
 
 
-def calm_shm_spin(busy_loop_s: float = 0.0) -> None:
-    """Stop vLLM's shared-memory queue readers from spinning between engine steps.
-
-    After each read, a reader spins (sched_yield) for 1 s before it sleeps on its socket. On a
-    2-core CPU machine the engine core then spins on the core the front end needs while the worker
-    computes on the other, which delays every streamed chunk and every first token.
-    """
-    from vllm.distributed.device_communicators import shm_broadcast
-
-    spin = shm_broadcast.SpinCondition
-    if getattr(spin, "_stream2llm_calm", False):
-        return
-    original = spin.__init__
-
-    def __init__(
-        self: Any, is_reader: bool, context: Any, notify_address: str, busy_loop_s_: float = 1
-    ) -> None:
-        original(self, is_reader, context, notify_address, busy_loop_s=busy_loop_s)
-
-    spin.__init__ = __init__
-    spin._stream2llm_calm = True
-
-
 # ---------------------------------------------------------------------------------------------
 # Scheduler hooks: private override points mapped to named ones
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +158,11 @@ def sort_queues(scheduler: Scheduler, key: Any) -> None:
             queue.extend(ordered)
 
 
-def evict_parked_session(scheduler: Scheduler, request: Request) -> int:
-    """Free a parked session's KV; it recomputes when its next chunk comes. Freed blocks keep their
-    prefix-cache hashes, so if nobody reuses them first, the session gets them back for free."""
-    assert is_parked(request), request.status
+def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:
+    """Free the KV of a request that is not running (a parked session, or one waiting for blocks);
+    it recomputes when it is scheduled again. Freed blocks keep their prefix-cache hashes, so if
+    nobody reuses them first, the request gets them back for free."""
+    assert request.status in (RequestStatus.WAITING_FOR_STREAMING_REQ, RequestStatus.WAITING), request.status
     n = blocks_held(scheduler, request.request_id)
     scheduler.kv_cache_manager.free(request)
     request.num_computed_tokens = 0

@@ -214,7 +214,7 @@ class Simulator:
                 short = need - free
                 for rid, _mode in policy.victims(ranked, list(views.values()), short, now):
                     victim = by_id[rid]
-                    if victim.parked and victim is not r:
+                    if victim.blocks and victim is not r:
                         free += victim.blocks
                         victim.blocks, victim.computed = 0, 0
                         victim.evictions += 1

@@ -70,7 +70,9 @@ def test_stream2llm_evicts_parked_with_the_furthest_next_chunk_first():
     policy = Stream2llmPolicy()
     assert [r for r, _ in policy.decide(views, blocks_needed=7, now=now).victims] == ["later-big", "late"]
     everything = [r for r, _ in policy.decide(views, blocks_needed=100, now=now).victims]
-    assert everything == ["later-big", "late", "soon", "partial"]  # a complete stream is never a victim
+    # then partial streams; a complete stream only as the last resort (a full memory would deadlock)
+    assert everything == ["later-big", "late", "soon", "partial", "run"]
+    assert "run" not in [r for r, _ in policy.decide(views, blocks_needed=17, now=now).victims]
 
 
 def test_stream2llm_offloads_only_when_cheaper_and_possible():
