@@ -81,9 +81,7 @@ def demo(
     from stream2llm.pipelines.demo import run_demo
 
     try:
-        report = _run(
-            run_demo(model, chunks=chunks, gap_s=gap, max_tokens=max_tokens, console=console)
-        )
+        report = _run(run_demo(model, chunks=chunks, gap_s=gap, max_tokens=max_tokens, console=console))
     except Exception as exc:
         _fail(exc, debug)
     if json_out:
@@ -131,6 +129,7 @@ def bench(
     limit: Annotated[int | None, typer.Option(help="Replay only the first N requests.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 1,
     max_model_len: Annotated[int, typer.Option(help="Context window (longer requests are capped).")] = 32768,
+    max_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 2048,
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
     debug: DebugOpt = False,
@@ -213,9 +212,7 @@ def calibrate(
     from stream2llm.serving.calibrate import calibrate as run_calibrate
 
     try:
-        profile = _run(
-            run_calibrate(model, max_model_len=max_model_len, repeats=repeats, console=console)
-        )
+        profile = _run(run_calibrate(model, max_model_len=max_model_len, repeats=repeats, console=console))
     except Exception as exc:
         _fail(exc, debug)
     profile.save(out)

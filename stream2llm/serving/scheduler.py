@@ -102,6 +102,7 @@ class StreamScheduler(compat.HookedScheduler):
         self._policies: dict[str, Policy] = {}
         self.parked_kv_cap: float = float(options.get("parked_kv_cap", 1.0))
         self.evictions = 0
+        self.deferrals = 0
         self._publish()
 
     # -- admission ------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class StreamScheduler(compat.HookedScheduler):
         victims = policy.victims(order, views, short, now) if short > 0 else []
         rank = {rid: i for i, rid in enumerate(ranked_ids)}
         last = len(rank)
+        self._defer_outranked_prefills(rank)
         compat.sort_queues(self, key=lambda r: rank.get(r.request_id, last))
         running = {r.request_id for r in self.running}
         first = ranked_ids[0] if ranked_ids else None
@@ -218,6 +220,28 @@ class StreamScheduler(compat.HookedScheduler):
                 continue  # running victims: vLLM's allocator preempts from the end of the ranked list
             compat.evict_waiting_kv(self, request)
             self.evictions += 1
+
+    def _defer_outranked_prefills(self, rank: dict[str, int]) -> None:
+        """vLLM gives this step's tokens to running requests before waiting ones; a prefill that
+        ranks below waiting work (say a final chunk on the TTFT clock) waits a step instead."""
+        running = {r.request_id for r in self.running}
+        top_waiting = min(
+            (rank[rid] for rid in rank if rid not in running and self._wants_tokens(rid)), default=None
+        )
+        if top_waiting is None:
+            return
+        for request in list(self.running):
+            if compat.is_prefilling(request) and rank.get(request.request_id, 0) > top_waiting:
+                compat.defer_running_prefill(self, request)
+                self.deferrals += 1
+
+    def _wants_tokens(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        return (
+            request is not None
+            and not compat.is_parked(request)
+            and request.num_computed_tokens < request.num_tokens
+        )
 
     def schedule(self, *args: Any, **kwargs: Any):
         self._apply_policy()

@@ -170,6 +170,21 @@ def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:
     return n
 
 
+def is_prefilling(request: Request) -> bool:
+    return request.status == RequestStatus.RUNNING and request.num_computed_tokens < request.num_prompt_tokens
+
+
+def defer_running_prefill(scheduler: Scheduler, request: Request) -> None:
+    """Take a request that is still prefilling out of the running list, keeping its KV, so that
+    higher-ranked waiting work gets this step's tokens first. vLLM resumes it from the waiting
+    queue like a streaming session resumes (the worker gets its state anew)."""
+    assert is_prefilling(request), request.status
+    scheduler.running.remove(request)
+    scheduler._inflight_prefills.discard(request)
+    request.status = RequestStatus.WAITING
+    scheduler.kv_holding_waiting.add_request(request)
+
+
 def was_evicted(request: Request) -> bool:
     """A session whose KV was evicted while it was parked holds fewer tokens than its prompt."""
     return request.num_computed_tokens < request.num_prompt_tokens

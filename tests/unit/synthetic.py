@@ -24,7 +24,13 @@ SAMPLED = 7
 
 
 def make_scheduler(
-    model_dir: str, *, num_blocks: int = 64, block_size: int = 16, policy: str = "vllm", **options: Any
+    model_dir: str,
+    *,
+    num_blocks: int = 64,
+    block_size: int = 16,
+    policy: str = "vllm",
+    max_num_batched_tokens: int = 4096,
+    **options: Any,
 ) -> StreamScheduler:
     model_config = ModelConfig(
         model=model_dir, skip_tokenizer_init=True, max_model_len=4096, dtype="bfloat16"
@@ -34,7 +40,7 @@ def make_scheduler(
         cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
         scheduler_config=SchedulerConfig(
             max_num_seqs=32,
-            max_num_batched_tokens=4096,
+            max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=4096,
             is_encoder_decoder=False,
         ),

@@ -70,3 +70,25 @@ def test_update_after_eviction_keeps_nothing_and_recomputes_everything(tiny_mode
     assert (record.old_len, record.kept, record.recomputed) == (0, 0, 60)
     run_until_idle(scheduler)
     assert list(victim.prompt_token_ids) == new and victim.num_computed_tokens == 60
+
+
+def test_a_final_chunk_outranks_a_running_partial_prefill(tiny_model):
+    """vLLM serves running requests first; the broker defers a partial prefill (keeping its KV)
+    so that a session's final chunk, on the TTFT clock, gets the step."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=200, block_size=BS, policy="stream2llm", max_num_batched_tokens=64
+    )
+    final = park(scheduler, "final", list(range(100, 150)), "stream2llm")
+    partial = make_request(scheduler, "partial", list(range(5000, 5600)))
+    partial.sampling_params.extra_args["stream2llm"]["policy"] = "stream2llm"
+    scheduler.add_request(partial)
+    step(scheduler)
+    assert partial.status.name == "RUNNING" and 0 < partial.num_computed_tokens < 600
+    scheduler.add_request(make_request(scheduler, "final", list(range(40)), final=True))
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("final") == 40  # the final chunk first
+    assert scheduler.deferrals >= 1
+    held = blocks_of(scheduler, "partial")
+    assert held  # the deferred prefill kept its KV
+    run_until_idle(scheduler)
+    assert partial.num_computed_tokens == 600 and final.is_finished()
