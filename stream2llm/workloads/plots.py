@@ -18,6 +18,15 @@ def _by_policy(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_ttft_vs_qps(result: dict[str, Any], path: Path, metric: str = "ttft_final_s") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for policy, runs in _by_policy(result["runs"]).items():
@@ -40,12 +49,7 @@ def plot_completion(result: dict[str, Any], path: Path) -> Path:
         runs = sorted(runs, key=lambda r: r["qps"])
         ax.plot([r["qps"] for r in runs], [r["completion_s"] for r in runs], marker="o", label=policy)
     ax.set(xlabel="queries per second", ylabel="trace completion (s)", title="Trace completion time")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_ccdf(samples: dict[str, list[float]], path: Path, title: str) -> Path:
@@ -57,9 +61,4 @@ def plot_ccdf(samples: dict[str, list[float]], path: Path, title: str) -> Path:
         if n:
             ax.step(values, [1 - i / n for i in range(n)], where="post", label=policy)
     ax.set(xscale="log", yscale="log", xlabel="TTFT (s)", ylabel="P(TTFT > x)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)

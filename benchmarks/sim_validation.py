@@ -1,0 +1,46 @@
+"""Does the simulator, with the measured CPU profile, predict a measured bench run?
+
+    .venv/bin/python benchmarks/sim_validation.py benchmarks/results/bench-crawler-tiny-qps4/results.json \
+        TRACE --limit 120 --out benchmarks/results/sim-validation-cpu.json
+The trace is the one the bench replayed (`stream2llm synth --workload crawler --n 300 --seed 42`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from stream2llm.serving.cost_model import CostProfile
+from stream2llm.workloads.simulate import Simulator
+from stream2llm.workloads.trace import read_trace
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("measured", type=Path)
+    parser.add_argument("trace", type=Path)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--profile", default="cpu-tiny")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    measured = json.loads(args.measured.read_text())
+    requests = read_trace(args.trace)[: args.limit]
+    sim = Simulator(CostProfile.load(args.profile), block_size=128)
+    rows = []
+    for run in measured["runs"]:
+        predicted = sim.run(
+            requests,
+            run["policy"],
+            run["qps"],
+            scale=measured["options"]["scale"],
+            delay_multiplier=measured["options"]["delay_multiplier"],
+            max_model_len=measured["engine"]["max_model_len"],
+        ).to_json()["ttft_final_s"]
+        row = {"policy": run["policy"], "qps": run["qps"]}
+        for pct in ("p50", "p95"):
+            m, p = run["ttft_final_s"][pct], predicted[pct]
+            row[pct] = {"measured": round(m, 4), "predicted": round(p, 4), "error": round(p / m - 1, 3)}
+        rows.append(row)
+        print(row)
+    if args.out:
+        args.out.write_text(json.dumps({"profile": args.profile, "rows": rows}, indent=2) + "\n")
