@@ -65,6 +65,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_sessions: int = 1024  # open sessions admitted at once
     session_ttl_s: float | None = 600.0  # abort a session whose next event does not come in time
+    parked_kv_cap: float = 1.0  # fraction of KV blocks parked sessions may hold before eviction
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
@@ -190,6 +191,10 @@ class StreamingEngine:
         except KeyError:
             raise UnknownSession(f"no open session with id {request_id!r}") from None
 
+    def open_sessions(self) -> list[Session]:
+        """The sessions that are neither finished nor aborted yet."""
+        return list(self._sessions.values())
+
     def _closed(self, session: Session) -> None:
         self._sessions.pop(session.request_id, None)
 
@@ -240,7 +245,13 @@ def _engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str)
         "max_num_seqs": config.max_num_seqs,
         "kv_cache_memory_bytes": config.kv_cache_bytes,
         "scheduler_cls": SCHEDULER_CLS,
-        "additional_config": {CONFIG_KEY: {"policy": config.policy, "stats_path": board_path}},
+        "additional_config": {
+            CONFIG_KEY: {
+                "policy": config.policy,
+                "stats_path": board_path,
+                "parked_kv_cap": config.parked_kv_cap,
+            }
+        },
         "disable_log_stats": True,
         **model.engine_overrides,
         **config.engine_args,

@@ -149,6 +149,10 @@ class StreamScheduler(compat.HookedScheduler):
 
     # -- counters and stats ---------------------------------------------------------------------
 
+    def counters(self, request_id: str) -> RequestCounters | None:
+        """Tokens prefilled and recomputed so far, and the updates applied, for a live request."""
+        return self._counters.get(request_id)
+
     def _counters_for(self, request_id: str) -> RequestCounters:
         return self._counters.setdefault(request_id, RequestCounters())
 

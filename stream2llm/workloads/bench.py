@@ -93,6 +93,8 @@ async def run_bench_command(
     model: str,
     out: Path,
     console: Console,
+    max_batched_tokens: int = 2048,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     unknown = [p for p in policies if p not in KNOWN_POLICIES]
     if unknown:
@@ -107,11 +109,13 @@ async def run_bench_command(
         model=model,
         max_model_len=max_model_len,
         kv_cache_bytes=parse_bytes(kv_budget, 2 << 30),
-        max_num_batched_tokens=2048,
+        max_num_batched_tokens=max_batched_tokens,
     )
     with console.status(f"starting the engine ({model}) ..."):
         engine = await StreamingEngine.start(config)
-    options = ReplayOptions(delay_multiplier=delay_multiplier, scale=scale, max_tokens=max_tokens)
+    options = ReplayOptions(
+        delay_multiplier=delay_multiplier, scale=scale, max_tokens=max_tokens, deadline_s=deadline
+    )
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

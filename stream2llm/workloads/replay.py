@@ -32,6 +32,7 @@ class ReplayOptions:
     scale: float = 1.0  # multiplies synthetic token counts (n_tokens, filler documents)
     max_tokens: int = 1  # the published runs generated one token
     seed: int = 42
+    deadline_s: float | None = None  # after the last scheduled event: abort what has not answered
 
 
 def poisson_arrivals(n: int, qps: float, seed: int) -> list[float]:
@@ -96,13 +97,17 @@ async def _replay_one(
         request.query, sampling, mode=mode_of(policy), cache_salt=salt, policy=engine_policy
     )
     last = len(request.events) - 1
-    for i, event in enumerate(request.events):
-        await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))
-        if event.op == "append":
-            await session.append(texts.append_text(request, i, event, factor) or " ", final=i == last)
-        else:
-            await session.update(texts.docs(event, factor), final=i == last)
-    result = await session.result()
+    try:
+        for i, event in enumerate(request.events):
+            await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))
+            if event.op == "append":
+                await session.append(texts.append_text(request, i, event, factor) or " ", final=i == last)
+            else:
+                await session.update(texts.docs(event, factor), final=i == last)
+        result = await session.result()
+    except asyncio.CancelledError:
+        await session.abort()  # the run's deadline passed: free its KV
+        raise
     record.ttft_final_s = result.ttft_final_s
     record.ttft_query_s = result.ttft_open_s
     record.done_s = loop.time() - start
@@ -136,13 +141,23 @@ async def run_once(
     async def guarded(request: TraceRequest, record: RequestRecord) -> None:
         try:
             await _replay_one(engine, request, record, policy, start, texts, sampling, options, salt)
+        except asyncio.CancelledError:
+            record.error = f"stalled: no first token {options.deadline_s:g} s after the last event"
         except Exception as exc:  # one failing request must not stop the run
             record.error = f"{type(exc).__name__}: {exc}"
         finally:
             if on_done:
                 on_done()
 
-    await asyncio.gather(*(guarded(r, rec) for r, rec in zip(requests, records)))
+    tasks = [asyncio.create_task(guarded(r, rec)) for r, rec in zip(requests, records)]
+    timeout = None
+    if options.deadline_s is not None:
+        last_event = max(a + r.duration_s * options.delay_multiplier for r, a in zip(requests, arrivals))
+        timeout = last_event + options.deadline_s
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     done = [r.done_s for r in records if r.done_s is not None]
     after = engine.stats()
     await wait_idle(engine)

@@ -64,8 +64,8 @@ async def test_stock_policy_stalls_and_stream2llm_completes_every_session_exactl
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    for sid in list(small_engine._sessions):
-        await small_engine.session(sid).abort()
+    for session in small_engine.open_sessions():
+        await session.abort()
     for _ in range(100):
         if small_engine.stats().requests == 0:
             break

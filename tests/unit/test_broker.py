@@ -66,7 +66,7 @@ def test_update_after_eviction_keeps_nothing_and_recomputes_everything(tiny_mode
     (victim,) = [r for r in (a, b) if r.num_computed_tokens == 0]
     new = list(victim.prompt_token_ids[:40]) + [5] * 20
     scheduler.add_request(make_request(scheduler, victim.request_id, new, op="update"))
-    record = scheduler._counters[victim.request_id].updates[-1]
+    record = scheduler.counters(victim.request_id).updates[-1]
     assert (record.old_len, record.kept, record.recomputed) == (0, 0, 60)
     run_until_idle(scheduler)
     assert list(victim.prompt_token_ids) == new and victim.num_computed_tokens == 60
@@ -92,3 +92,16 @@ def test_a_final_chunk_outranks_a_running_partial_prefill(tiny_model):
     assert held  # the deferred prefill kept its KV
     run_until_idle(scheduler)
     assert partial.num_computed_tokens == 600 and final.is_finished()
+
+
+def test_parked_sessions_are_capped_to_their_share_of_kv(tiny_model):
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=20, block_size=BS, policy="stream2llm", parked_kv_cap=0.3
+    )
+    park(scheduler, "a", list(range(1000, 1150)), "stream2llm")  # 10 blocks, over the cap of 5
+    step(scheduler)
+    held = len(blocks_of(scheduler, "a"))
+    assert held == 0 and scheduler.evictions == 1
+    small = park(scheduler, "b", list(range(2000, 2060)), "stream2llm")  # 4 blocks: under the cap
+    step(scheduler)
+    assert small.num_computed_tokens == 60 and scheduler.evictions == 1

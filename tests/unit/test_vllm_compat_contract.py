@@ -76,7 +76,7 @@ def test_update_cut_inside_hashed_block_drops_hash_and_frees_tail(scheduler):
     assert len(blocks_of(scheduler, "a")) == 4  # cdiv(50, 16)
     assert pool.get_num_free_blocks() == free_before + 3
     assert cut_block.block_hash is None and pool.is_block_writable(cut_block)
-    record = scheduler._counters["a"].updates[-1]
+    record = scheduler.counters("a").updates[-1]
     assert (record.lcp, record.kept, record.recomputed, record.tail) == (50, 50, 30, "unhashed")
 
     outputs = run_until_idle(scheduler)
@@ -95,7 +95,7 @@ def test_update_cut_inside_shared_block_copies_on_write(scheduler):
     assert shared.ref_cnt == 2
 
     scheduler.add_request(make_request(scheduler, "a", old[:40] + [2] * 8, op="update"))
-    assert scheduler._counters["a"].updates[-1].tail == "copied"
+    assert scheduler.counters("a").updates[-1].tail == "copied"
     copy = blocks_of(scheduler, "a")[40 // BS]
     assert copy is not shared and shared.block_hash is not None  # the shared block stays intact
     out = step(scheduler)
@@ -108,7 +108,7 @@ def test_update_on_block_boundary_is_aligned(scheduler):
     old = list(range(500, 600))
     request = park(scheduler, "a", old)
     scheduler.add_request(make_request(scheduler, "a", old[:48] + [3] * 5, op="update"))
-    assert scheduler._counters["a"].updates[-1].tail == "aligned"
+    assert scheduler.counters("a").updates[-1].tail == "aligned"
     assert request.num_computed_tokens == 48 and len(blocks_of(scheduler, "a")) == 3
 
 
@@ -116,7 +116,7 @@ def test_new_context_that_is_a_prefix_keeps_all_but_one_token(scheduler):
     old = list(range(700, 800))
     request = park(scheduler, "a", old)
     scheduler.add_request(make_request(scheduler, "a", old[:60], op="update"))
-    record = scheduler._counters["a"].updates[-1]
+    record = scheduler.counters("a").updates[-1]
     assert (record.lcp, record.kept, record.recomputed) == (60, 59, 1)
     assert request.num_computed_tokens == 59
 
