@@ -16,8 +16,10 @@ Published policies (Stream2LLM, MLSys 2026), reproduced for comparison:
 
 ``stream2llm`` (ours) is cost-aware and arrival-aware:
 
-1. Rank: complete streams first, by the hand-off of their final chunk (that is the TTFT clock);
-   then partial streams whose next chunk is expected soonest (their prefill is needed first).
+1. Rank: complete streams first (they are on the TTFT clock), shortest remaining prefill first
+   (what is left is the final chunk plus any backlog; serving the short ones first minimizes the
+   median and the mean wait), ties by the hand-off of the final chunk; then partial streams by query
+   arrival, so that earlier queries keep their backlog small for when they complete.
 2. Victims, only when the top-ranked work cannot get the blocks it needs: parked sessions first,
    those whose next chunk is expected furthest in the future first (their KV would sit idle the
    longest), and among those the ones that free the most blocks; then partial streams waiting
@@ -146,9 +148,7 @@ class Stream2llmPolicy(Policy):
     def rank(self, views):
         return sorted(
             views,
-            key=lambda v: (
-                (0, v.last_chunk_arrival, v.arrival) if v.complete else (1, v.next_chunk_eta, v.arrival)
-            ),
+            key=lambda v: (0, v.tokens_pending, v.last_chunk_arrival) if v.complete else (1, v.arrival, 0),
         )
 
     def victims(self, ranked, views, blocks_needed, now):

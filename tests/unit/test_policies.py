@@ -40,7 +40,7 @@ VIEWS = [
         ("fcfs", ["b", "c", "d", "a"]),  # complete first, then partial, each by arrival
         ("lcas", ["b", "c", "a", "d"]),  # complete first, then partial, by latest chunk
         ("mcps", ["c", "a", "b", "d"]),  # most computed first
-        ("stream2llm", ["b", "c", "d", "a"]),  # complete by final hand-off; partial by next chunk eta
+        ("stream2llm", ["b", "c", "d", "a"]),  # complete: least pending first; partial by arrival
     ],
 )
 def test_ranking(name, order):
@@ -87,3 +87,14 @@ def test_stream2llm_offloads_only_when_cheaper_and_possible():
 def test_unknown_policy_is_named():
     with pytest.raises(ValueError, match="unknown policy 'lifo'"):
         make_policy("lifo")
+
+
+def test_stream2llm_serves_the_shortest_final_chunk_first():
+    views = [
+        view("big", 0.0, last=1.0, complete=True, pending=3000),
+        view("small", 5.0, last=2.0, complete=True, pending=40),
+        view("small-later", 6.0, last=3.0, complete=True, pending=40),
+        view("partial", 0.0, complete=False, pending=10),
+    ]
+    assert make_policy("stream2llm").decide(views).order == ["small", "small-later", "big", "partial"]
+    assert make_policy("fcfs").decide(views).order == ["big", "small", "small-later", "partial"]
