@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import time
 import uuid
@@ -28,6 +26,7 @@ from pydoc_data.topics import topics
 
 from stream2llm.connectors.prompt import PromptTemplate
 from stream2llm.serving.engine import EngineConfig, StreamingEngine
+from stream2llm.workloads.bench import machine
 
 QUESTION = "What does this documentation describe?"
 
@@ -46,12 +45,6 @@ def context_of(engine: StreamingEngine, n_tokens: int, seed: int) -> str:
         )
         lo, hi = (mid, hi) if n <= n_tokens else (lo, mid - 1)
     return text[start : start + lo]
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}"
 
 
 async def one_run(engine, mode: str, context: str, pieces: int, gap_s: float, sampling, final: str) -> dict:

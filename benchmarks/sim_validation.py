@@ -1,7 +1,8 @@
 """Does the simulator, with the measured CPU profile, predict a measured bench run?
 
-    .venv/bin/python benchmarks/sim_validation.py benchmarks/results/bench-crawler-tiny-qps4-step2048/results.json \
-        TRACE --limit 120 --out benchmarks/results/sim-validation-cpu.json
+    .venv/bin/python benchmarks/sim_validation.py \
+        benchmarks/results/bench-crawler-tiny-qps4-step2048/results.json TRACE --limit 120 \
+        --out benchmarks/results/sim-validation-cpu.json
 The trace is the one the bench replayed (`stream2llm synth --workload crawler --n 300 --seed 42`).
 """
 
