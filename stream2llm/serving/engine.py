@@ -303,6 +303,8 @@ class Session:
         self._inputs: asyncio.Queue[Any] = asyncio.Queue()
         self._runner: asyncio.Task | None = None
         self._attempt = 0
+        self._internal_id: str | None = None  # vLLM's request id (changes when vllm mode resubmits)
+        self._chunks_before = 0  # chunks sent before the current vLLM request started
         self._next_seq = 0
         self._state: Literal["open", "finished", "aborted", "failed"] = "open"
         self._t_open = time.monotonic()
@@ -574,5 +576,5 @@ class Session:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
-        if getattr(self, "_internal_id", None):
+        if self._internal_id is not None:
             await self.engine._llm.abort(self._internal_id)

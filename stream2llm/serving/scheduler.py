@@ -62,10 +62,6 @@ def chunk_meta(sampling_params: Any) -> dict[str, Any]:
     return extra.get(CONFIG_KEY) or {}
 
 
-def chunk_op(sampling_params: Any) -> str:
-    return chunk_meta(sampling_params).get("op", "append")
-
-
 @dataclass
 class StreamState:
     """What the broker tracks per request to build its policy view."""
