@@ -32,7 +32,7 @@ class ContextEvent:
     payload: str | tuple[str, ...]
     final: bool = False
     t: float = field(default_factory=time.monotonic)
-    source: str = ""
+    sources: tuple[str, ...] = ()  # where it came from: the page URL (append) or one id per document (update)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", _coerce_op(self.op))
@@ -53,6 +53,11 @@ class ContextEvent:
             if not any(d.strip() for d in docs):
                 raise InvalidEvent(f"update event {self.seq} of {self.request_id!r} has no document text")
             object.__setattr__(self, "payload", docs)
+            if self.sources and len(self.sources) != len(docs):
+                raise InvalidEvent(
+                    f"update event {self.seq}: {len(self.sources)} sources for {len(docs)} documents"
+                )
+        object.__setattr__(self, "sources", tuple(self.sources))
 
     @property
     def text(self) -> str:
