@@ -59,6 +59,7 @@ _BLOCK_TAGS = frozenset(
     "address article blockquote br dd div dl dt figcaption figure h1 h2 h3 h4 h5 h6 hr li main ol p pre "  # noqa: SIM905
     "section table tr ul".split()
 )
+_CRAWL_DONE, _TIME_UP = object(), object()  # queue sentinels: the crawl task ended; crawl_timeout passed
 _BACKGROUND: set[asyncio.Task[Any]] = set()  # stops still finishing after their stream was closed
 
 
@@ -160,9 +161,9 @@ class CrawlRetriever:
         try:
             async for page in crawl.pages():
                 yield events.append(page.text, source=page.url)
+            yield events.end()  # before the stop: in-flight requests must not delay the final event
         finally:
             await crawl.stop()
-        yield events.end()
 
     async def _seed_urls(self, query: str) -> list[str]:
         seeds = list(self.seeds)
@@ -189,7 +190,7 @@ class _Crawl:
 
     def __init__(self, config: CrawlConfig, seeds: list[str], terms: frozenset[str]) -> None:
         self.config, self.seeds, self.terms = config, seeds, terms
-        self.queue: asyncio.Queue[Page | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Page | object] = asyncio.Queue()
         self.crawler: Crawler | None = None
         self.task: asyncio.Task[None] | None = None
         self.t_start = time.monotonic()
@@ -205,7 +206,7 @@ class _Crawl:
         self.crawler.signals.connect(self._on_item, signal=signals.item_scraped)
         self.crawler.signals.connect(self._on_headers, signal=signals.headers_received)
         self.task = runner.crawl(self.crawler, seeds=self.seeds, terms=self.terms, config=self.config)
-        self.task.add_done_callback(lambda _t: self.queue.put_nowait(None))
+        self.task.add_done_callback(lambda _t: self.queue.put_nowait(_CRAWL_DONE))
 
     def _on_item(self, item: Page, **_: Any) -> None:
         self.queue.put_nowait(item)
@@ -214,32 +215,40 @@ class _Crawl:
         """Cancel non-HTML bodies (images, archives) once their headers show it: no bytes wasted."""
         from scrapy.exceptions import StopDownload
 
-        if request.meta.get("dont_obey_robotstxt"):  # robots.txt is text/plain on purpose
-            return
+        if request.meta.get("dont_obey_robotstxt") or headers.get(b"Location"):
+            return  # robots.txt is text/plain on purpose; a redirect's own body does not matter
         ctype = (headers.get(b"Content-Type") or b"").decode("latin-1").lower()
         if ctype and "html" not in ctype:
             raise StopDownload(fail=True)
 
     async def pages(self) -> AsyncIterator[Page]:
-        """Distinct pages as they are scraped, until the crawl ends or a limit is reached."""
+        """Distinct pages as they are scraped, until the crawl ends or a limit is reached.
+
+        A plain ``queue.get()`` (no ``wait_for`` task per page): while scrapy keeps the loop busy
+        parsing, every extra loop turn per page would delay the hand-off by a parse.
+        """
         seen_text: set[str] = set()
         emitted = 0
-        deadline = None if self.config.crawl_timeout is None else self.t_start + self.config.crawl_timeout
-        while emitted < self.config.max_pages:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                page = await asyncio.wait_for(self.queue.get(), timeout)
-            except asyncio.TimeoutError:
-                return
-            if page is None:
-                self._raise_if_failed()
-                return
-            digest = hashlib.sha1(page.text.encode()).hexdigest()
-            if digest in seen_text:
-                continue
-            seen_text.add(digest)
-            emitted += 1
-            yield page
+        timer = None
+        if self.config.crawl_timeout is not None:
+            deadline = self.t_start + self.config.crawl_timeout
+            timer = asyncio.get_running_loop().call_at(deadline, self.queue.put_nowait, _TIME_UP)
+        try:
+            while emitted < self.config.max_pages:
+                page = await self.queue.get()
+                if page is _CRAWL_DONE:
+                    self._raise_if_failed()
+                    return
+                if page is _TIME_UP or not isinstance(page, Page):
+                    return
+                digest = hashlib.sha1(page.text.encode()).hexdigest()
+                if digest not in seen_text:
+                    seen_text.add(digest)
+                    emitted += 1
+                    yield page
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _raise_if_failed(self) -> None:
         if self.task is not None and not self.task.cancelled() and self.task.exception() is not None:

@@ -12,13 +12,14 @@ robots.txt, dead links).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]  # an @web.middleware
 
 PYGAME_DOCS_SUBDIR = Path("docs") / "generated"
 
@@ -47,9 +48,14 @@ def site_pages(root: Path | None = None) -> list[str]:
     return sorted(p.as_posix() for p in pages if not p.parts[0].startswith("_"))
 
 
-def build_app(root: Path | None = None, routes: Mapping[str, Handler] | None = None) -> web.Application:
-    """An aiohttp app serving ``root`` as static files; ``routes`` (path -> GET handler) win over files."""
-    app = web.Application()
+def build_app(
+    root: Path | None = None,
+    routes: Mapping[str, Handler] | None = None,
+    middlewares: Sequence[Middleware] = (),
+) -> web.Application:
+    """An aiohttp app serving ``root`` as static files; ``routes`` (path -> GET handler) win over files;
+    ``middlewares`` see every request (tests count them)."""
+    app = web.Application(middlewares=list(middlewares))
     for path, handler in (routes or {}).items():
         app.router.add_get(path, handler)
     app.router.add_get("/", _redirect_to_index)
@@ -62,6 +68,7 @@ async def serve_site(
     root: Path | None = None,
     *,
     routes: Mapping[str, Handler] | None = None,
+    middlewares: Sequence[Middleware] = (),
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> AsyncIterator[str]:
@@ -70,13 +77,15 @@ async def serve_site(
     ``port=0`` takes a free port. Requests still running at exit (a deliberately slow page) are
     cancelled rather than waited for, so leaving the block is quick.
     """
-    runner = web.AppRunner(build_app(root, routes), handler_cancellation=True, shutdown_timeout=0.5)
+    runner = web.AppRunner(
+        build_app(root, routes, middlewares), handler_cancellation=True, shutdown_timeout=0.5
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound_port = runner.addresses[0][1]
-        yield f"http://{host}:{bound_port}/"
+        yield f"http://{f'[{host}]' if ':' in host else host}:{bound_port}/"
     finally:
         await runner.cleanup()
 
