@@ -410,23 +410,24 @@ def link_score(terms: frozenset[str], text: str, url: str) -> int:
 
 
 def extract_page(response: Any) -> Page:
-    """Title and main text of an HTML response, without navigation, scripts or styles."""
-    import copy
+    """Title and main text of an HTML response, without navigation, scripts or styles.
 
-    root = copy.deepcopy(response.selector.root)
-    title = " ".join("".join(root.xpath("//title//text()")).split())
-    for el in root.xpath(_DROP_XPATH) + [e for tag in _DROP_TAGS for e in root.iter(tag)]:
-        if el.getparent() is not None:
-            el.getparent().remove(el)
+    Reads scrapy's parsed tree in place (no copy): dropped elements are skipped, not removed, so the
+    spider's link extraction sees the whole page.
+    """
+    root = response.selector.root
+    title = " ".join("".join(root.xpath("//title//text()")).split()) or urlsplit(response.url).path
     main = next((found[0] for xp in _MAIN_XPATHS if (found := root.xpath(xp))), root)
-    body = _block_text(main)
-    title = title or urlsplit(response.url).path
+    skip = set(
+        main.xpath(_DROP_XPATH.replace("//", ".//", 1) + "|" + "|".join(f".//{t}" for t in _DROP_TAGS))
+    )
+    body = _block_text(main, skip)
     return Page(url=response.url, title=title, text=f"{title}\n\n{body}\n\n", n_bytes=len(response.body))
 
 
-def _block_text(el: Any) -> str:
+def _block_text(el: Any, skip: set[Any]) -> str:
     """Text with a line break around block elements, spaces collapsed (except in <pre>), blank runs
-    squeezed."""
+    squeezed; elements in ``skip`` contribute nothing (their tails still do)."""
     parts: list[str] = []
     preformatted: list[str] = []
 
@@ -442,7 +443,8 @@ def _block_text(el: Any) -> str:
         if node.text and tag:
             parts.append(node.text)
         for child in node:
-            walk(child)
+            if child not in skip:
+                walk(child)
             if child.tail:
                 parts.append(child.tail)
         if block:

@@ -78,7 +78,10 @@ async def serve_site(
     cancelled rather than waited for, so leaving the block is quick.
     """
     runner = web.AppRunner(
-        build_app(root, routes, middlewares), handler_cancellation=True, shutdown_timeout=0.5
+        build_app(root, routes, middlewares),
+        handler_cancellation=True,
+        shutdown_timeout=0.5,
+        access_log=None,  # a crawl makes one line per page; the crawler's own stats say enough
     )
     await runner.setup()
     try:
