@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from stream2llm.serving import models
@@ -130,6 +131,9 @@ def bench(
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 1,
     max_model_len: Annotated[int, typer.Option(help="Context window (longer requests are capped).")] = 32768,
     max_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 2048,
+    max_num_seqs: Annotated[
+        int, typer.Option(help="vLLM request slots; every open stream holds one, parked or not.")
+    ] = 256,
     deadline: Annotated[
         float | None,
         typer.Option(help="Abort requests without a first token this long after the last event."),
@@ -155,6 +159,7 @@ def bench(
                 max_tokens=max_tokens,
                 max_model_len=max_model_len,
                 max_batched_tokens=max_batched_tokens,
+                max_num_seqs=max_num_seqs,
                 deadline=deadline,
                 model=model,
                 out=out,
@@ -226,6 +231,206 @@ def calibrate(
         f"profile written to {out}: prefill(n) = {profile.prefill[0]:.4g} + {profile.prefill[1]:.4g} n"
         f" + {profile.prefill[2]:.4g} n^2 s; offload: {profile.offload_note}"
     )
+
+
+@app.command()
+def serve(
+    model: ModelOpt = models.DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="STREAM2LLM_TOKEN", help="Require this bearer token (not on /health)."),
+    ] = None,
+    max_sessions: Annotated[int, typer.Option(help="Running sessions admitted at once (more: 429).")] = 256,
+    kv_cache_gb: Annotated[float, typer.Option(help="KV cache size in GiB.")] = 1.0,
+    max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
+    policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "stream2llm",
+    debug: DebugOpt = False,
+):
+    """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
+    from stream2llm.serving.engine import EngineConfig
+    from stream2llm.serving.server import ServerSettings
+    from stream2llm.serving.server import serve as run_server
+
+    config = EngineConfig(
+        model=model,
+        policy=policy,
+        kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
+        max_model_len=max_model_len,
+        max_sessions=max(max_sessions, 1),
+    )
+    settings = ServerSettings(host=host, port=port, token=token, max_sessions=max_sessions)
+
+    def ready(url: str) -> None:
+        console.print(f"serving [bold]{model}[/bold] at [green]{url}[/green] (OpenAI base URL: {url}/v1)")
+
+    try:
+        console.print(f"starting the engine ({model}) ...")
+        _run(run_server(config, settings, on_ready=ready))
+    except KeyboardInterrupt:
+        console.print("stopped")
+    except Exception as exc:
+        _fail(exc, debug)
+
+
+RetrieverOpt = Annotated[
+    str, typer.Option("--retriever", "-r", help="ann, crawl, or both comma-separated (ann,crawl).")
+]
+SeedOpt = Annotated[
+    list[str] | None,
+    typer.Option("--seed-url", help="Crawl from this URL (repeatable); default: the local site."),
+]
+AllowPrivateOpt = Annotated[
+    bool, typer.Option("--allow-private", help="Let the crawler reach private/loopback addresses.")
+]
+MaxPagesOpt = Annotated[int, typer.Option(help="Pages a crawl emits at most.")]
+IndexDocsOpt = Annotated[
+    int | None, typer.Option(help="Build/use a small ANN index of N articles (default: all 10,033).")
+]
+
+
+def _source_options(seed_url, allow_private, max_pages, index_docs, **extra):
+    from stream2llm.pipelines.sources import SourceOptions
+
+    return SourceOptions(
+        seed_urls=tuple(seed_url or ()),
+        allow_private=allow_private,
+        max_pages=max_pages,
+        index_docs=index_docs,
+        **extra,
+    )
+
+
+@app.command()
+def run(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    retriever: RetrieverOpt = "ann",
+    seed_url: SeedOpt = None,
+    allow_private: AllowPrivateOpt = False,
+    max_pages: MaxPagesOpt = 8,
+    index_docs: IndexDocsOpt = None,
+    mode: Annotated[str, typer.Option(help="stream, nonstream or vllm.")] = "stream",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    max_model_len: Annotated[int, typer.Option(help="Context window (older context is dropped).")] = 8192,
+    model: ModelOpt = models.DEFAULT_MODEL,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+):
+    """Answer one question: print context events as the retrievers find them, then the answer."""
+    from stream2llm.pipelines.show import run_question
+
+    try:
+        report = _run(
+            run_question(
+                question,
+                retriever.split(","),
+                _source_options(seed_url, allow_private, max_pages, index_docs),
+                model=model,
+                mode=mode,
+                max_tokens=max_tokens,
+                max_model_len=max_model_len,
+                console=console,
+            )
+        )
+    except Exception as exc:
+        _fail(exc, debug)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
+@app.command()
+def capture(
+    queries: Annotated[Path, typer.Option(help="Queries: one a line, or JSON Lines with 'query'.")],
+    retriever: RetrieverOpt = "crawl",
+    out: Annotated[Path, typer.Option(help="Trace file to write (JSON Lines).")] = Path("traces.jsonl"),
+    seed_url: SeedOpt = None,
+    allow_private: AllowPrivateOpt = False,
+    max_pages: MaxPagesOpt = 12,
+    index_docs: IndexDocsOpt = None,
+    concurrency: Annotated[int, typer.Option(help="Queries retrieved at once.")] = 1,
+    debug: DebugOpt = False,
+):
+    """Run the real retrievers over queries and record every event's time and payload as a trace."""
+    from stream2llm.pipelines.sources import open_retrievers, parse_retrievers
+    from stream2llm.workloads.capture import capture as run_capture
+    from stream2llm.workloads.capture import read_queries
+
+    async def go() -> list:
+        names = parse_retrievers(retriever)
+        if len(names) != 1:
+            raise ValueError("capture records one retriever at a time (a trace has one workload)")
+        questions = read_queries(queries)
+        options = _source_options(seed_url, allow_private, max_pages, index_docs)
+        async with open_retrievers(names, options) as (source,):
+            with Progress(console=console) as progress:
+                task = progress.add_task(f"capturing ({source.name})", total=len(questions))
+                return await run_capture(
+                    source,
+                    questions,
+                    out,
+                    workload=names[0],
+                    concurrency=concurrency,
+                    on_done=lambda _: progress.advance(task),
+                )
+
+    try:
+        requests = _run(go())
+    except Exception as exc:
+        _fail(exc, debug)
+    events = sum(len(r.events) for r in requests)
+    console.print(f"{len(requests)} requests, {events} events written to {out}")
+
+
+index_app = typer.Typer(
+    help="Build and inspect the ANN index (packaged Wikipedia corpus).", no_args_is_help=True
+)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    docs: Annotated[int | None, typer.Option("--docs", help="Index only N articles (spread evenly).")] = None,
+    kind: Annotated[str, typer.Option(help="auto (IVF above 5,000 vectors), flat or ivf.")] = "auto",
+    nlist: Annotated[int | None, typer.Option(help="IVF lists (default ~4 sqrt(n)).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Index directory (default: the user cache).")] = None,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+):
+    """Embed the Wikipedia lead extracts (all-MiniLM-L6-v2, CPU) and save a FAISS index."""
+    from stream2llm.retrievers import faiss_ann
+
+    try:
+        index = faiss_ann.build_wiki_index(docs, kind=kind, nlist=nlist, progress=True, console=console)
+        path = index.save(out or faiss_ann.default_index_dir())
+    except Exception as exc:
+        _fail(exc, debug)
+    _print_index_meta(index.meta, path)
+    if json_out:
+        json_out.write_text(json.dumps({"path": str(path), **vars(index.meta)}, indent=1))
+
+
+@index_app.command("info")
+def index_info(
+    path: Annotated[Path | None, typer.Argument(help="Index directory (default: the user cache).")] = None,
+    debug: DebugOpt = False,
+):
+    """What an index holds and how it was built."""
+    from stream2llm.retrievers import faiss_ann
+
+    path = path or faiss_ann.default_index_dir()
+    try:
+        meta = faiss_ann.read_meta(path)
+    except Exception as exc:
+        _fail(exc, debug)
+    _print_index_meta(meta, path)
+
+
+def _print_index_meta(meta, path: Path) -> None:
+    table = Table("field", "value", title=f"index at {path}")
+    for key, value in vars(meta).items():
+        table.add_row(key, str(value))
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry point
