@@ -86,6 +86,7 @@ class CrawlConfig:
     allow_private: bool = False  # allow private/loopback/link-local hosts (local sites, tests)
     same_domain: bool = True  # follow links only within the seeds' domains
     stop_grace: float = 1.0  # seconds a closed stream waits for in-flight requests before leaving them
+    search_timeout: float = 10.0  # seconds the search hook may take
     user_agent: str = "stream2llm-crawler/0.1"
     log_level: int | str = logging.ERROR  # scrapy's loggers; raise to INFO/DEBUG to watch it work
     settings: Mapping[str, Any] = field(default_factory=dict)  # extra scrapy settings, applied last
@@ -103,7 +104,11 @@ class CrawlConfig:
         for name in ("max_depth", "retries", "download_delay", "stop_grace"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CrawlConfig.{name} must not be negative, got {getattr(self, name)}")
-        if self.download_timeout <= 0 or (self.crawl_timeout is not None and self.crawl_timeout <= 0):
+        if (
+            self.download_timeout <= 0
+            or self.search_timeout <= 0
+            or (self.crawl_timeout is not None and self.crawl_timeout <= 0)
+        ):
             raise ValueError("CrawlConfig timeouts must be positive")
 
     def scrapy_settings(self) -> dict[str, Any]:
@@ -117,6 +122,8 @@ class CrawlConfig:
             "DOWNLOAD_WARNSIZE": 0,
             "DOWNLOAD_DELAY": self.download_delay,
             "AUTOTHROTTLE_ENABLED": self.autothrottle,
+            "AUTOTHROTTLE_START_DELAY": max(self.download_delay, 0.5),  # scrapy's default is 5 s
+            "AUTOTHROTTLE_MAX_DELAY": max(self.download_timeout, self.download_delay),
             "CONCURRENT_REQUESTS": self.concurrency,
             "CONCURRENT_REQUESTS_PER_DOMAIN": self.concurrency_per_domain,
             "RETRY_ENABLED": self.retries > 0,
@@ -168,7 +175,12 @@ class CrawlRetriever:
     async def _seed_urls(self, query: str) -> list[str]:
         seeds = list(self.seeds)
         if self.search is not None:
-            seeds += list(await self.search(query))
+            try:
+                seeds += list(await asyncio.wait_for(self.search(query), self.config.search_timeout))
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"the search hook gave no seeds within {self.config.search_timeout} s"
+                ) from None
         seeds = list(dict.fromkeys(urldefrag(s.strip())[0] for s in seeds if s and s.strip()))
         if not seeds:
             raise ValueError("the crawl has no seed URL: give seeds or a search hook that returns some")
@@ -352,6 +364,8 @@ class AddressGuardMiddleware:
 
     def process_response(self, request: Any, response: Any) -> Any:
         ip = getattr(response, "ip_address", None)
+        if request.meta.get("proxy"):  # the peer is the proxy; the target host was checked before
+            return response
         if not self.allow_private and ip is not None and (reason := blocked_reason(ip)):
             from scrapy.exceptions import IgnoreRequest
 

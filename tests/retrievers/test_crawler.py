@@ -26,6 +26,7 @@ from stream2llm.retrievers.crawler import (
     CrawlRetriever,
     blocked_reason,
     check_url,
+    extract_page,
     link_score,
     query_terms,
 )
@@ -194,6 +195,8 @@ async def test_slow_page_and_dead_links_stall_nothing(site):
     timed, t_end = await _collect(retriever)
     paths = [_path(site, e) for _, e in timed[:-1]]
     assert "start.html" in paths and set(START_LINKS) - {"ref/rect.html"} <= set(paths)
+    start = next(e for _, e in timed if _path(site, e) == "start.html")
+    assert "Start here" in start.text and "Site navigation" not in start.text and "Footer" not in start.text
     # every good page arrived before the slow one timed out; the crawl ended at that timeout
     assert all(t < TIMEOUT_S for t, _ in timed[:-1]), [round(t, 2) for t, _ in timed]
     assert TIMEOUT_S - 0.1 < t_end < TIMEOUT_S + 1.5, t_end
@@ -302,6 +305,13 @@ async def test_search_hook_gives_the_seeds(site):
     with pytest.raises(ValueError, match="no seed URL"):
         await anext(CrawlRetriever(config=_config()).stream("q"))
 
+    async def stuck(query: str) -> list[str]:
+        await asyncio.sleep(10)
+        return []
+
+    with pytest.raises(TimeoutError, match="search hook"):
+        await anext(CrawlRetriever(search=stuck, config=_config(search_timeout=0.1)).stream("q"))
+
 
 # ---------------------------------------------------------------------------------------------------
 # SSRF guard
@@ -371,6 +381,23 @@ async def test_guard_middleware_checks_requests_and_peers():
     with pytest.raises(IgnoreRequest, match=r"served from 10\.0\.0\.5"):
         guard.process_response(Request("http://8.8.8.8/"), served)
     assert AddressGuardMiddleware(allow_private=True).process_response(Request("http://x/"), served) is served
+
+
+def test_generic_page_keeps_main_text_only():
+    from scrapy.http import HtmlResponse
+
+    html = (
+        "<html><head><title> A  page </title><style>p {color: red}</style></head><body>"
+        "<header>Site header</header><nav><a href='/'>Home</a></nav>"
+        "<div><h2>Heading</h2><p>First <b>bold</b> paragraph.</p><script>var x = 1;</script>"
+        "<pre>def f():\n    return 1</pre><p>Second paragraph.</p></div>"
+        "<aside>Related links</aside><footer>Copyright</footer></body></html>"
+    )
+    page = extract_page(HtmlResponse("http://example.org/a", body=html.encode(), encoding="utf-8"))
+    assert page.title == "A page"
+    assert page.text == (
+        "A page\n\nHeading\n\nFirst bold paragraph.\n\ndef f():\n    return 1\n\nSecond paragraph.\n\n"
+    )
 
 
 def test_query_terms_and_link_score():
