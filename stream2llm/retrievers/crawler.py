@@ -66,6 +66,12 @@ _BACKGROUND: set[asyncio.Task[Any]] = set()  # stops still finishing after their
 class BlockedURL(StreamError):
     """A URL's host resolves to an address the crawler may not contact (SSRF guard)."""
 
+    def __init__(self, url: str, reason: str) -> None:
+        self.url, self.reason = url, reason
+        super().__init__(
+            f"refusing to crawl {url}: {reason} (pass allow_private=True to crawl local or private hosts)"
+        )
+
 
 @dataclass(frozen=True)
 class CrawlConfig:
@@ -348,29 +354,36 @@ class AddressGuardMiddleware:
         return cls(crawler.settings.getbool("STREAM2LLM_ALLOW_PRIVATE"))
 
     async def process_request(self, request: Any) -> None:
-        if self.allow_private:
-            return
-        from scrapy.exceptions import IgnoreRequest
+        if not self.allow_private and (why := await self.host_refusal(request.url)):
+            from scrapy.exceptions import IgnoreRequest
 
-        host = urlsplit(request.url).hostname or ""
-        if host not in self._verdicts:
-            try:
-                await check_url(request.url, allow_private=False)
-                self._verdicts[host] = None
-            except (BlockedURL, ValueError) as e:
-                self._verdicts[host] = str(e)
-        if self._verdicts[host]:
-            raise IgnoreRequest(self._verdicts[host])
+            raise IgnoreRequest(f"refusing to crawl {request.url}: {why}")
 
     def process_response(self, request: Any, response: Any) -> Any:
-        ip = getattr(response, "ip_address", None)
-        if request.meta.get("proxy"):  # the peer is the proxy; the target host was checked before
+        if self.allow_private or request.meta.get("proxy"):  # behind a proxy the peer is the proxy
             return response
-        if not self.allow_private and ip is not None and (reason := blocked_reason(ip)):
+        ip = getattr(response, "ip_address", None)
+        if ip is not None and (reason := self.peer_refusal(ip)):
             from scrapy.exceptions import IgnoreRequest
 
             raise IgnoreRequest(f"{request.url} was served from {ip}, a {reason} address")
         return response
+
+    async def host_refusal(self, url: str) -> str | None:
+        """Why ``url``'s host may not be contacted, or None; resolved once per host and crawl."""
+        host = urlsplit(url).hostname or ""
+        if host not in self._verdicts:
+            try:
+                await check_url(url, allow_private=False)
+                self._verdicts[host] = None
+            except BlockedURL as e:
+                self._verdicts[host] = e.reason
+            except ValueError as e:
+                self._verdicts[host] = str(e)
+        return self._verdicts[host]
+
+    def peer_refusal(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        return blocked_reason(ip)
 
 
 def blocked_reason(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -403,10 +416,7 @@ async def check_url(url: str, *, allow_private: bool = False) -> list[str]:
     if not allow_private:
         for address in addresses:
             if reason := blocked_reason(address):
-                raise BlockedURL(
-                    f"refusing to crawl {url}: {parts.hostname} resolves to {address}, a {reason} address "
-                    "(pass allow_private=True to crawl local or private hosts)"
-                )
+                raise BlockedURL(url, f"{parts.hostname} resolves to {address}, a {reason} address")
     return addresses
 
 
