@@ -48,8 +48,8 @@ _STOPWORDS = frozenset(
 )
 # Chrome and layout that is never page content, dropped before reading the text.
 _DROP_TAGS = ("script", "style", "noscript", "template", "svg", "nav", "header", "footer", "aside", "form")
-_DROP_XPATH = (
-    "//*[@role='navigation' or @role='banner' or @role='contentinfo' or @role='search'"
+_DROP_XPATH = (  # relative to the main element
+    ".//*[@role='navigation' or @role='banner' or @role='contentinfo' or @role='search'"
     " or contains(concat(' ', normalize-space(@class), ' '), ' headerlink ')"
     " or contains(concat(' ', normalize-space(@class), ' '), ' sphinxsidebar ')]"
 )
@@ -172,8 +172,9 @@ class CrawlRetriever:
         crawl = _Crawl(self.config, seeds, query_terms(query))
         await crawl.start()
         try:
-            async for page in crawl.pages():
-                yield events.append(page.text, source=page.url)
+            async with contextlib.aclosing(crawl.pages()) as pages:
+                async for page in pages:
+                    yield events.append(page.text, source=page.url)
             yield events.end()  # before the stop: in-flight requests must not delay the final event
         finally:
             await crawl.stop()
@@ -442,9 +443,7 @@ def extract_page(response: Any) -> Page:
     root = response.selector.root
     title = " ".join("".join(root.xpath("//title//text()")).split()) or urlsplit(response.url).path
     main = next((found[0] for xp in _MAIN_XPATHS if (found := root.xpath(xp))), root)
-    skip = set(
-        main.xpath(_DROP_XPATH.replace("//", ".//", 1) + "|" + "|".join(f".//{t}" for t in _DROP_TAGS))
-    )
+    skip = set(main.xpath(_DROP_XPATH + "|" + "|".join(f".//{t}" for t in _DROP_TAGS)))
     body = _block_text(main, skip)
     return Page(url=response.url, title=title, text=f"{title}\n\n{body}\n\n", n_bytes=len(response.body))
 
