@@ -22,6 +22,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]  # an @web.middleware
 
 PYGAME_DOCS_SUBDIR = Path("docs") / "generated"
+START_PAGE = "index.html"  # the docs' front page: the seed when no URL is given (base_url + START_PAGE)
 
 
 def pygame_docs_dir() -> Path:
