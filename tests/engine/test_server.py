@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 
@@ -363,6 +364,22 @@ async def test_client_leaving_an_openai_stream_aborts_it_and_frees_kv(server, op
     assert "result" not in state
 
 
+async def test_client_leaving_a_non_streamed_completion_aborts_it(server, engine):
+    _, http, model = server
+    body = {"model": model, "prompt": corpus_text(800, seed=31), "max_tokens": 3000, "ignore_eos": True}
+    request = asyncio.create_task(http.post("/v1/completions", json=body))
+    assert await wait_until(lambda: bool(engine.open_sessions()))
+    await asyncio.sleep(0.2)  # generating now
+    (sid,) = [s.request_id for s in engine.open_sessions()]
+    request.cancel()  # the client gives up: its connection closes
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+
+    assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
+    async with http.get(f"/v1/sessions/{sid}") as r:
+        assert (await r.json())["state"] == "aborted"
+
+
 # -- operations -----------------------------------------------------------------------------------------
 
 
@@ -439,3 +456,41 @@ def test_serve_command_wires_options_into_engine_and_server(monkeypatch):
     config, settings = seen["config"], seen["settings"]
     assert (config.model, config.kv_cache_bytes, config.max_model_len) == ("tiny", 512 << 20, 2048)
     assert (settings.port, settings.token, settings.max_sessions) == (9999, "t", 3)
+
+
+async def test_serve_runs_the_app_until_cancelled_then_shuts_the_engine_down(engine, monkeypatch):
+    from stream2llm.serving import engine as engine_mod
+    from stream2llm.serving.server import serve
+
+    class Borrowed:  # the shared engine, with a shutdown that only records the call
+        shut_down = False
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        async def shutdown(self):
+            Borrowed.shut_down = True
+
+    async def start(config):
+        assert config.model == "tiny"
+        return Borrowed()
+
+    monkeypatch.setattr(engine_mod.StreamingEngine, "start", staticmethod(start))
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    settings = ServerSettings(port=0, token="s3cret")
+    task = asyncio.create_task(
+        serve(engine_mod.EngineConfig(model="tiny"), settings, on_ready=ready.set_result)
+    )
+    url = await asyncio.wait_for(ready, 10)
+    async with aiohttp.ClientSession(url) as http:
+        async with http.get("/health") as r:
+            assert (await r.json())["model"] == engine.model.name
+        async with http.get("/v1/models") as r:
+            assert r.status == 401
+    task.cancel()  # what Ctrl-C does under asyncio.run
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert Borrowed.shut_down
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession(url) as http, http.get("/health"):
+            pass
