@@ -336,9 +336,9 @@ async def test_loopback_seed_is_refused_without_allow_private(site):
     with pytest.raises(ValueError, match="not an http"):
         await anext(CrawlRetriever(["file:///etc/passwd"]).stream("q"))
     # accepted with allow_private
-    event = await anext(
-        CrawlRetriever([url], config=CrawlConfig(allow_private=True, max_pages=1)).stream("q")
-    )
+    stream = CrawlRetriever([url], config=CrawlConfig(allow_private=True, max_pages=1)).stream("q")
+    event = await anext(stream)
+    await stream.aclose()
     assert event.sources == (url,)
 
 
