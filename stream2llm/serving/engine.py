@@ -261,6 +261,20 @@ def _engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str)
     return AsyncEngineArgs(**kwargs)
 
 
+def merge_chunks(
+    held: tuple[str, list[int], bool] | None, new: tuple[str, list[int], bool]
+) -> tuple[str, list[int], bool]:
+    """One chunk with the effect of two: an update carries the whole new prompt, so it replaces
+    whatever was held; an append extends what was held (an update's prompt or an append's tail)."""
+    if held is None:
+        return new
+    op, ids, _ = held
+    new_op, new_ids, final = new
+    if new_op == "update":
+        return new
+    return op, ids + new_ids, final
+
+
 def _tokens_prompt(ids: Sequence[int], cache_salt: str | None) -> dict[str, Any]:
     prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}  # a copy: vLLM extends lists in place
     if cache_salt is not None:
@@ -305,6 +319,9 @@ class Session:
         self._attempt = 0
         self._internal_id: str | None = None  # vLLM's request id (changes when vllm mode resubmits)
         self._chunks_before = 0  # chunks sent before the current vLLM request started
+        self._chunks_done = 0  # chunks of the current vLLM request whose prefill has finished
+        self._held: tuple[str, list[int], bool] | None = None  # waits for the chunk in flight
+        self._final_sent = False
         self._next_seq = 0
         self._state: Literal["open", "finished", "aborted", "failed"] = "open"
         self._t_open = time.monotonic()
@@ -460,12 +477,33 @@ class Session:
         return params
 
     def _put_chunk(self, ids: list[int], op: str, final: bool) -> None:
+        """Hand a chunk to the engine, or hold it while the previous one is still in flight.
+
+        vLLM takes one queued chunk per round (prefill, sample, park, resume), and its scheduler
+        only sees the chunk at the head: a backlog of k chunks costs k rounds and hides the final
+        one (and so the session's place in the ranking). Held chunks are merged and sent as one
+        as soon as the chunk in flight is done. Stock ``vllm`` mode keeps vLLM's behaviour."""
+        if self.mode == "stream" and self._in_flight():
+            self._held = merge_chunks(self._held, (op, ids, final))
+            return
+        self._hand_over(ids, op, final)
+
+    def _in_flight(self) -> bool:
+        return len(self._chunks) - self._chunks_before > self._chunks_done
+
+    def _release_held(self) -> None:
+        if self._held is not None and not self._in_flight():
+            (op, ids, final), self._held = self._held, None
+            self._hand_over(ids, op, final)
+
+    def _hand_over(self, ids: list[int], op: str, final: bool) -> None:
         from vllm.engine.protocol import StreamingInput
 
         prompt = _tokens_prompt(ids, self._cache_salt)
         self._inputs.put_nowait(StreamingInput(prompt, self._chunk_params(op, final)))
         self._chunks.append(ChunkTiming(sent=time.monotonic(), tokens=len(ids)))
         if final:
+            self._final_sent = True
             self._inputs.put_nowait(None)
 
     def _launch(self, ids: list[int], as_stream: bool, final: bool = True) -> None:
@@ -475,12 +513,14 @@ class Session:
         if as_stream:
             self._inputs = asyncio.Queue()
             self._chunks_before = len(self._chunks)
+            self._chunks_done, self._held = 0, None
             self._put_chunk(ids, "append", final)
             prompt: Any = self._input_stream(self._inputs)
         else:
             self._chunks.append(ChunkTiming(sent=time.monotonic(), tokens=len(ids)))
             prompt = _tokens_prompt(ids, self._cache_salt)
             self._chunks_before = len(self._chunks) - 1
+            self._final_sent = True
         self._sent = list(ids)
         self._runner = asyncio.get_running_loop().create_task(self._run(prompt, internal_id))
 
@@ -512,10 +552,13 @@ class Session:
     def _on_output(self, out: Any) -> None:
         now = time.monotonic()
         ids = list(out.outputs[0].token_ids)
-        n_throwaway = len(self._chunks) - 1 - self._chunks_before if self._t_final is not None else None
+        n_throwaway = len(self._chunks) - 1 - self._chunks_before if self._final_sent else None
         for i, chunk in enumerate(self._chunks[self._chunks_before :]):
             if i < len(ids) and chunk.done is None:
                 chunk.done = now
+        if n_throwaway is None:
+            self._chunks_done = max(self._chunks_done, min(len(ids), len(self._chunks) - self._chunks_before))
+            self._release_held()
         if n_throwaway is None or len(ids) <= n_throwaway:
             return
         real = ids[n_throwaway:]
