@@ -95,6 +95,7 @@ async def run_bench_command(
     console: Console,
     max_batched_tokens: int = 2048,
     deadline: float | None = None,
+    max_num_seqs: int = 256,
 ) -> dict[str, Any]:
     unknown = [p for p in policies if p not in KNOWN_POLICIES]
     if unknown:
@@ -110,6 +111,7 @@ async def run_bench_command(
         max_model_len=max_model_len,
         kv_cache_bytes=parse_bytes(kv_budget, 2 << 30),
         max_num_batched_tokens=max_batched_tokens,
+        max_num_seqs=max_num_seqs,
     )
     with console.status(f"starting the engine ({model}) ..."):
         engine = await StreamingEngine.start(config)

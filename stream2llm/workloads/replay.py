@@ -252,6 +252,7 @@ async def run_bench(
             "max_model_len": engine.config.max_model_len,
             "kv_cache_bytes": engine.config.kv_cache_bytes,
             "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+            "max_num_seqs": engine.config.max_num_seqs,
         },
         "options": vars(options) | {"requests": len(requests)},
         "lower_bound_profile": {"tokens": lower_bound.sizes, "seconds": lower_bound.seconds},
