@@ -740,6 +740,8 @@ async def _openai_session(
     max_tokens: int,
 ) -> _Entry:
     _check_model(server, body.model)
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options needs stream: true", code="invalid_value", param="stream_options")
     sampling = _sampling(
         server.engine,
         temperature=body.temperature,

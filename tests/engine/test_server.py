@@ -267,6 +267,9 @@ async def test_bad_requests_get_4xx_json_and_a_concurrent_session_completes(serv
         await expect_error(r, 400, "last message")
     async with http.post("/v1/completions", json={"model": model, "prompt": "x", "temperature": "hot"}) as r:
         await expect_error(r, 400, "temperature")
+    no_stream = {"model": model, "prompt": "x", "stream_options": {"include_usage": True}}
+    async with http.post("/v1/completions", json=no_stream) as r:
+        assert (await expect_error(r, 400, "stream: true"))["param"] == "stream_options"
 
     async with aiohttp.ClientSession(url) as anonymous:
         async with anonymous.post(post, json={"question": "q"}) as r:
