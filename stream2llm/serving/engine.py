@@ -156,6 +156,7 @@ class StreamingEngine:
             raise StreamError(f"a session with id {request_id!r} is already open")
         sampling = sampling if sampling is not None else _vllm().SamplingParams(temperature=0, max_tokens=64)
         _check_sampling(sampling)
+        sampling = self.with_eos_stop(sampling)
         max_prompt = self.config.max_model_len - (sampling.max_tokens or 0)
         builder = PromptBuilder(
             self.tokenizer,
@@ -167,8 +168,22 @@ class StreamingEngine:
         session = Session(self, request_id, builder, sampling, mode, cache_salt, policy or self.config.policy)
         self._sessions[request_id] = session
         self._ensure_reaper()
-        await session._start()
+        try:
+            await session._start()
+        except BaseException:
+            self._sessions.pop(request_id, None)  # a session that failed to open holds no slot
+            raise
         return session
+
+    def with_eos_stop(self, sampling: Any) -> Any:
+        """vLLM runs without its tokenizer here, so it does not know the end-of-sequence token:
+        name it (unless ``ignore_eos``), or generation only stops at ``max_tokens``."""
+        eos = [t for t in self.model.eos_token_ids if t not in (sampling.stop_token_ids or ())]
+        if sampling.ignore_eos or not eos:
+            return sampling
+        sampling = sampling.clone()
+        sampling.stop_token_ids = [*(sampling.stop_token_ids or ()), *eos]
+        return sampling
 
     def _ensure_reaper(self) -> None:
         if self.config.session_ttl_s and (self._reaper is None or self._reaper.done()):
@@ -206,6 +221,7 @@ class StreamingEngine:
     ) -> list[int]:
         """One plain request on given token ids (the one-shot reference)."""
         request_id = f"s2l-oneshot-{uuid.uuid4().hex[:12]}"
+        sampling = self.with_eos_stop(sampling)
         prompt = _tokens_prompt(prompt_ids, None if use_prefix_cache else uuid.uuid4().hex)
         final = None
         async for out in self._llm.generate(prompt, sampling, request_id=request_id):

@@ -275,14 +275,12 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
 
 
-def _sampling(engine: StreamingEngine, **kwargs: Any) -> Any:
-    """vLLM's SamplingParams; its own validation errors become 400s. The engine runs without vLLM's
-    tokenizer, so vLLM does not know the end-of-sequence token: name it, or generation never stops."""
+def _sampling(**kwargs: Any) -> Any:
+    """vLLM's SamplingParams; its own validation errors become 400s (the engine adds the model's
+    end-of-sequence ids to every request)."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
 
-    if not kwargs.get("ignore_eos") and engine.model.eos_token_ids:
-        kwargs["stop_token_ids"] = list(engine.model.eos_token_ids)
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError, VLLMClientError) as exc:
@@ -622,7 +620,6 @@ async def open_session(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     body = await read_json(request, OpenSessionBody)
     sampling = _sampling(
-        server.engine,
         temperature=body.temperature,
         top_p=body.top_p,
         max_tokens=body.max_tokens,
@@ -743,7 +740,6 @@ async def _openai_session(
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options needs stream: true", code="invalid_value", param="stream_options")
     sampling = _sampling(
-        server.engine,
         temperature=body.temperature,
         top_p=body.top_p,
         max_tokens=max_tokens,

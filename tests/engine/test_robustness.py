@@ -165,3 +165,27 @@ async def test_a_session_whose_next_chunk_never_comes_expires_and_frees_its_kv(e
         engine.config.session_ttl_s = ttl
     stats = await wait_for_idle(engine)
     assert (stats.parked, stats.kv_usage) == (0, 0.0)
+
+
+async def test_a_session_that_cannot_open_holds_no_slot(engine):
+    """max_tokens leaves no room for even the instructions: open() fails and nothing lingers."""
+    from vllm import SamplingParams
+
+    before = len(engine.open_sessions())
+    too_long = SamplingParams(temperature=0, max_tokens=engine.config.max_model_len - 4)
+    with pytest.raises(ContextTooLong):
+        await engine.open("a question whose prompt cannot fit", too_long)
+    assert len(engine.open_sessions()) == before
+
+
+def test_requests_stop_at_the_models_end_of_sequence_unless_told_not_to(engine):
+    """vLLM runs without its tokenizer here and would not stop at EOS on its own."""
+    from vllm import SamplingParams
+
+    eos = list(engine.model.eos_token_ids)
+    assert eos
+    assert engine.with_eos_stop(SamplingParams(max_tokens=4)).stop_token_ids == eos
+    assert not engine.with_eos_stop(SamplingParams(max_tokens=4, ignore_eos=True)).stop_token_ids
+    mine = SamplingParams(max_tokens=4, stop_token_ids=[7])
+    assert engine.with_eos_stop(mine).stop_token_ids == [7, *eos]
+    assert mine.stop_token_ids == [7]  # the caller's params are not changed

@@ -497,12 +497,3 @@ async def test_serve_runs_the_app_until_cancelled_then_shuts_the_engine_down(eng
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession(url) as http, http.get("/health"):
             pass
-
-
-def test_requests_stop_at_the_models_end_of_sequence_unless_told_not_to(engine):
-    """vLLM runs without a tokenizer here and would not stop at EOS on its own."""
-    from stream2llm.serving.server import _sampling
-
-    assert engine.model.eos_token_ids
-    assert _sampling(engine, max_tokens=4).stop_token_ids == list(engine.model.eos_token_ids)
-    assert not _sampling(engine, max_tokens=4, ignore_eos=True).stop_token_ids
