@@ -1,7 +1,7 @@
 """Does the simulator, with the measured CPU profile, predict a measured bench run?
 
     .venv/bin/python benchmarks/sim_validation.py \
-        benchmarks/results/bench-crawler-tiny-qps4-step2048/results.json TRACE --limit 120 \
+        benchmarks/results/bench-crawler-tiny-qps4/results.json TRACE --limit 120 \
         --out benchmarks/results/sim-validation-cpu.json
 The trace is the one the bench replayed (`stream2llm synth --workload crawler --n 300 --seed 42`).
 """
@@ -9,6 +9,7 @@ The trace is the one the bench replayed (`stream2llm synth --workload crawler --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,7 +27,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     measured = json.loads(args.measured.read_text())
     requests = read_trace(args.trace)[: args.limit]
-    sim = Simulator(CostProfile.load(args.profile), block_size=128)
+    # the engine's step budget is a bench option (--max-batched-tokens); the model must use the same
+    profile = dataclasses.replace(
+        CostProfile.load(args.profile), max_num_batched_tokens=measured["engine"]["max_num_batched_tokens"]
+    )
+    sim = Simulator(profile, block_size=128)
     rows = []
     for run in measured["runs"]:
         predicted = sim.run(

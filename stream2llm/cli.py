@@ -24,6 +24,32 @@ console = Console()
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="tiny, gemma-270m or a local HF directory.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+RetrieverOpt = Annotated[
+    str, typer.Option("--retriever", "-r", help="ann, crawl, or both comma-separated (ann,crawl).")
+]
+SeedOpt = Annotated[
+    list[str] | None,
+    typer.Option("--seed-url", help="Crawl from this URL (repeatable); default: the local site."),
+]
+AllowPrivateOpt = Annotated[
+    bool, typer.Option("--allow-private", help="Let the crawler reach private/loopback addresses.")
+]
+MaxPagesOpt = Annotated[int, typer.Option(help="Pages a crawl emits at most.")]
+IndexDocsOpt = Annotated[
+    int | None, typer.Option(help="Build/use a small ANN index of N articles (default: all 10,033).")
+]
+
+
+def _source_options(seed_url, allow_private, max_pages, index_docs, **extra):
+    from stream2llm.pipelines.sources import SourceOptions
+
+    return SourceOptions(
+        seed_urls=tuple(seed_url or ()),
+        allow_private=allow_private,
+        max_pages=max_pages,
+        index_docs=index_docs,
+        **extra,
+    )
 
 
 def _run(coro):
@@ -71,18 +97,23 @@ def model_list():
 @app.command()
 def demo(
     model: ModelOpt = models.DEFAULT_MODEL,
-    chunks: Annotated[int, typer.Option(help="Pieces the context arrives in.")] = 4,
-    gap: Annotated[float, typer.Option(help="Seconds between pieces (retrieval time).")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 48,
+    questions: Annotated[int, typer.Option(help="Demo questions to answer (crawl and ANN alternate).")] = 4,
+    max_pages: MaxPagesOpt = 8,
+    index_docs: IndexDocsOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 48,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Stream retrieved context into the model while it "arrives", then answer; compare TTFT with
-    sending the whole prompt after retrieval (non-streaming) on the same engine."""
+    """Answer real questions with streamed retrieval (a crawl of the local pygame docs, progressive
+    ANN search over Wikipedia), showing context arriving and tokens streaming, and compare TTFT with
+    sending the same context after retrieval (non-streaming) on the same engine."""
     from stream2llm.pipelines.demo import run_demo
 
+    options = _source_options(None, False, max_pages, index_docs, min_stage_s=0.25)
     try:
-        report = _run(run_demo(model, chunks=chunks, gap_s=gap, max_tokens=max_tokens, console=console))
+        report = _run(
+            run_demo(model, questions=questions, options=options, max_tokens=max_tokens, console=console)
+        )
     except Exception as exc:
         _fail(exc, debug)
     if json_out:
@@ -272,34 +303,6 @@ def serve(
         console.print("stopped")
     except Exception as exc:
         _fail(exc, debug)
-
-
-RetrieverOpt = Annotated[
-    str, typer.Option("--retriever", "-r", help="ann, crawl, or both comma-separated (ann,crawl).")
-]
-SeedOpt = Annotated[
-    list[str] | None,
-    typer.Option("--seed-url", help="Crawl from this URL (repeatable); default: the local site."),
-]
-AllowPrivateOpt = Annotated[
-    bool, typer.Option("--allow-private", help="Let the crawler reach private/loopback addresses.")
-]
-MaxPagesOpt = Annotated[int, typer.Option(help="Pages a crawl emits at most.")]
-IndexDocsOpt = Annotated[
-    int | None, typer.Option(help="Build/use a small ANN index of N articles (default: all 10,033).")
-]
-
-
-def _source_options(seed_url, allow_private, max_pages, index_docs, **extra):
-    from stream2llm.pipelines.sources import SourceOptions
-
-    return SourceOptions(
-        seed_urls=tuple(seed_url or ()),
-        allow_private=allow_private,
-        max_pages=max_pages,
-        index_docs=index_docs,
-        **extra,
-    )
 
 
 @app.command()

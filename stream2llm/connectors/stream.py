@@ -140,7 +140,7 @@ class ContextAssembler:
 
     def _replace(self, section: _Section, event: ContextEvent) -> None:
         sources = dict(zip(event.docs, event.sources or [""] * len(event.docs)))
-        section.docs = self._layout(section.docs, event.docs)
+        section.docs = self._layout(section.docs, list(sources))  # a repeated document counts once
         section.sources = [sources.get(doc, "") for doc in section.docs]
 
     def finish(self, retriever: str) -> None:

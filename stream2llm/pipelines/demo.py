@@ -1,102 +1,178 @@
-"""The README's main job until the retriever demo lands: stream context into the default model while
-it "arrives" and compare the time to first token with sending everything after retrieval."""
+"""``stream2llm demo``, the README's main job: real retrieval streamed into the model while it runs.
+
+On first use it prepares the default model, the Wikipedia ANN index and the local crawl site (the
+pygame docs on loopback); later runs reuse the caches. Each question streams its retriever's context
+events into a session while retrieval goes on (live display), then the same final context is sent
+the non-streaming way on the same engine, and the two TTFTs are compared.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
-import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
-from stream2llm.serving.engine import EngineConfig, Session, StreamingEngine
-
-QUESTION = "What does the with statement do, and what happens when an exception is raised inside it?"
-TOPICS = ("with", "context-managers", "exceptions")
-
-
-def demo_context() -> list[str]:
-    """Real documentation text shipped with Python (its help topics), one piece per "page"."""
-    from pydoc_data.topics import topics
-
-    return [topics[name].strip() + "\n\n" for name in TOPICS]
+from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
+from stream2llm.pipelines.show import describe_event
+from stream2llm.pipelines.sources import SourceOptions, open_retrievers
+from stream2llm.serving.engine import EngineConfig, StreamingEngine
 
 
-def _split(pages: list[str], chunks: int) -> list[str]:
-    text = "".join(pages)
-    size = -(-len(text) // chunks)
-    return [text[i : i + size] for i in range(0, len(text), size)]
+@dataclass(frozen=True)
+class DemoQuestion:
+    question: str
+    retriever: str  # which packaged retriever answers it
 
 
-async def _answer(session: Session, console: Console, label: str) -> Any:
-    console.print(f"[bold]{label} answer:[/bold] ", end="")
-    async for delta in session.stream():
-        console.print(delta, end="", highlight=False, markup=False)
-    console.print()
+QUESTIONS = (
+    DemoQuestion("How do I draw a rectangle on a surface?", "crawl"),
+    DemoQuestion("Who was Marie Curie and what did she discover?", "ann"),
+    DemoQuestion("How can I play a sound in pygame?", "crawl"),
+    DemoQuestion("Why do volcanoes erupt?", "ann"),
+)
+
+
+class _LiveView:
+    """The question being answered: the latest context events and the answer as it streams."""
+
+    def __init__(self, question: DemoQuestion) -> None:
+        self.question = question
+        self.events: deque[str] = deque(maxlen=8)
+        self.answer = ""
+        self.status = "retrieving ..."
+
+    def render(self) -> Panel:
+        events = Text.from_markup("\n".join(self.events) or "[dim]waiting for the first context[/dim]")
+        answer = Text(self.answer or "", style="bold")
+        body = Group(events, Text(""), Text.assemble(("answer: ", "green"), answer))
+        title = f"[{self.question.retriever}] {self.question.question}"
+        return Panel(body, title=title, subtitle=self.status, title_align="left")
+
+
+async def _streamed(pipeline: RagPipeline, question: DemoQuestion, live: Live, view: _LiveView) -> RagAnswer:
+    answer = None
+    async for item in pipeline.events(question.question):
+        if isinstance(item, ContextArrived):
+            view.events.append(describe_event(item))
+            if item.final:
+                view.status = "retrieval done, answering ..."
+        elif isinstance(item, TokenDelta):
+            view.answer += item.text
+        else:
+            answer = item
+        live.update(view.render())
+    assert answer is not None
+    return answer
+
+
+async def _nonstreamed(engine: StreamingEngine, question: str, context: str, sampling: Any) -> Any:
+    """The baseline: the same final context, sent whole once retrieval is over."""
+    session = await engine.open(question, sampling, mode="nonstream", truncate=True)
+    if context:
+        await session.update(context)
+    await session.finish()
     return await session.result()
 
 
-async def _run_mode(
-    engine: StreamingEngine, mode: str, pieces: list[str], gap_s: float, sampling: Any, console: Console
-) -> dict[str, Any]:
-    t0 = time.monotonic()
-    session = await engine.open(QUESTION, sampling, mode=mode, cache_salt=uuid.uuid4().hex)
-    for i, piece in enumerate(pieces):
-        await asyncio.sleep(gap_s)  # retrieval of the next piece
-        await session.append(piece)
-        console.print(f"  [dim]{mode}: piece {i + 1}/{len(pieces)} arrived ({len(piece)} chars)[/dim]")
-    await session.finish()
-    result = await _answer(session, console, mode)
+def _row(question: DemoQuestion, streamed: RagAnswer, baseline: Any) -> dict[str, Any]:
+    ttft_stream = streamed.timings["ttft_final_s"]
     return {
-        "mode": mode,
-        "ttft_final_s": result.ttft_final_s,
-        "ttft_query_s": result.ttft_open_s,
-        "wall_s": time.monotonic() - t0,
-        "prompt_tokens": len(result.prompt_token_ids),
-        "token_ids": result.token_ids,
-        "text": result.text,
+        "question": question.question,
+        "retriever": question.retriever,
+        "events": streamed.events,
+        "prompt_tokens": streamed.prompt_tokens,
+        "retrieval_s": streamed.timings["retrieval_s"],
+        "ttft_final_stream_s": ttft_stream,
+        "ttft_final_nonstream_s": baseline.ttft_final_s,
+        "ttft_query_stream_s": streamed.timings["ttft_query_s"],
+        "ttft_query_nonstream_s": streamed.timings["retrieval_s"] + baseline.ttft_final_s,
+        "speedup": baseline.ttft_final_s / max(ttft_stream, 1e-6),
+        "same_answer": streamed.text == baseline.text,
+        "answer": streamed.text,
+        "sources": streamed.sources,
+        "errors": streamed.errors,
     }
 
 
-async def run_demo(model: str, *, chunks: int, gap_s: float, max_tokens: int, console: Console) -> dict:
+def summary_table(rows: Sequence[dict[str, Any]]) -> Table:
+    table = Table(
+        "question",
+        "retriever",
+        "events",
+        "prompt tokens",
+        "retrieval",
+        "TTFT after retrieval: stream / nonstream",
+        "speed-up",
+        "same answer",
+        title="stream2llm demo: streamed prefill vs prefill after retrieval (same engine, same context)",
+    )
+    for r in rows:
+        table.add_row(
+            r["question"],
+            r["retriever"],
+            str(r["events"]),
+            f"{r['prompt_tokens']:,}",
+            f"{r['retrieval_s']:.2f} s",
+            f"{r['ttft_final_stream_s']:.3f} s / {r['ttft_final_nonstream_s']:.3f} s",
+            f"{r['speedup']:.1f}x",
+            "yes" if r["same_answer"] else "[red]no[/red]",
+        )
+    return table
+
+
+async def run_demo(
+    model: str,
+    *,
+    questions: int,
+    options: SourceOptions,
+    max_tokens: int,
+    console: Console,
+    engine: StreamingEngine | None = None,
+) -> dict[str, Any]:
+    """Answer ``questions`` of the demo questions; returns the summary as a dict (for --json)."""
     from vllm import SamplingParams
 
-    with console.status(f"preparing {model} and starting the engine (first run converts the model) ..."):
-        engine = await StreamingEngine.start(EngineConfig(model=model, max_model_len=8192))
+    from stream2llm.serving import models
+
+    chosen = [QUESTIONS[i % len(QUESTIONS)] for i in range(questions)]
     sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
-    pieces = _split(demo_context(), chunks)
-    console.print(f"[bold]Question:[/bold] {QUESTION}")
-    try:
-        runs = [
-            await _run_mode(engine, mode, pieces, gap_s, sampling, console)
-            for mode in ("stream", "nonstream")
-        ]
-    finally:
-        await engine.shutdown()
-    stream, nonstream = runs
-    table = Table(
-        "mode", "prompt tokens", "TTFT after last piece", "TTFT from question", title="stream2llm demo"
-    )
-    for run in runs:
-        table.add_row(
-            run["mode"],
-            str(run["prompt_tokens"]),
-            f"{run['ttft_final_s']:.3f} s",
-            f"{run['ttft_query_s']:.3f} s",
-        )
-    console.print(table)
-    speedup = nonstream["ttft_final_s"] / max(stream["ttft_final_s"], 1e-9)
-    same = stream["token_ids"] == nonstream["token_ids"]
-    console.print(
-        f"streaming cut TTFT after the last piece by [bold]{speedup:.1f}x[/bold]; "
-        f"answers identical: [bold]{same}[/bold]"
-    )
-    return {
-        "model": model,
-        "question": QUESTION,
-        "runs": runs,
-        "speedup_ttft_final": speedup,
-        "identical": same,
-    }
+    t0 = time.monotonic()
+    with console.status(f"preparing the model {model} (converted once on first use) ..."):
+        models.resolve(model)
+    async with open_retrievers(sorted({q.retriever for q in chosen}), options) as sources:
+        by_name = {s.name: s for s in sources}
+        owned = engine is None
+        if engine is None:
+            with console.status(f"starting the engine ({model}) ..."):
+                engine = await StreamingEngine.start(EngineConfig(model=model, max_model_len=8192))
+        console.print(f"ready in {time.monotonic() - t0:.1f} s")
+        try:
+            rows = []
+            for question in chosen:
+                view = _LiveView(question)
+                pipeline = RagPipeline(engine, [by_name[question.retriever]], sampling=sampling)
+                with Live(view.render(), console=console, refresh_per_second=12) as live:
+                    streamed = await _streamed(pipeline, question, live, view)
+                    view.status = "same context, sent after retrieval (nonstream) ..."
+                    live.update(view.render())
+                    baseline = await _nonstreamed(engine, question.question, streamed.context, sampling)
+                    row = _row(question, streamed, baseline)
+                    view.status = (
+                        f"TTFT after retrieval {row['ttft_final_stream_s']:.3f} s streamed vs "
+                        f"{row['ttft_final_nonstream_s']:.3f} s nonstream"
+                    )
+                    live.update(view.render())
+                rows.append(row)
+        finally:
+            if owned:
+                await engine.shutdown()
+    console.print(summary_table(rows))
+    return {"model": model, "questions": rows}

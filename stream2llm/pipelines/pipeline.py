@@ -53,6 +53,7 @@ class RagAnswer:
     tokens_recomputed: int = 0
     events: int = 0
     errors: list[str] = field(default_factory=list)
+    context: str = ""  # the context body the answer was generated from
 
 
 PipelineItem = ContextArrived | TokenDelta | RagAnswer
@@ -170,6 +171,7 @@ class _Run:
             tokens_recomputed=result.tokens_recomputed,
             events=self.events,
             errors=self.errors,
+            context=self.assembler.body,
         )
 
 
@@ -183,11 +185,7 @@ def _clipped(event: ContextEvent, max_chars: int) -> ContextEvent:
 
 
 def _default_layout() -> Layout:
-    """Surviving documents keep their place (LCP-aware) when the connector provides that layout."""
-    try:
-        from stream2llm.connectors.layout import stable_layout  # type: ignore[attr-defined]
-    except ImportError:
-        from stream2llm.connectors.stream import score_order
+    """Surviving documents keep their place, so an update invalidates as little KV as it can."""
+    from stream2llm.connectors.layout import stable_layout
 
-        return score_order
     return stable_layout
