@@ -202,3 +202,10 @@ def test_auto_switches_to_ivf_above_the_threshold():
     index = _make_index(vectors, "auto", None)
     assert index.nlist == default_nlist(len(vectors)) == len(vectors) // 39
     assert not hasattr(_make_index(vectors[:-1], "auto", None), "nlist")
+
+
+async def test_concurrent_streams_each_get_their_own_one_shot_answer(ann_index):
+    retriever = ProgressiveAnnRetriever(ann_index, k=5, nprobe=NPROBE, layout="score")
+    runs = await asyncio.gather(*(collect(retriever, q) for q in QUERIES))
+    for query, events in zip(QUERIES, runs):
+        assert list(events[-1].sources) == [h.doc.id for h in ann_index.search(query, 5, nprobe=NPROBE)]
