@@ -12,20 +12,25 @@ context arrivals are reported as ``on_custom_event`` "context" events before the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import Field, PrivateAttr
 
-from stream2llm.serving.background import EngineHandle, shared_engine
+from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
+from stream2llm.retrievers.base import StreamingRetriever
+from stream2llm.serving.background import EngineHandle, EngineRef, shared_engine
 from stream2llm.serving.engine import EngineConfig, StreamingEngine
 from stream2llm.serving.models import DEFAULT_MODEL
 
@@ -236,20 +241,13 @@ class ChatStream2LLM(BaseChatModel):
     sampling_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More vLLM SamplingParams fields (e.g. ``ignore_eos``, ``min_tokens``)."""
 
-    _loop: asyncio.AbstractEventLoop | None = PrivateAttr(default=None)
+    _ref: EngineRef | None = PrivateAttr(default=None)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
-        if isinstance(self.engine, EngineHandle):
-            self.model = self.engine.engine.model.name
-        elif self.engine is not None:
-            if not isinstance(self.engine, StreamingEngine):
-                raise TypeError(f"engine must be a StreamingEngine or EngineHandle, not {type(self.engine)}")
-            self.model = self.engine.model.name
-            try:  # an engine the caller started lives on the loop running now
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._loop = None
+        if self.engine is not None:
+            self._ref = EngineRef(self.engine)  # an engine the caller started: its loop is running now
+            self.model = self._ref.engine.model.name
 
     # -- LangChain's required surface --------------------------------------------------------
 
@@ -358,29 +356,14 @@ class ChatStream2LLM(BaseChatModel):
         except TypeError as exc:
             raise ValueError(f"ChatStream2LLM: invalid engine_config: {exc}") from exc
 
-    def _user_handle(self) -> EngineHandle | None:
-        if isinstance(self.engine, EngineHandle):
-            return self.engine
-        if self.engine is None:
-            return None
-        if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()  # first async call: the engine's loop
-            except RuntimeError:
-                raise RuntimeError(
-                    "ChatStream2LLM(engine=...) does not know the engine's event loop: create it inside "
-                    "that loop (or pass an EngineHandle), or make an async call first"
-                ) from None
-        return EngineHandle(self.engine, self._loop)
-
     def _handle_sync(self) -> EngineHandle:
-        return self._user_handle() or shared_engine(self._engine_config())
+        return self._ref.handle() if self._ref else shared_engine(self._engine_config())
 
     async def _handle_async(self) -> EngineHandle:
-        handle = self._user_handle()
-        if handle is None:  # starting blocks for ~20 s the first time: not on the caller's loop
-            handle = await asyncio.to_thread(shared_engine, self._engine_config())
-        return handle
+        if self._ref:
+            return self._ref.handle()
+        # Starting takes ~20 s the first time: not on the caller's loop.
+        return await asyncio.to_thread(shared_engine, self._engine_config())
 
     def _metadata(self, outcome: ChatOutcome) -> tuple[UsageMetadata, dict[str, Any]]:
         usage = UsageMetadata(
@@ -416,3 +399,138 @@ class ChatStream2LLM(BaseChatModel):
         usage, meta = self._metadata(item)
         last = AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last")
         return ChatGenerationChunk(message=last, generation_info={"finish_reason": item.finish_reason})
+
+
+# -- the streaming RAG Runnable --------------------------------------------------------------------
+
+RagInput = str | dict[str, Any]
+
+
+class StreamingRAG(Runnable[RagInput, str]):
+    """The RAG pipeline as a LangChain Runnable: question in, answer tokens out, as they come.
+
+    Input: a question string or ``{"question": ...}``. ``astream``/``stream`` yield answer text
+    chunks, so ``StreamingRAG(...) | StrOutputParser()`` streams chunk by chunk. Every context
+    arrival is dispatched as a custom event ``"context"`` (``retriever, seq, op, sources, chars, t_s,
+    final``; ``t_s`` in seconds since the question arrived) before the first token, and a custom event
+    ``"rag_answer"`` (sources, timings, token counts, retriever errors) follows the last token; both
+    show in ``astream_events(version="v2")`` as ``on_custom_event``.
+
+    ``engine`` is a StreamingEngine the caller started (make the Runnable inside that engine's event
+    loop) or an EngineHandle (e.g. ``shared_engine(config)``). Async calls work on any loop; sync
+    calls work from any thread but the engine's loop thread.
+    """
+
+    def __init__(
+        self,
+        engine: StreamingEngine | EngineHandle,
+        retrievers: Sequence[StreamingRetriever],
+        *,
+        mode: str = "stream",
+        sampling: Any = None,
+        name: str | None = None,
+        **pipeline_kwargs: Any,
+    ) -> None:
+        self._ref = EngineRef(engine)
+        self.pipeline = RagPipeline(
+            self._ref.engine, retrievers, mode=mode, sampling=sampling, **pipeline_kwargs
+        )
+        self.name = name or "StreamingRAG"
+
+    @property
+    def InputType(self) -> Any:
+        return RagInput
+
+    @property
+    def OutputType(self) -> type[str]:
+        return str
+
+    # -- sync -------------------------------------------------------------------------------
+
+    def invoke(self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any) -> str:
+        return "".join(self.stream(input, config, **kwargs))
+
+    def stream(self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[str]:
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    def transform(
+        self, input: Iterator[RagInput], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[str]:
+        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
+
+    def _transform(self, inputs: Iterator[RagInput], config: RunnableConfig) -> Iterator[str]:
+        question = rag_question(list(inputs))
+        for item in self._ref.handle().iterate(lambda _e: self.pipeline.events(question)):
+            if isinstance(item, TokenDelta):
+                yield item.text
+            else:
+                dispatch_custom_event(*_custom_event(item), config=config)
+
+    # -- async ------------------------------------------------------------------------------
+
+    async def ainvoke(self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any) -> str:
+        return "".join([chunk async for chunk in self.astream(input, config, **kwargs)])
+
+    async def astream(
+        self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[str]:
+        async def one() -> AsyncIterator[RagInput]:
+            yield input
+
+        async for chunk in self.atransform(one(), config, **kwargs):
+            yield chunk
+
+    async def atransform(
+        self, input: AsyncIterator[RagInput], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[str]:
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
+            yield chunk
+
+    async def _atransform(
+        self, inputs: AsyncIterator[RagInput], config: RunnableConfig
+    ) -> AsyncIterator[str]:
+        question = rag_question([item async for item in inputs])
+        async for item in self._ref.handle().aiterate(lambda _e: self.pipeline.events(question)):
+            if isinstance(item, TokenDelta):
+                yield item.text
+            else:
+                await adispatch_custom_event(*_custom_event(item), config=config)
+
+
+def rag_question(chunks: Sequence[Any]) -> str:
+    """The question from StreamingRAG's input (a string, or a dict with "question"; streamed input
+    arrives in chunks, which are joined)."""
+    if chunks and all(isinstance(c, str) for c in chunks):
+        question = "".join(chunks)
+    elif chunks and all(isinstance(c, dict) for c in chunks):
+        parts = [c["question"] for c in chunks if "question" in c]
+        if not parts or not all(isinstance(p, str) for p in parts):
+            keys = sorted({k for c in chunks for k in c})
+            raise ValueError(f"StreamingRAG input dict needs a 'question' string; got keys {keys}")
+        question = "".join(parts)
+    else:
+        kinds = sorted({type(c).__name__ for c in chunks}) or ["nothing"]
+        raise ValueError(
+            f"StreamingRAG takes a question string or {{'question': str}}; got {', '.join(kinds)}"
+        )
+    if not question.strip():
+        raise ValueError("StreamingRAG got an empty question")
+    return question
+
+
+def _custom_event(item: ContextArrived | RagAnswer) -> tuple[str, dict[str, Any]]:
+    if isinstance(item, ContextArrived):
+        data = dataclasses.asdict(item)
+        data["sources"] = list(item.sources)
+        return "context", data
+    return "rag_answer", {
+        "question": item.question,
+        "sources": list(item.sources),
+        "mode": item.mode,
+        "timings": dict(item.timings),
+        "prompt_tokens": item.prompt_tokens,
+        "tokens_prefilled": item.tokens_prefilled,
+        "tokens_recomputed": item.tokens_recomputed,
+        "events": item.events,
+        "errors": list(item.errors),
+    }

@@ -35,10 +35,7 @@ class EngineHandle:
         self.loop = loop
 
     def _on_engine_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            return False
+        return current_loop() is self.loop
 
     def _submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
         if self.loop.is_closed() or not self.loop.is_running():
@@ -93,6 +90,42 @@ class EngineHandle:
             if not self.loop.is_closed() and self.loop.is_running():
                 with contextlib.suppress(Exception):
                     await asyncio.wrap_future(self._submit(_aclose(agen)))
+
+
+class EngineRef:
+    """An engine the caller gave: an EngineHandle, or a StreamingEngine living on the loop that runs
+    when the reference is made (else on the loop of the first async call that uses it)."""
+
+    def __init__(self, engine: StreamingEngine | EngineHandle) -> None:
+        if isinstance(engine, EngineHandle):
+            self._handle: EngineHandle | None = engine
+            self.engine = engine.engine
+        elif isinstance(engine, StreamingEngine):
+            self._handle = None
+            self.engine = engine
+            self._loop = current_loop()
+        else:
+            raise TypeError(
+                f"engine must be a StreamingEngine or an EngineHandle, not {type(engine).__name__}"
+            )
+
+    def handle(self) -> EngineHandle:
+        if self._handle is None:
+            self._loop = self._loop or current_loop()
+            if self._loop is None:
+                raise StreamError(
+                    "the engine's event loop is unknown: make this object inside the loop that started "
+                    "the engine (or pass an EngineHandle), or make an async call first"
+                )
+            self._handle = EngineHandle(self.engine, self._loop)
+        return self._handle
+
+
+def current_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class BackgroundEngine(EngineHandle):
