@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnableLambda
 from vllm import SamplingParams
@@ -38,6 +39,16 @@ class SlowPages:
         for i, page in enumerate(self.pages):
             await asyncio.sleep(GAP_S)
             yield events.append(page, final=i == len(self.pages) - 1, source=f"http://site/{i}")
+
+
+class CustomEvents(BaseCallbackHandler):
+    """Records custom events dispatched through sync callbacks."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def on_custom_event(self, name, data, **kwargs) -> None:
+        self.events.append((name, data))
 
 
 async def test_astream_yields_the_pipelines_answer_token_by_token(engine):
@@ -85,8 +96,11 @@ async def test_lcel_composition_streams_chunk_by_chunk(engine):
 async def test_sync_calls_from_another_thread_and_bad_input(engine):
     rag = StreamingRAG(engine, [SlowPages()], sampling=SAMPLING)
     reference = await rag.ainvoke(QUESTION)
-    chunks = await asyncio.to_thread(lambda: list(rag.stream(QUESTION)))
+    seen = CustomEvents()
+    chunks = await asyncio.to_thread(lambda: list(rag.stream(QUESTION, {"callbacks": [seen]})))
     assert len(chunks) > 1 and "".join(chunks) == reference
+    assert [name for name, _ in seen.events] == ["context"] * 3 + ["rag_answer"]
+    assert [data["seq"] for _, data in seen.events[:3]] == [0, 1, 2]
     assert await asyncio.to_thread(rag.invoke, {"question": QUESTION}) == reference
     with pytest.raises(ValueError, match="question string"):
         await rag.ainvoke(42)
