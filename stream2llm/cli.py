@@ -67,6 +67,15 @@ def _run(coro):
         signal.signal(signal.SIGTERM, previous)
 
 
+def _quiet_engine_logs() -> None:
+    """Interactive commands show their own progress; vLLM's warnings and load bars would bury it
+    (set VLLM_LOGGING_LEVEL to see them)."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def _fail(exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
@@ -98,8 +107,10 @@ def model_list():
 def demo(
     model: ModelOpt = models.DEFAULT_MODEL,
     questions: Annotated[int, typer.Option(help="Demo questions to answer (crawl and ANN alternate).")] = 4,
-    max_pages: MaxPagesOpt = 8,
-    index_docs: IndexDocsOpt = None,
+    max_pages: MaxPagesOpt = 6,
+    index_docs: Annotated[
+        int | None, typer.Option(help="Articles in the demo's ANN index (built once, ~1 min; all: 10,033).")
+    ] = 2500,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 48,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
@@ -109,7 +120,11 @@ def demo(
     sending the same context after retrieval (non-streaming) on the same engine."""
     from stream2llm.pipelines.demo import run_demo
 
-    options = _source_options(None, False, max_pages, index_docs, min_stage_s=0.25)
+    _quiet_engine_logs()
+
+    # paced like real retrieval: a polite crawler (one page a second from one site), an ANN
+    # pipeline that refines its answer over ~4 s (the published workloads' time scales)
+    options = _source_options(None, False, max_pages, index_docs, min_stage_s=1.0, crawl_delay_s=1.0)
     try:
         report = _run(
             run_demo(model, questions=questions, options=options, max_tokens=max_tokens, console=console)
@@ -323,6 +338,8 @@ def run(
     """Answer one question: print context events as the retrievers find them, then the answer."""
     from stream2llm.pipelines.show import run_question
 
+    _quiet_engine_logs()
+
     try:
         report = _run(
             run_question(
@@ -400,12 +417,14 @@ def index_build(
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Embed the Wikipedia lead extracts (all-MiniLM-L6-v2, CPU) and save a FAISS index."""
+    """Embed the Wikipedia lead extracts (all-MiniLM-L6-v2, CPU) and save a FAISS index (where
+    `run`, `capture` and `demo` look for it: `--index-docs N` uses the N-article one)."""
+    from stream2llm.pipelines.sources import SourceOptions, index_name
     from stream2llm.retrievers import faiss_ann
 
     try:
         index = faiss_ann.build_wiki_index(docs, kind=kind, nlist=nlist, progress=True, console=console)
-        path = index.save(out or faiss_ann.default_index_dir())
+        path = index.save(out or faiss_ann.default_index_dir(index_name(SourceOptions(index_docs=docs))))
     except Exception as exc:
         _fail(exc, debug)
     _print_index_meta(index.meta, path)

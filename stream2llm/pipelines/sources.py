@@ -25,6 +25,7 @@ class SourceOptions:
     allow_private: bool = False  # crawl private/loopback hosts (the local site always may)
     max_pages: int = 12
     crawl_timeout_s: float = 30.0
+    crawl_delay_s: float = 0.0  # politeness: seconds between requests to one site
     index: str | None = None  # an index directory; default: the packaged Wikipedia index
     index_docs: int | None = None  # build the default index from this many articles (small, fast)
     k: int = 6
@@ -102,6 +103,9 @@ async def _crawl_retriever(options: SourceOptions, stack: contextlib.AsyncExitSt
         base = await stack.enter_async_context(serve_site())
         seeds, allow_private = (base + "index.html",), True  # our own loopback site
     config = CrawlConfig(
-        max_pages=options.max_pages, crawl_timeout=options.crawl_timeout_s, allow_private=allow_private
+        max_pages=options.max_pages,
+        crawl_timeout=options.crawl_timeout_s,
+        download_delay=options.crawl_delay_s,
+        allow_private=allow_private,
     )
     return CrawlRetriever(seeds, config=config)

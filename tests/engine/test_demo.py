@@ -39,5 +39,5 @@ async def test_demo_streams_both_retrievers_and_answers_like_nonstream(engine):
         assert row["ttft_query_nonstream_s"] > row["retrieval_s"]
         assert not row["errors"]
     text = out.getvalue()
-    assert "stream2llm demo" in text and "same answer" in text
+    assert "TTFT stream" in text and "TTFT nonstream" in text and "How do I draw a rectangle" in text
     assert not engine.open_sessions()
