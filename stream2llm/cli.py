@@ -20,6 +20,7 @@ app = typer.Typer(help="Streaming-aware RAG serving on vLLM.", no_args_is_help=T
 model_app = typer.Typer(help="Prepare and list the local models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 console = Console()
+errors = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="tiny, gemma-270m or a local HF directory.")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")]
@@ -77,10 +78,20 @@ def _quiet_engine_logs() -> None:
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
+    """One clear line on stderr and exit status 1 (130 when interrupted); --debug re-raises."""
     if debug:
         raise exc
-    console.print(f"[red]error:[/red] {exc}")
+    if isinstance(exc, KeyboardInterrupt):
+        errors.print("interrupted")
+        raise typer.Exit(130)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _write_json(path: Path | None, report: object) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 @model_app.command("prepare")
@@ -95,12 +106,14 @@ def model_prepare(name: Annotated[str, typer.Argument(help="tiny or gemma-270m")
 
 
 @model_app.command("list")
-def model_list():
+def model_list(json_out: JsonOpt = None):
     """Known models and whether they are prepared."""
     table = Table("name", "description", "prepared at")
-    for name, about, path in models.list_models():
+    listed = models.list_models()
+    for name, about, path in listed:
         table.add_row(name, about, str(path) if path else "[dim]not yet[/dim]")
     console.print(table)
+    _write_json(json_out, [{"name": n, "description": a, "path": p} for n, a, p in listed])
 
 
 @app.command()
@@ -131,8 +144,7 @@ def demo(
         )
     except Exception as exc:
         _fail(exc, debug)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+    _write_json(json_out, report)
 
 
 @app.command()
@@ -142,6 +154,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     scale: Annotated[float, typer.Option(help="Multiply token counts.")] = 1.0,
     out: Annotated[Path, typer.Option(help="Trace file to write (JSON Lines).")] = Path("traces.jsonl"),
+    json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
     """Synthetic traces matching the published workload statistics; prints achieved vs target."""
@@ -150,11 +163,14 @@ def synth(
 
     try:
         requests = synth_mod.synthesize(workload, n, seed=seed, scale=scale)
-    except ValueError as exc:
+        write_trace(out, requests)
+    except (ValueError, OSError) as exc:
         _fail(exc, debug)
-    write_trace(out, requests)
     target = synth_mod.published_stats()["workloads"][workload]
     achieved = synth_mod.achieved_stats(requests)
+    _write_json(
+        json_out, {"workload": workload, "n": n, "out": str(out), "target": target, "achieved": achieved}
+    )
     table = Table("statistic", "target (published)", "achieved", title=f"{n} {workload} requests -> {out}")
     for group, values in achieved.items():
         for key, value in values.items():
@@ -253,8 +269,7 @@ def simulate(
         )
     except (ValueError, OSError) as exc:
         _fail(exc, debug)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1))
+    _write_json(json_out, report)
 
 
 @app.command()
@@ -355,8 +370,7 @@ def run(
         )
     except Exception as exc:
         _fail(exc, debug)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1))
+    _write_json(json_out, report)
 
 
 @app.command()
@@ -369,6 +383,7 @@ def capture(
     max_pages: MaxPagesOpt = 12,
     index_docs: IndexDocsOpt = None,
     concurrency: Annotated[int, typer.Option(help="Queries retrieved at once.")] = 1,
+    json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
     """Run the real retrievers over queries and record every event's time and payload as a trace."""
@@ -400,6 +415,7 @@ def capture(
         _fail(exc, debug)
     events = sum(len(r.events) for r in requests)
     console.print(f"{len(requests)} requests, {events} events written to {out}")
+    _write_json(json_out, {"out": str(out), "requests": len(requests), "events": events})
 
 
 index_app = typer.Typer(
@@ -428,13 +444,13 @@ def index_build(
     except Exception as exc:
         _fail(exc, debug)
     _print_index_meta(index.meta, path)
-    if json_out:
-        json_out.write_text(json.dumps({"path": str(path), **vars(index.meta)}, indent=1))
+    _write_json(json_out, {"path": str(path), **vars(index.meta)})
 
 
 @index_app.command("info")
 def index_info(
     path: Annotated[Path | None, typer.Argument(help="Index directory (default: the user cache).")] = None,
+    json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
     """What an index holds and how it was built."""
@@ -446,6 +462,7 @@ def index_info(
     except Exception as exc:
         _fail(exc, debug)
     _print_index_meta(meta, path)
+    _write_json(json_out, {"path": str(path), **vars(meta)})
 
 
 def _print_index_meta(meta, path: Path) -> None:

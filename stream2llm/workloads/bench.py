@@ -15,6 +15,7 @@ from rich.table import Table
 
 from stream2llm.serving.engine import EngineConfig, StreamingEngine
 from stream2llm.workloads import plots
+from stream2llm.workloads.metrics import summarize_repeats
 from stream2llm.workloads.replay import BenchPlan, ReplayOptions, run_bench
 from stream2llm.workloads.trace import read_trace
 
@@ -40,6 +41,16 @@ def machine() -> str:
     import os
 
     return f"{platform.machine()} {cpu}, {os.cpu_count()} cpus"
+
+
+def repeats_table(summary: list[dict[str, Any]], metric: str = "ttft_final_s") -> Table:
+    """Mean ± 95% confidence half-width over repeats, per (qps, policy)."""
+    pcts = ("p50", "p95", "p99", "p999")
+    table = Table("qps", "policy", "repeats", *pcts, title=f"{metric}: mean ± 95% CI over repeats (s)")
+    for entry in sorted(summary, key=lambda e: (e["qps"], e["policy"])):
+        cells = [f"{entry[metric][p]['mean']:.3f} ± {entry[metric][p]['ci95']:.3f}" for p in pcts]
+        table.add_row(f"{entry['qps']:g}", entry["policy"], str(entry["repeats"]), *cells)
+    return table
 
 
 def ratio_table(result: dict[str, Any], metric: str = "ttft_final_s") -> Table:
@@ -137,6 +148,7 @@ async def run_bench_command(
             )
     finally:
         await engine.shutdown()
+    result["summary"] = summarize_repeats(result["runs"])
     result["machine"] = machine()
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     result["trace"] = str(traces)
@@ -155,5 +167,7 @@ async def run_bench_command(
         samples, out / f"ttft_final_ccdf_qps{top:g}.png", f"TTFT after the final chunk, {top:g} qps"
     )
     console.print(ratio_table(result))
+    if repeat > 1:
+        console.print(repeats_table(result["summary"]))
     console.print(f"results: {out / 'results.json'}")
     return result

@@ -85,3 +85,22 @@ def ci95(values: Sequence[float]) -> tuple[float, float]:
         len(values), 2.0
     )
     return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize_repeats(runs: Sequence[dict]) -> list[dict]:
+    """Per (policy, qps): each percentile's mean over repeats and its 95% confidence half-width."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["policy"], run["qps"]), []).append(run)
+    out = []
+    for (policy, qps), group in groups.items():
+        entry: dict = {"policy": policy, "qps": qps, "repeats": len(group)}
+        for metric in ("ttft_final_s", "ttft_query_s"):
+            entry[metric] = {}
+            for pct in (*PERCENTILES, "mean"):
+                mean, half = ci95([r[metric][pct] for r in group])
+                entry[metric][pct] = {"mean": mean, "ci95": half}
+        mean, half = ci95([r["completion_s"] for r in group])
+        entry["completion_s"] = {"mean": mean, "ci95": half}
+        out.append(entry)
+    return out

@@ -47,7 +47,11 @@ async def reference(engine, question: str, context: str = "", max_tokens: int = 
 # -- LangChain's standard tests ----------------------------------------------------------------------
 
 
-class TestChatStream2LLMUnit(ChatModelUnitTests):
+class _TinyChatModel:
+    """The standard suites' settings for ChatStream2LLM on the tiny test model. It generates text
+    from text: no tools, structured output, JSON mode or media inputs (those properties default to
+    False for a model without bind_tools); one engine serves one model, so no per-call override."""
+
     @property
     def chat_model_class(self) -> type[ChatStream2LLM]:
         return ChatStream2LLM
@@ -56,26 +60,17 @@ class TestChatStream2LLMUnit(ChatModelUnitTests):
     def chat_model_params(self) -> dict:
         return TINY
 
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # one engine serves one model
-
-
-class TestChatStream2LLMIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatStream2LLM]:
-        return ChatStream2LLM
-
-    @property
-    def chat_model_params(self) -> dict:
-        return TINY
-
-    # The engine generates text from text: no tools, structured output, JSON mode or media inputs
-    # (those properties already default to False for a model without bind_tools); one engine
-    # serves one model, so a per-call model override is refused.
     @property
     def supports_model_override(self) -> bool:
         return False
+
+
+class TestChatStream2LLMUnit(_TinyChatModel, ChatModelUnitTests):
+    pass
+
+
+class TestChatStream2LLMIntegration(_TinyChatModel, ChatModelIntegrationTests):
+    pass
 
 
 # -- pure logic --------------------------------------------------------------------------------------

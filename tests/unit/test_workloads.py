@@ -177,3 +177,34 @@ def test_percentiles_and_summary():
     assert (s["p50"], s["mean"]) == (2.0, 2.0)
     mean, half = metrics.ci95([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.30 * 1.0 / 3**0.5, rel=1e-3)
+
+
+def test_repeats_are_summarized_with_confidence_intervals():
+    from stream2llm.workloads.metrics import summarize_repeats
+
+    def run(policy, p50, completion):
+        pcts = {"p50": p50, "p95": 2 * p50, "p99": 3 * p50, "p999": 4 * p50, "mean": p50}
+        return {
+            "policy": policy,
+            "qps": 4.0,
+            "ttft_final_s": pcts,
+            "ttft_query_s": pcts,
+            "completion_s": completion,
+        }
+
+    runs = [
+        run("fcfs", 1.0, 10.0),
+        run("fcfs", 2.0, 12.0),
+        run("fcfs", 3.0, 14.0),
+        run("stream2llm", 0.5, 10.0),
+    ]
+    by_policy = {e["policy"]: e for e in summarize_repeats(runs)}
+    fcfs = by_policy["fcfs"]
+    assert fcfs["repeats"] == 3
+    assert fcfs["ttft_final_s"]["p50"]["mean"] == pytest.approx(2.0)
+    # t(0.975, 2 dof) = 4.30, stdev 1, n 3
+    assert fcfs["ttft_final_s"]["p50"]["ci95"] == pytest.approx(4.30 / 3**0.5, rel=1e-3)
+    assert fcfs["ttft_final_s"]["p99"]["mean"] == pytest.approx(6.0)
+    assert fcfs["completion_s"]["mean"] == pytest.approx(12.0)
+    single = by_policy["stream2llm"]["ttft_final_s"]["p50"]
+    assert single["mean"] == 0.5 and single["ci95"] != single["ci95"]  # NaN: one repeat, no interval
