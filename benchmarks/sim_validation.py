@@ -40,9 +40,10 @@ if __name__ == "__main__":
             run["qps"],
             scale=measured["options"]["scale"],
             delay_multiplier=measured["options"]["delay_multiplier"],
+            seed=measured["options"]["seed"] + run.get("repeat", 0),  # the run's own arrivals
             max_model_len=measured["engine"]["max_model_len"],
         ).to_json()["ttft_final_s"]
-        row = {"policy": run["policy"], "qps": run["qps"]}
+        row = {"policy": run["policy"], "qps": run["qps"], "repeat": run.get("repeat", 0)}
         for pct in ("p50", "p95"):
             m, p = run["ttft_final_s"][pct], predicted[pct]
             row[pct] = {"measured": round(m, 4), "predicted": round(p, 4), "error": round(p / m - 1, 3)}

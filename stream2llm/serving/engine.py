@@ -498,10 +498,14 @@ class Session:
         vLLM takes one queued chunk per round (prefill, sample, park, resume), and its scheduler
         only sees the chunk at the head: a backlog of k chunks costs k rounds and hides the final
         one (and so the session's place in the ranking). Held chunks are merged and sent as one
-        as soon as the chunk in flight is done. Stock ``vllm`` mode keeps vLLM's behaviour."""
-        if self.mode == "stream" and self._in_flight():
+        as soon as the chunk in flight is done; the final chunk goes at once (merged with what was
+        held), so the scheduler learns that the stream is complete. Stock ``vllm`` mode keeps
+        vLLM's behaviour."""
+        if self.mode == "stream" and self._in_flight() and not final:
             self._held = merge_chunks(self._held, (op, ids, final))
             return
+        if self._held is not None:
+            (op, ids, final), self._held = merge_chunks(self._held, (op, ids, final)), None
         self._hand_over(ids, op, final)
 
     def _in_flight(self) -> bool:

@@ -107,9 +107,14 @@ class StreamScheduler(compat.HookedScheduler):
         meta = chunk_meta(request.sampling_params)
         if meta.get("policy"):
             self.policy_name = meta["policy"]
-        super().add_request(request)
         now = time.monotonic()
         rid = request.request_id
+        state = self._streams.get(rid)
+        if state is not None and request.resumable:
+            # a known stream's next chunk, seen on arrival (vLLM may queue it behind the chunk in
+            # flight): from now on the ranking knows when it came and whether the stream is complete
+            state.on_chunk(now, bool(meta.get("final")))
+        super().add_request(request)
         if rid not in self._streams and rid in self.requests:
             final = bool(meta.get("final")) or not request.resumable
             self._streams[rid] = StreamState(now, now, final)
@@ -118,9 +123,6 @@ class StreamScheduler(compat.HookedScheduler):
 
     def before_session_update(self, session: compat.Request, update: compat.StreamingUpdate):
         meta = chunk_meta(update.sampling_params)
-        state = self._streams.get(session.request_id)
-        if state is not None:
-            state.on_chunk(time.monotonic(), bool(meta.get("final")))
         if meta.get("op", "append") != "update":
             if not compat.was_evicted(session):
                 return update

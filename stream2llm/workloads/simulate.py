@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stream2llm.serving.cost_model import CostProfile
-from stream2llm.serving.policies import Costs, RequestView, make_policy
+from stream2llm.serving.policies import Costs, RequestView, VllmPolicy, make_policy
 from stream2llm.workloads.metrics import summary
 from stream2llm.workloads.replay import poisson_arrivals
 from stream2llm.workloads.synth import FILLER_PREFIX
@@ -42,6 +42,9 @@ class _Req:
     blocks: int = 0
     evictions: int = 0
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
+    backlog: list[tuple[float, int, int]] = field(default_factory=list)  # arrived, not yet applied
+    queued_at: float = 0.0  # when it last entered vLLM's waiting queue (a chunk was applied)
+    running_since: float | None = None  # in vLLM's running list (mid-prefill) since
 
     @property
     def parked(self) -> bool:
@@ -124,6 +127,8 @@ class Simulator:
         max_model_len: int = 131072,
     ) -> SimResult:
         nonstream = policy == "nonstream"
+        # stock vLLM applies a session's queued chunks one per round; our sessions merge them
+        one_chunk_a_round = policy == "vllm"
         rank_policy = make_policy(
             "vllm" if nonstream else policy,
             Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
@@ -146,17 +151,16 @@ class Simulator:
             while events and events[0][0] <= now:
                 _, i = heapq.heappop(events)
                 r = reqs[i]
-                t, target, keep = r.chunks[r.next_chunk]
+                chunk = r.chunks[r.next_chunk]
                 r.next_chunk += 1
-                r.target, r.last_chunk_at, r.waiting_chunk = max(target, 1), t, False
-                r.computed = min(r.computed, keep, r.target - 1)  # one token always yields logits
-                kept_blocks = -(-r.computed // self.block_size)
-                free += max(r.blocks - kept_blocks, 0)
-                r.blocks = min(r.blocks, kept_blocks)
                 if r.next_chunk == len(r.chunks):
-                    r.complete, r.final_at = True, t
+                    r.final_at = chunk[0]  # the hand-off: TTFT counts from here
                 else:
                     heapq.heappush(events, (r.chunks[r.next_chunk][0], i))
+                if one_chunk_a_round and r.pending > 0:
+                    r.backlog.append(chunk)  # stock vLLM: queued behind the chunk in flight
+                else:
+                    free = self._apply_chunk(r, chunk, free)
                 if r not in admitted:
                     admitted.append(r)
             active = [r for r in admitted if r.first_token_at is None]
@@ -174,7 +178,9 @@ class Simulator:
                 continue
             now += duration
             for r in work:
-                if not r.complete and r.computed >= r.target:
+                if r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
+                    free = self._apply_chunk(r, r.backlog.pop(0), free)
+                elif not r.complete and r.computed >= r.target:
                     r.waiting_chunk = True
                 elif r.complete and r.computed >= r.target and r.first_token_at is None:
                     r.first_token_at = now
@@ -185,6 +191,31 @@ class Simulator:
         result.completion_s = now
         result.evictions = sum(r.evictions for r in reqs)
         return result
+
+    def _apply_chunk(self, r: _Req, chunk: tuple[float, int, int], free: int) -> int:
+        """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
+        t, target, keep = chunk
+        r.target, r.last_chunk_at, r.waiting_chunk = max(target, 1), t, False
+        r.computed = min(r.computed, keep, r.target - 1)  # one token always yields logits
+        kept_blocks = -(-r.computed // self.block_size)
+        free += max(r.blocks - kept_blocks, 0)
+        r.blocks = min(r.blocks, kept_blocks)
+        r.complete = r.complete or chunk is r.chunks[-1]
+        r.queued_at, r.running_since = t, None
+        return free
+
+    @staticmethod
+    def _stock_order(work: list[_Req]) -> list[_Req]:
+        """vLLM's own order: its running list first (requests mid-prefill, oldest first), then the
+        waiting requests that hold KV, then the others, each in the order they entered the queue
+        (a stream re-enters it with every chunk)."""
+
+        def key(r: _Req) -> tuple[int, float, float]:
+            if r.running_since is not None:
+                return (0, r.running_since, 0.0)
+            return (1 if r.blocks else 2, r.queued_at, r.arrival)
+
+        return sorted(work, key=key)
 
     def _step(self, work, active, policy, free, now, result):
         views = {
@@ -201,6 +232,8 @@ class Simulator:
             )
             for r in active
         }
+        if isinstance(policy, VllmPolicy):
+            work = self._stock_order(work)
         ranked = policy.rank([views[r.id] for r in work])
         by_id = {r.id: r for r in active}
         budget, cost, scheduled = self.profile.max_num_batched_tokens, self.profile.step_s, False
@@ -224,6 +257,8 @@ class Simulator:
             r.blocks += need
             cost += self.profile.chunk_s(take, r.computed)
             r.computed += take
+            if r.running_since is None and r.pending > 0:
+                r.running_since = now
             budget -= take
             scheduled = True
             if budget <= 0:
