@@ -36,7 +36,7 @@ class DemoQuestion:
 QUESTIONS = (
     DemoQuestion("How do I draw a rectangle on a surface?", "crawl"),
     DemoQuestion("Who was Marie Curie and what did she discover?", "ann"),
-    DemoQuestion("How can I play a sound in pygame?", "crawl"),
+    DemoQuestion("How can I play a sound?", "crawl"),
     DemoQuestion("What causes earthquakes?", "ann"),
 )
 

@@ -59,7 +59,8 @@ def load_index(options: SourceOptions, *, progress: bool = True):
     path = faiss_ann.default_index_dir(name)
     if (path / "meta.json").is_file():
         return faiss_ann.AnnIndex.load(path)
-    index = faiss_ann.build_wiki_index(options.index_docs, name=name, progress=progress)
+    # IVF even when small: its probe lists are what the progressive search streams over
+    index = faiss_ann.build_wiki_index(options.index_docs, kind="ivf", name=name, progress=progress)
     index.save(path)
     return index
 
