@@ -224,18 +224,26 @@ class StreamScheduler(compat.HookedScheduler):
             self.evictions += 1
 
     def _defer_outranked_prefills(self, rank: dict[str, int]) -> None:
-        """vLLM gives this step's tokens to running requests before waiting ones; a prefill that
-        ranks below waiting work (say a final chunk on the TTFT clock) waits a step instead."""
+        """vLLM gives this step's tokens to running requests before waiting ones; a partial
+        stream's prefill that ranks below a waiting complete stream (a final chunk on the TTFT
+        clock) waits a step instead. Complete streams are not preempted for one another: the
+        churn (deferring and resuming) cost more at the median than reordering them gained."""
         running = {r.request_id for r in self.running}
         top_waiting = min(
             (rank[rid] for rid in rank if rid not in running and self._wants_tokens(rid)), default=None
         )
-        if top_waiting is None:
+        if top_waiting is None or not self._is_complete(next(r for r in rank if rank[r] == top_waiting)):
             return
         for request in list(self.running):
+            if self._is_complete(request.request_id):
+                continue
             if compat.is_prefilling(request) and rank.get(request.request_id, 0) > top_waiting:
                 compat.defer_running_prefill(self, request)
                 self.deferrals += 1
+
+    def _is_complete(self, request_id: str) -> bool:
+        state = self._streams.get(request_id)
+        return state is not None and state.complete
 
     def _wants_tokens(self, request_id: str) -> bool:
         request = self.requests.get(request_id)
