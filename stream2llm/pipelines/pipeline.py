@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from stream2llm.connectors.events import ContextEvent
+from stream2llm.connectors.events import ContextEvent, Op
 from stream2llm.connectors.stream import ContextAssembler, Layout, RetrieverFailed, SequenceCheck, merge
 from stream2llm.retrievers.base import StreamingRetriever
 from stream2llm.serving.engine import Session, StreamingEngine
@@ -143,7 +143,7 @@ class _Run:
 
     def _arrived(self, name: str, event: ContextEvent) -> ContextArrived:
         self.events += 1
-        chars = len(event.text) if event.op.value == "append" else sum(len(d) for d in event.docs)
+        chars = len(event.text) if event.op is Op.APPEND else sum(len(d) for d in event.docs)
         return ContextArrived(
             name, event.seq, event.op.value, event.sources, chars, time.monotonic() - self.t0, event.final
         )
@@ -177,9 +177,7 @@ class _Run:
 
 def _clipped(event: ContextEvent, max_chars: int) -> ContextEvent:
     """Long pages would crowd everything else out of the context window; keep each one's head."""
-    from dataclasses import replace
-
-    if event.op.value == "append":
+    if event.op is Op.APPEND:
         return replace(event, payload=event.text[:max_chars]) if len(event.text) > max_chars else event
     return replace(event, payload=tuple(d[:max_chars] for d in event.docs))
 
