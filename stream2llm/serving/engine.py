@@ -89,7 +89,8 @@ class SessionResult:
     ttft_final_s: float  # from the hand-off of the final chunk to the first generated token
     ttft_open_s: float  # from open() to the first generated token
     tokens_prefilled: int  # prompt tokens the engine computed for this session
-    tokens_recomputed: int  # of those, recomputed because an update changed the context
+    tokens_recomputed: int  # of those, prefilled after an update, past what it kept
+    tokens_discarded: int  # computed KV that updates threw away (the cost over a one-shot prefill)
     updates: list[dict[str, int]]
     chunks: list[ChunkTiming]
     finish_reason: str | None
@@ -499,20 +500,24 @@ class Session:
         only sees the chunk at the head: a backlog of k chunks costs k rounds and hides the final
         one (and so the session's place in the ranking). Held chunks are merged and sent as one
         as soon as the chunk in flight is done; the final chunk goes at once (merged with what was
-        held), so the scheduler learns that the stream is complete. Stock ``vllm`` mode keeps
+        held), so the scheduler learns that the stream is complete. An update may queue behind
+        the chunk in flight: it replaces that chunk's context, so the engine core ends the chunk
+        early instead of prefilling what is about to be thrown away. Stock ``vllm`` mode keeps
         vLLM's behaviour."""
-        if self.mode == "stream" and self._in_flight() and not final:
-            self._held = merge_chunks(self._held, (op, ids, final))
+        op, ids, final = merge_chunks(self._held, (op, ids, final))
+        self._held = None
+        if self.mode == "stream" and not final and not self._may_send(op):
+            self._held = (op, ids, final)
             return
-        if self._held is not None:
-            (op, ids, final), self._held = merge_chunks(self._held, (op, ids, final)), None
         self._hand_over(ids, op, final)
 
-    def _in_flight(self) -> bool:
-        return len(self._chunks) - self._chunks_before > self._chunks_done
+    def _may_send(self, op: str) -> bool:
+        """An update may wait in vLLM behind the chunk in flight; anything else waits here."""
+        outstanding = len(self._chunks) - self._chunks_before - self._chunks_done
+        return outstanding < (2 if op == "update" else 1)
 
     def _release_held(self) -> None:
-        if self._held is not None and not self._in_flight():
+        if self._held is not None and self._may_send(self._held[0]):
             (op, ids, final), self._held = self._held, None
             self._hand_over(ids, op, final)
 
@@ -619,6 +624,7 @@ class Session:
                 ttft_open_s=t_first - self._t_open,
                 tokens_prefilled=int(self._counters.get("tokens_prefilled", 0)),
                 tokens_recomputed=int(self._counters.get("tokens_recomputed", 0)),
+                tokens_discarded=int(self._counters.get("tokens_discarded", 0)),
                 updates=list(self._counters.get("updates", [])),
                 chunks=list(self._chunks),
                 finish_reason=self._finish_reason,

@@ -39,6 +39,7 @@ class UpdateRecord:
     lcp: int  # longest common prefix of old and new token ids
     kept: int  # tokens whose KV was kept (lcp, capped at new_len - 1 so one token yields logits)
     recomputed: int  # new_len - kept
+    discarded: int  # old_len - kept: computed KV thrown away (the update's cost over one-shot)
     tail: str  # the block holding the cut: private, unhashed, copied (on write) or aligned
 
 
@@ -46,12 +47,14 @@ class UpdateRecord:
 class RequestCounters:
     tokens_prefilled: int = 0
     tokens_recomputed: int = 0
+    tokens_discarded: int = 0
     updates: list[UpdateRecord] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "tokens_prefilled": self.tokens_prefilled,
             "tokens_recomputed": self.tokens_recomputed,
+            "tokens_discarded": self.tokens_discarded,
             "updates": [vars(u) for u in self.updates],
         }
 
@@ -99,6 +102,9 @@ class StreamScheduler(compat.HookedScheduler):
         self.parked_kv_cap: float = float(options.get("parked_kv_cap", 1.0))
         self.evictions = 0
         self.deferrals = 0
+        self.short_steps = 0  # steps the policy kept to the work on the TTFT clock
+        self._superseded: set[str] = set()  # sessions whose chunk in work an update will replace
+        self.chunks_ended_early = 0
         self._publish()
 
     # -- admission ------------------------------------------------------------------------------
@@ -115,6 +121,9 @@ class StreamScheduler(compat.HookedScheduler):
             # flight): from now on the ranking knows when it came and whether the stream is complete
             state.on_chunk(now, bool(meta.get("final")))
         super().add_request(request)
+        existing = self.requests.get(rid)
+        if state is not None and existing is not None and meta.get("op") == "update":
+            self._mark_if_superseded(existing)
         if rid not in self._streams and rid in self.requests:
             final = bool(meta.get("final")) or not request.resumable
             self._streams[rid] = StreamState(now, now, final)
@@ -135,12 +144,30 @@ class StreamScheduler(compat.HookedScheduler):
         lcp = common_prefix_len(held, new_ids)
         kept, tail = compat.cut_session_kv(self, session, min(lcp, len(new_ids) - 1))
         compat.truncate_session_prompt(session, kept)
-        record = UpdateRecord(len(held), len(new_ids), lcp, kept, len(new_ids) - kept, tail)
+        record = UpdateRecord(len(held), len(new_ids), lcp, kept, len(new_ids) - kept, len(held) - kept, tail)
         counters = self._counters_for(session.request_id)
         counters.updates.append(record)
         counters.tokens_recomputed += record.recomputed
+        counters.tokens_discarded += record.discarded
         self._totals.tokens_recomputed += record.recomputed
         return compat.with_prompt(update, new_ids[kept:])
+
+    def after_session_update(self, session: compat.Request, update: compat.StreamingUpdate) -> None:
+        self._mark_if_superseded(session)  # an update may already wait behind the chunk just taken
+
+    def _mark_if_superseded(self, request: compat.Request) -> None:
+        """An update queued behind the chunk a session is working on replaces that chunk's context:
+        prefilling the rest of it would be thrown away (an ANN pipeline refines faster than a
+        long update prefills), so the chunk is ended early at the next step."""
+        if any(chunk_meta(u.sampling_params).get("op") == "update" for u in compat.queued_chunks(request)):
+            self._superseded.add(request.request_id)
+
+    def _end_superseded_chunks(self) -> None:
+        for rid in self._superseded:
+            request = self.requests.get(rid)
+            if request is not None and compat.end_chunk_early(self, request):
+                self.chunks_ended_early += 1
+        self._superseded.clear()
 
     def is_last_chunk(self, request: compat.Request) -> bool:
         return bool(chunk_meta(request.sampling_params).get("final"))
@@ -200,10 +227,12 @@ class StreamScheduler(compat.HookedScheduler):
         over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(self))
         return max(short, over_cap, 0)
 
-    def _apply_policy(self) -> None:
+    def _apply_policy(self) -> int | None:
+        """Rank, defer, order the queues and evict as the policy says; return this step's token
+        budget (None: vLLM's own)."""
         policy = self.stream_policy()
         if isinstance(policy, VllmPolicy) or not self.requests:
-            return
+            return None
         now = time.monotonic()
         views = [self._view(r, now) for r in self.requests.values() if not r.is_finished()]
         order = policy.rank([v for v in views if not v.parked])
@@ -222,6 +251,10 @@ class StreamScheduler(compat.HookedScheduler):
                 continue  # running victims: vLLM's allocator preempts from the end of the ranked list
             compat.evict_waiting_kv(self, request)
             self.evictions += 1
+        budget = policy.step_budget(order, self.max_num_scheduled_tokens)
+        if budget < self.max_num_scheduled_tokens:
+            self.short_steps += 1
+        return budget
 
     def _defer_outranked_prefills(self, rank: dict[str, int]) -> None:
         """vLLM gives this step's tokens to running requests before waiting ones; a partial
@@ -254,8 +287,10 @@ class StreamScheduler(compat.HookedScheduler):
         )
 
     def schedule(self, *args: Any, **kwargs: Any):
-        self._apply_policy()
-        output = super().schedule(*args, **kwargs)
+        self._end_superseded_chunks()
+        budget = self._apply_policy()
+        with compat.step_token_budget(self, budget):
+            output = super().schedule(*args, **kwargs)
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:

@@ -8,10 +8,11 @@ upgrade that breaks one fails loudly in one place instead of corrupting KV somew
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vllm.utils.math_utils import cdiv
@@ -183,6 +184,45 @@ def defer_running_prefill(scheduler: Scheduler, request: Request) -> None:
     scheduler._inflight_prefills.discard(request)
     request.status = RequestStatus.WAITING
     scheduler.kv_holding_waiting.add_request(request)
+
+
+@contextlib.contextmanager
+def step_token_budget(scheduler: Scheduler, tokens: int | None) -> Iterator[None]:
+    """Let the next ``schedule()`` hand out at most ``tokens`` tokens (None: vLLM's full budget).
+    vLLM reads its budget once, at the start of ``schedule()``."""
+    full = scheduler.max_num_scheduled_tokens
+    if tokens is None or tokens >= full:
+        yield
+        return
+    scheduler.max_num_scheduled_tokens = max(int(tokens), 1)
+    try:
+        yield
+    finally:
+        scheduler.max_num_scheduled_tokens = full
+
+
+def queued_chunks(request: Request) -> list[StreamingUpdate]:
+    """The chunks vLLM holds for a streaming session behind the one it is working on."""
+    return [u for u in (request.streaming_queue or ()) if u is not None]
+
+
+def end_chunk_early(scheduler: Scheduler, request: Request) -> bool:
+    """End the chunk a streaming session is prefilling after the tokens already scheduled plus one
+    (its throw-away token is sampled there); return whether anything was cut.
+
+    The rest of the chunk is about to be replaced by an update queued behind it. A running request
+    is moved back to the waiting queue, keeping its KV, so the worker takes its shortened state
+    anew when it is scheduled again (as a deferred prefill is)."""
+    keep = request.num_computed_tokens + 1
+    if is_parked(request) or request.num_output_tokens or keep >= request.num_prompt_tokens:
+        return False
+    if is_prefilling(request):
+        defer_running_prefill(scheduler, request)
+    del request._all_token_ids[keep:]
+    del request.prompt_token_ids[keep:]
+    del request.block_hashes[keep // scheduler.hash_block_size :]
+    request.num_prompt_tokens = keep
+    return True
 
 
 def was_evicted(request: Request) -> bool:

@@ -41,6 +41,7 @@ class RequestRecord:
     final_chunk_tokens: int = 0
     tokens_prefilled: int = 0
     tokens_recomputed: int = 0
+    tokens_discarded: int = 0  # computed KV that updates threw away
     lower_bound_s: float | None = None
     error: str | None = None
 
@@ -66,7 +67,8 @@ class RunResult:
             "lower_bound_s": summary([r.lower_bound_s for r in ok if r.lower_bound_s is not None]),
             "completion_s": self.completion_s,
             "tokens_prefilled": sum(r.tokens_prefilled for r in ok),
-            "tokens_invalidated": sum(r.tokens_recomputed for r in ok),
+            "tokens_invalidated": sum(r.tokens_discarded for r in ok),
+            "tokens_recomputed": sum(r.tokens_recomputed for r in ok),
             "preemptions": dict(self.preemptions),
             "errors": len(self.records) - len(ok),
             "error_examples": sorted({r.error for r in self.records if r.error})[:3],

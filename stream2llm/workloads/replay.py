@@ -115,6 +115,7 @@ async def _replay_one(
     record.final_chunk_tokens = result.chunks[-1].tokens if result.chunks else 0
     record.tokens_prefilled = result.tokens_prefilled
     record.tokens_recomputed = result.tokens_recomputed
+    record.tokens_discarded = result.tokens_discarded
 
 
 async def run_once(

@@ -95,6 +95,7 @@ async def test_update_session_equals_oneshot_and_recomputes_only_past_lcp(engine
         # token-exact: everything up to the LCP is kept (one token is always recomputed for logits)
         assert record["kept"] == min(lcp, len(after) - 1)
         assert record["recomputed"] == len(after) - record["kept"]
+        assert record["discarded"] == len(before) - record["kept"]
     prefix_len = len(engine.tokenizer.encode(PromptTemplate().render_prefix(QUESTION)))
     assert result.updates[2]["lcp"] <= prefix_len  # "everything replaced" keeps only the instructions
     assert any(r["lcp"] % 128 for r in result.updates)  # cuts inside KV blocks were exercised
@@ -146,3 +147,28 @@ async def test_vllm_mode_update_resubmits_and_equals_oneshot(engine):
     reference = await oneshot(engine, QUESTION, [a[:3000] + " changed tail " * 10])
     assert result.token_ids == reference.token_ids
     assert result.updates == []  # stock path: no in-place update happened
+
+
+async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine):
+    """An ANN pipeline refines faster than a long update prefills. Each update here replaces the
+    first document, so almost nothing of the previous one survives; sent back to back, the engine
+    core ends the update in flight after the tokens it already scheduled (the next update's LCP
+    shows it held fewer tokens than that update's prompt), and the answer is still the one-shot's."""
+    text = corpus_text(16000, seed=21)
+    series = [[f"Refinement {i}: " + text[i * 50 : 4000 + i * 50], text[8000:11000]] for i in range(5)]
+    session = await engine.open(QUESTION, GREEDY)
+    for docs in series:
+        await session.update(docs)
+    await session.finish()
+    result = await session.result()
+
+    reference = await oneshot(engine, QUESTION, series[-1])
+    assert result.prompt_token_ids == reference.prompt_token_ids
+    assert result.token_ids == reference.token_ids
+    applied = result.updates
+    # an update found the one before it only partly prefilled, and kept what was computed of it
+    assert any(later["old_len"] < earlier["new_len"] for earlier, later in zip(applied, applied[1:])), applied
+    # so the final prompt was prefilled about once (each full update would cost another ~3,300)
+    assert result.tokens_prefilled < 1.2 * len(result.prompt_token_ids)
+    # exactly: what streaming prefilled beyond one-shot is the KV that updates threw away
+    assert result.tokens_prefilled == len(result.prompt_token_ids) + result.tokens_discarded

@@ -3,6 +3,8 @@ resume after eviction, update after eviction, and stock vLLM's stall for contras
 
 from __future__ import annotations
 
+import pytest
+
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
 BS = 16
@@ -94,6 +96,28 @@ def test_a_final_chunk_outranks_a_running_partial_prefill(tiny_model):
     assert partial.num_computed_tokens == 600 and final.is_finished()
 
 
+@pytest.mark.parametrize(("policy", "partial_tokens"), [("fcfs", 24), ("stream2llm", 0)])
+def test_a_step_that_carries_a_final_chunk_carries_no_partial_prefill(tiny_model, policy, partial_tokens):
+    """fcfs fills the step's budget with a partial stream's prefill; stream2llm keeps the step
+    to the final chunk (a shorter step, an earlier first token) and gives the partial the next."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=200, block_size=BS, policy=policy, max_num_batched_tokens=64
+    )
+    park(scheduler, "final", list(range(100, 150)), policy)
+    partial = make_request(scheduler, "partial", list(range(5000, 5600)))
+    partial.sampling_params.extra_args["stream2llm"]["policy"] = policy
+    scheduler.add_request(partial)
+    step(scheduler)
+    scheduler.add_request(make_request(scheduler, "final", list(range(40)), final=True))
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("final") == 40
+    assert out.num_scheduled_tokens.get("partial", 0) == partial_tokens
+    assert scheduler.short_steps == (1 if policy == "stream2llm" else 0)
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("partial") == 64  # the next step is full again
+    assert scheduler.max_num_scheduled_tokens == 64
+
+
 def test_parked_sessions_are_capped_to_their_share_of_kv(tiny_model):
     scheduler = make_scheduler(
         str(tiny_model.path), num_blocks=20, block_size=BS, policy="stream2llm", parked_kv_cap=0.3
@@ -105,3 +129,44 @@ def test_parked_sessions_are_capped_to_their_share_of_kv(tiny_model):
     small = park(scheduler, "b", list(range(2000, 2060)), "stream2llm")  # 4 blocks: under the cap
     step(scheduler)
     assert small.num_computed_tokens == 60 and scheduler.evictions == 1
+
+
+def prefilling_update(tiny_model, policy="stream2llm"):
+    """A parked session takes a 600-token update; 64-token steps: one step in, it is mid-prefill."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=200, block_size=BS, policy=policy, max_num_batched_tokens=64
+    )
+    session = park(scheduler, "s", list(range(100, 150)), policy)
+    first = list(range(100, 140)) + list(range(5000, 5560))
+    scheduler.add_request(make_request(scheduler, "s", first, op="update"))
+    step(scheduler)
+    assert session.status.name == "RUNNING" and session.num_computed_tokens == 40 + 64
+    return scheduler, session
+
+
+def test_an_update_queued_behind_a_prefilling_update_ends_it_early(tiny_model):
+    """An ANN pipeline refines faster than a long update prefills: the chunk in flight is cut one
+    token past what was scheduled (that token yields its throw-away sample) and the newer update
+    is applied from there, instead of prefilling 452 tokens that would be replaced."""
+    scheduler, session = prefilling_update(tiny_model)
+    second = list(range(100, 140)) + list(range(5000, 5100)) + [7] * 50
+    scheduler.add_request(make_request(scheduler, "s", second, op="update"))
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("s") == 1  # the last token of the shortened chunk
+    assert scheduler.chunks_ended_early == 1
+    run_until_idle(scheduler)
+    assert list(session.prompt_token_ids) == second and session.num_computed_tokens == len(second)
+    first, applied = scheduler.counters("s").updates
+    assert (first.old_len, first.kept, first.discarded) == (50, 40, 10)
+    assert (applied.old_len, applied.kept, applied.discarded) == (105, 105, 0)  # all of it stays
+    # 50 parked + 64 + 1 of the first update + the 85 the second adds; 660 without the cut
+    assert scheduler.counters("s").tokens_prefilled == 50 + 65 + 85
+
+
+def test_an_append_queued_behind_a_prefilling_chunk_waits_for_all_of_it(tiny_model):
+    scheduler, session = prefilling_update(tiny_model)
+    scheduler.add_request(make_request(scheduler, "s", [9] * 10))
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("s") == 64 and scheduler.chunks_ended_early == 0
+    run_until_idle(scheduler)
+    assert session.num_computed_tokens == 600 + 10
