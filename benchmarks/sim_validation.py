@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stream2llm.serving.cost_model import CostProfile
 from stream2llm.workloads.simulate import Simulator
-from stream2llm.workloads.trace import read_trace
+from stream2llm.workloads.trace import read_trace, with_stable_layout
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -27,6 +27,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     measured = json.loads(args.measured.read_text())
     requests = read_trace(args.trace)[: args.limit]
+    if measured["options"].get("layout") == "stable":  # replay what the bench replayed
+        requests = with_stable_layout(requests)
     # the engine's step budget is a bench option (--max-batched-tokens); the model must use the same
     profile = dataclasses.replace(
         CostProfile.load(args.profile), max_num_batched_tokens=measured["engine"]["max_num_batched_tokens"]

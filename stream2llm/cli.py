@@ -200,6 +200,10 @@ def bench(
         float | None,
         typer.Option(help="Abort requests without a first token this long after the last event."),
     ] = None,
+    layout: Annotated[
+        str,
+        typer.Option(help="Update documents: the trace's score order, or the connector's layout (stable)."),
+    ] = "score",
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
     debug: DebugOpt = False,
@@ -223,6 +227,7 @@ def bench(
                 max_batched_tokens=max_batched_tokens,
                 max_num_seqs=max_num_seqs,
                 deadline=deadline,
+                layout=layout,
                 model=model,
                 out=out,
                 console=console,

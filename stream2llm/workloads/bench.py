@@ -17,9 +17,10 @@ from stream2llm.serving.engine import EngineConfig, StreamingEngine
 from stream2llm.workloads import plots
 from stream2llm.workloads.metrics import summarize_repeats
 from stream2llm.workloads.replay import BenchPlan, ReplayOptions, run_bench
-from stream2llm.workloads.trace import read_trace
+from stream2llm.workloads.trace import read_trace, with_stable_layout
 
 KNOWN_POLICIES = ("nonstream", "vllm", "fcfs", "lcas", "mcps", "stream2llm")
+LAYOUTS = ("score", "stable")  # update documents: the trace's (score) order, or the connector's
 
 
 def parse_bytes(text: str | None, default: int) -> int:
@@ -107,11 +108,16 @@ async def run_bench_command(
     max_batched_tokens: int = 2048,
     deadline: float | None = None,
     max_num_seqs: int = 256,
+    layout: str = "score",
 ) -> dict[str, Any]:
     unknown = [p for p in policies if p not in KNOWN_POLICIES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; known: {', '.join(KNOWN_POLICIES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     requests = read_trace(traces)[:limit]
+    if layout == "stable":  # every policy, nonstream included, gets the same laid-out documents
+        requests = with_stable_layout(requests)
     if scale != 1.0:
         console.print(
             f"[yellow]token counts scaled by {scale:g} so that this machine's load matches "
@@ -152,6 +158,7 @@ async def run_bench_command(
     result["machine"] = machine()
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     result["trace"] = str(traces)
+    result["options"]["layout"] = layout
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     plots.plot_ttft_vs_qps(result, out / "ttft_final_vs_qps.png")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from stream2llm.connectors.layout import StableLayout
 
 SCHEMA = "stream2llm.trace/1"
 OPS = ("append", "update")
@@ -214,3 +216,18 @@ def import_ann_traces(trace_map: str | Path, corpus_parts: Iterable[str | Path])
         if events:
             requests.append(TraceRequest(f"ann-{qid}", "anns", entry.get("query", ""), tuple(events)))
     return requests
+
+
+def with_stable_layout(requests: Iterable[TraceRequest]) -> list[TraceRequest]:
+    """The same requests with every update's documents laid out as the connector lays them out
+    (``connectors/layout.py``: survivors keep their place, newcomers follow), instead of in the
+    retriever's score order."""
+    out = []
+    for request in requests:
+        layout = StableLayout()
+        events = tuple(
+            replace(e, docs=tuple(layout.arrange(e.docs))) if e.op == "update" and e.docs else e
+            for e in request.events
+        )
+        out.append(replace(request, events=events))
+    return out

@@ -15,6 +15,7 @@ from stream2llm.workloads.trace import (
     import_ann_traces,
     import_crawler_csv,
     read_trace,
+    with_stable_layout,
     write_trace,
 )
 
@@ -208,3 +209,21 @@ def test_repeats_are_summarized_with_confidence_intervals():
     assert fcfs["completion_s"]["mean"] == pytest.approx(12.0)
     single = by_policy["stream2llm"]["ttft_final_s"]["p50"]
     assert single["mean"] == 0.5 and single["ci95"] != single["ci95"]  # NaN: one repeat, no interval
+
+
+def test_stable_layout_keeps_surviving_documents_in_place_for_every_update():
+    request = TraceRequest(
+        "r",
+        "anns",
+        "q",
+        (
+            TraceEvent(0.1, "update", docs=("a", "b", "c")),
+            TraceEvent(0.2, "update", docs=("d", "a", "b")),  # d outranks the survivors
+            TraceEvent(0.3, "append", text="tail"),
+            TraceEvent(0.4, "update", docs=("b", "e", "d")),
+        ),
+    )
+    (laid_out,) = with_stable_layout([request])
+    assert [e.docs for e in laid_out.events] == [("a", "b", "c"), ("a", "b", "d"), None, ("b", "d", "e")]
+    assert [e.t for e in laid_out.events] == [0.1, 0.2, 0.3, 0.4] and laid_out.id == "r"
+    assert request.events[1].docs == ("d", "a", "b")  # the input is not changed
