@@ -25,11 +25,7 @@ Published policies (Stream2LLM, MLSys 2026), reproduced for comparison:
    longest), and among those the ones that free the most blocks; then partial streams waiting
    for blocks, lowest-ranked first; a complete stream only as a last resort (it is on the TTFT
    clock, but a memory full of waiting streams would otherwise deadlock).
-3. Step size: while a complete stream still has prompt to prefill, a step carries only what is on
-   the TTFT clock (complete streams, and the last token of any chunk); filling it with partial
-   streams' prefill would make that step, and so the first token, later. Partial streams take
-   the steps in between. (Published policies fill every step.)
-4. Mode per victim: offload when the cost model says moving its bytes out and back is cheaper than
+3. Mode per victim: offload when the cost model says moving its bytes out and back is cheaper than
    recomputing its tokens and the engine can offload; else recompute. An evicted parked session
    keeps its prefix-cache hashes, so if its blocks are not reused before it returns, "recompute"
    costs nothing.
@@ -104,10 +100,6 @@ class Policy:
     ) -> list[tuple[str, str]]:
         return _victims_in_reverse_rank(ranked, views, blocks_needed)
 
-    def step_budget(self, ranked: Sequence[RequestView], max_tokens: int) -> int:
-        """Tokens the engine may schedule this step (the published policies fill the budget)."""
-        return max_tokens
-
     def decide(self, views: Sequence[RequestView], blocks_needed: int = 0, now: float = 0.0) -> Decision:
         active = [v for v in views if not v.parked]
         ranked = self.rank(active)
@@ -158,14 +150,6 @@ class Stream2llmPolicy(Policy):
             views,
             key=lambda v: (0, v.tokens_pending, v.last_chunk_arrival) if v.complete else (1, v.arrival, 0),
         )
-
-    def step_budget(self, ranked, max_tokens):
-        """Only the work on the TTFT clock while there is such prefill to do: on a machine where a
-        step's time grows with its tokens, filler prefill delays the first token it carries."""
-        if not any(v.complete and v.tokens_pending > 1 for v in ranked):
-            return max_tokens
-        urgent = sum(v.tokens_pending for v in ranked if v.complete or v.tokens_pending == 1)
-        return min(max_tokens, urgent)
 
     def victims(self, ranked, views, blocks_needed, now):
         parked = [v for v in views if v.parked and v.blocks_held > 0]

@@ -102,7 +102,6 @@ class StreamScheduler(compat.HookedScheduler):
         self.parked_kv_cap: float = float(options.get("parked_kv_cap", 1.0))
         self.evictions = 0
         self.deferrals = 0
-        self.short_steps = 0  # steps the policy kept to the work on the TTFT clock
         self._superseded: set[str] = set()  # sessions whose chunk in work an update will replace
         self.chunks_ended_early = 0
         self._publish()
@@ -227,12 +226,10 @@ class StreamScheduler(compat.HookedScheduler):
         over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(self))
         return max(short, over_cap, 0)
 
-    def _apply_policy(self) -> int | None:
-        """Rank, defer, order the queues and evict as the policy says; return this step's token
-        budget (None: vLLM's own)."""
+    def _apply_policy(self) -> None:
         policy = self.stream_policy()
         if isinstance(policy, VllmPolicy) or not self.requests:
-            return None
+            return
         now = time.monotonic()
         views = [self._view(r, now) for r in self.requests.values() if not r.is_finished()]
         order = policy.rank([v for v in views if not v.parked])
@@ -251,10 +248,6 @@ class StreamScheduler(compat.HookedScheduler):
                 continue  # running victims: vLLM's allocator preempts from the end of the ranked list
             compat.evict_waiting_kv(self, request)
             self.evictions += 1
-        budget = policy.step_budget(order, self.max_num_scheduled_tokens)
-        if budget < self.max_num_scheduled_tokens:
-            self.short_steps += 1
-        return budget
 
     def _defer_outranked_prefills(self, rank: dict[str, int]) -> None:
         """vLLM gives this step's tokens to running requests before waiting ones; a partial
@@ -288,9 +281,8 @@ class StreamScheduler(compat.HookedScheduler):
 
     def schedule(self, *args: Any, **kwargs: Any):
         self._end_superseded_chunks()
-        budget = self._apply_policy()
-        with compat.step_token_budget(self, budget):
-            output = super().schedule(*args, **kwargs)
+        self._apply_policy()
+        output = super().schedule(*args, **kwargs)
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:

@@ -8,11 +8,10 @@ upgrade that breaks one fails loudly in one place instead of corrupting KV somew
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from vllm.utils.math_utils import cdiv
@@ -184,21 +183,6 @@ def defer_running_prefill(scheduler: Scheduler, request: Request) -> None:
     scheduler._inflight_prefills.discard(request)
     request.status = RequestStatus.WAITING
     scheduler.kv_holding_waiting.add_request(request)
-
-
-@contextlib.contextmanager
-def step_token_budget(scheduler: Scheduler, tokens: int | None) -> Iterator[None]:
-    """Let the next ``schedule()`` hand out at most ``tokens`` tokens (None: vLLM's full budget).
-    vLLM reads its budget once, at the start of ``schedule()``."""
-    full = scheduler.max_num_scheduled_tokens
-    if tokens is None or tokens >= full:
-        yield
-        return
-    scheduler.max_num_scheduled_tokens = max(int(tokens), 1)
-    try:
-        yield
-    finally:
-        scheduler.max_num_scheduled_tokens = full
 
 
 def queued_chunks(request: Request) -> list[StreamingUpdate]:

@@ -236,8 +236,7 @@ class Simulator:
             work = self._stock_order(work)
         ranked = policy.rank([views[r.id] for r in work])
         by_id = {r.id: r for r in active}
-        budget = policy.step_budget(ranked, self.profile.max_num_batched_tokens)
-        cost, scheduled = self.profile.step_s, False
+        budget, cost, scheduled = self.profile.max_num_batched_tokens, self.profile.step_s, False
         for view in ranked:
             r = by_id[view.request_id]
             take = min(r.pending, budget)

@@ -3,8 +3,6 @@ resume after eviction, update after eviction, and stock vLLM's stall for contras
 
 from __future__ import annotations
 
-import pytest
-
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
 BS = 16
@@ -94,28 +92,6 @@ def test_a_final_chunk_outranks_a_running_partial_prefill(tiny_model):
     assert held  # the deferred prefill kept its KV
     run_until_idle(scheduler)
     assert partial.num_computed_tokens == 600 and final.is_finished()
-
-
-@pytest.mark.parametrize(("policy", "partial_tokens"), [("fcfs", 24), ("stream2llm", 0)])
-def test_a_step_that_carries_a_final_chunk_carries_no_partial_prefill(tiny_model, policy, partial_tokens):
-    """fcfs fills the step's budget with a partial stream's prefill; stream2llm keeps the step
-    to the final chunk (a shorter step, an earlier first token) and gives the partial the next."""
-    scheduler = make_scheduler(
-        str(tiny_model.path), num_blocks=200, block_size=BS, policy=policy, max_num_batched_tokens=64
-    )
-    park(scheduler, "final", list(range(100, 150)), policy)
-    partial = make_request(scheduler, "partial", list(range(5000, 5600)))
-    partial.sampling_params.extra_args["stream2llm"]["policy"] = policy
-    scheduler.add_request(partial)
-    step(scheduler)
-    scheduler.add_request(make_request(scheduler, "final", list(range(40)), final=True))
-    out = step(scheduler)
-    assert out.num_scheduled_tokens.get("final") == 40
-    assert out.num_scheduled_tokens.get("partial", 0) == partial_tokens
-    assert scheduler.short_steps == (1 if policy == "stream2llm" else 0)
-    out = step(scheduler)
-    assert out.num_scheduled_tokens.get("partial") == 64  # the next step is full again
-    assert scheduler.max_num_scheduled_tokens == 64
 
 
 def test_parked_sessions_are_capped_to_their_share_of_kv(tiny_model):

@@ -98,18 +98,3 @@ def test_stream2llm_serves_the_shortest_final_chunk_first():
     ]
     assert make_policy("stream2llm").decide(views).order == ["small", "small-later", "big", "partial"]
     assert make_policy("fcfs").decide(views).order == ["big", "small", "small-later", "partial"]
-
-
-def test_stream2llm_keeps_a_step_to_the_work_on_the_ttft_clock():
-    views = [
-        view("final", 0.0, complete=True, pending=40),
-        view("decoding", 0.0, complete=True, pending=1),
-        view("chunk-end", 0.0, complete=False, pending=1),  # its last token: it samples and parks
-        view("partial", 0.0, complete=False, pending=900),
-    ]
-    policy = make_policy("stream2llm")
-    assert policy.step_budget(policy.rank(views), 512) == 42
-    assert policy.step_budget(policy.rank(views), 30) == 30  # never above the engine's budget
-    assert make_policy("fcfs").step_budget(views, 512) == 512  # published policies fill the step
-    no_prefill_on_the_clock = [v for v in views if v.request_id != "final"]
-    assert policy.step_budget(no_prefill_on_the_clock, 512) == 512

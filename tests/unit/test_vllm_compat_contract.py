@@ -145,14 +145,3 @@ def test_last_chunk_finishes_the_session_and_drops_the_late_end_marker(scheduler
     scheduler.add_request(make_request(scheduler, "a", [0], resumable=False))
     assert "a" not in scheduler.requests and not scheduler.waiting
     assert outputs  # the session's last step produced output (which carries its counters)
-
-
-def test_step_token_budget_caps_one_schedule_and_restores_the_budget(scheduler):
-    full = scheduler.max_num_scheduled_tokens
-    scheduler.add_request(make_request(scheduler, "r", list(range(300))))
-    with vllm_compat.step_token_budget(scheduler, 48):
-        out = scheduler.schedule()
-    assert out.num_scheduled_tokens == {"r": 48}
-    assert scheduler.max_num_scheduled_tokens == full
-    with vllm_compat.step_token_budget(scheduler, None):
-        assert scheduler.max_num_scheduled_tokens == full
