@@ -283,18 +283,30 @@ def calibrate(
     out: Annotated[Path, typer.Option(help="Profile JSON to write.")] = Path("cost-profile.json"),
     max_model_len: Annotated[int, typer.Option(help="Longest prompt to measure.")] = 32768,
     repeats: Annotated[int, typer.Option(help="Measurements per size (median).")] = 3,
+    max_batched_tokens: Annotated[
+        int, typer.Option(help="Token budget of one engine step (use the one the bench will use).")
+    ] = 2048,
     debug: DebugOpt = False,
 ):
     """Measure the engine at hand (prefill latency against prompt length) and write a cost profile."""
     from stream2llm.serving.calibrate import calibrate as run_calibrate
 
     try:
-        profile = _run(run_calibrate(model, max_model_len=max_model_len, repeats=repeats, console=console))
+        profile = _run(
+            run_calibrate(
+                model,
+                max_model_len=max_model_len,
+                repeats=repeats,
+                console=console,
+                max_batched_tokens=max_batched_tokens,
+            )
+        )
     except Exception as exc:
         _fail(exc, debug)
     profile.save(out)
     console.print(
-        f"profile written to {out}: prefill(n) = {profile.prefill[0]:.4g} + {profile.prefill[1]:.4g} n"
+        f"profile written to {out}: prefill(n) = {profile.prefill[0]:.4g} per step of"
+        f" {profile.max_num_batched_tokens} tokens + {profile.prefill[1]:.4g} n"
         f" + {profile.prefill[2]:.4g} n^2 s; offload: {profile.offload_note}"
     )
 

@@ -16,10 +16,14 @@ CPU_OFFLOAD_NOTE = (
 )
 
 
-async def calibrate(model: str, *, max_model_len: int, repeats: int, console: Console) -> CostProfile:
+async def calibrate(
+    model: str, *, max_model_len: int, repeats: int, console: Console, max_batched_tokens: int = 2048
+) -> CostProfile:
+    """Idle-engine TTFT against prompt length, fitted per step of ``max_batched_tokens`` (the
+    engine prefills longer prompts in chunks, each paying the step's fixed cost)."""
     from stream2llm.workloads.replay import LowerBound
 
-    config = EngineConfig(model=model, max_model_len=max_model_len)
+    config = EngineConfig(model=model, max_model_len=max_model_len, max_num_batched_tokens=max_batched_tokens)
     with console.status(f"starting {model} ..."):
         engine = await StreamingEngine.start(config)
     try:
@@ -28,7 +32,7 @@ async def calibrate(model: str, *, max_model_len: int, repeats: int, console: Co
     finally:
         await engine.shutdown()
     sizes, seconds = bound.sizes[1:], bound.seconds[1:]  # the smallest size is dominated by warm-up
-    coeffs = fit_prefill(sizes, seconds)
+    coeffs = fit_prefill(sizes, seconds, step_tokens=max_batched_tokens)
     kv_bytes = _kv_bytes_per_token(engine)
     return CostProfile(
         name=f"measured-{model}",
@@ -42,7 +46,10 @@ async def calibrate(model: str, *, max_model_len: int, repeats: int, console: Co
         max_num_batched_tokens=config.max_num_batched_tokens,
         offload=None,
         offload_note=CPU_OFFLOAD_NOTE,
-        source=f"stream2llm calibrate, {time.strftime('%Y-%m-%d')}: idle-engine TTFT, median of {repeats}",
+        source=(
+            f"stream2llm calibrate --max-batched-tokens {max_batched_tokens}, {time.strftime('%Y-%m-%d')}:"
+            f" idle-engine TTFT, median of {repeats}"
+        ),
         measurements={"tokens": sizes, "seconds": seconds},
     )
 

@@ -89,11 +89,17 @@ def packaged_profiles() -> list[str]:
     return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
 
 
-def fit_prefill(tokens: list[int], seconds: list[float]) -> tuple[float, float, float]:
-    """Least-squares fit of a + b*n + c*n^2 (non-negative b and c), weighting relative error."""
+def fit_prefill(
+    tokens: list[int], seconds: list[float], step_tokens: int | None = None
+) -> tuple[float, float, float]:
+    """Least-squares fit of a*steps + b*n + c*n^2 (non-negative b and c), weighting relative error.
+
+    ``steps`` is 1, or, when the engine prefilled in chunks of ``step_tokens``, ceil(n / step_tokens):
+    each chunk pays the step's fixed cost (``a``), which a one-step fit would fold into ``b``."""
     x = np.asarray(tokens, dtype=float)
     y = np.asarray(seconds, dtype=float)
-    design = np.stack([np.ones_like(x), x, x * x], axis=1) / y[:, None]
+    steps = np.ceil(x / step_tokens) if step_tokens else np.ones_like(x)
+    design = np.stack([steps, x, x * x], axis=1) / y[:, None]
     coeffs, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
     a, b, c = (float(v) for v in coeffs)
     return max(a, 0.0), max(b, 0.0), max(c, 0.0)

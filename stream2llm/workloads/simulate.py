@@ -45,6 +45,7 @@ class _Req:
     backlog: list[tuple[float, int, int]] = field(default_factory=list)  # arrived, not yet applied
     queued_at: float = 0.0  # when it last entered vLLM's waiting queue (a chunk was applied)
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
+    ready_at: float = 0.0  # a held chunk reaches the engine core after the front end's round trip
 
     @property
     def parked(self) -> bool:
@@ -110,8 +111,17 @@ def _chunks(
 
 
 class Simulator:
-    def __init__(self, profile: CostProfile, block_size: int = 16) -> None:
+    def __init__(
+        self,
+        profile: CostProfile,
+        block_size: int = 16,
+        *,
+        hold_in_flight: bool = True,
+        round_trip_s: float = 0.0,
+    ) -> None:
         self.profile = profile
+        self.hold_in_flight = hold_in_flight  # our sessions: one chunk in the engine, the rest held
+        self.round_trip_s = round_trip_s
         self.block_size = block_size
         self.capacity = profile.kv_capacity_tokens // block_size
 
@@ -129,6 +139,7 @@ class Simulator:
         nonstream = policy == "nonstream"
         # stock vLLM applies a session's queued chunks one per round; our sessions merge them
         one_chunk_a_round = policy == "vllm"
+        held = not nonstream and not one_chunk_a_round and self.hold_in_flight
         rank_policy = make_policy(
             "vllm" if nonstream else policy,
             Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
@@ -157,14 +168,17 @@ class Simulator:
                     r.final_at = chunk[0]  # the hand-off: TTFT counts from here
                 else:
                     heapq.heappush(events, (r.chunks[r.next_chunk][0], i))
-                if one_chunk_a_round and r.pending > 0:
-                    r.backlog.append(chunk)  # stock vLLM: queued behind the chunk in flight
+                if (one_chunk_a_round or held) and r.pending > 0 and not r.waiting_chunk:
+                    r.backlog.append(
+                        chunk
+                    )  # queued (stock vLLM) or held (our sessions) behind the chunk in flight
+                    r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
                 else:
                     free = self._apply_chunk(r, chunk, free)
                 if r not in admitted:
                     admitted.append(r)
             active = [r for r in admitted if r.first_token_at is None]
-            work = [r for r in active if r.pending > 0 and not r.waiting_chunk]
+            work = [r for r in active if r.pending > 0 and not r.waiting_chunk and r.ready_at <= now]
             if not work:
                 if not events:
                     break
@@ -178,7 +192,12 @@ class Simulator:
                 continue
             now += duration
             for r in work:
-                if r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
+                if r.backlog and r.computed >= r.target and held:  # what was held, merged
+                    for chunk in r.backlog:
+                        free = self._apply_chunk(r, chunk, free)
+                    r.backlog.clear()
+                    r.ready_at = now + (0.0 if r.complete else self.round_trip_s)
+                elif r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
                     free = self._apply_chunk(r, r.backlog.pop(0), free)
                 elif not r.complete and r.computed >= r.target:
                     r.waiting_chunk = True

@@ -19,6 +19,15 @@ def test_fit_recovers_a_quadratic():
     assert got == pytest.approx((a, b, c), rel=1e-3)
 
 
+def test_fit_with_chunked_prefill_charges_the_step_cost_per_chunk():
+    a, b, c = 0.01, 1e-6, 7e-9
+    sizes = [256, 512, 1024, 2048, 4096, 8192, 16384]
+    chunked = [a * -(-n // 512) + b * n + c * n * n for n in sizes]
+    assert fit_prefill(sizes, chunked, step_tokens=512) == pytest.approx((a, b, c), rel=1e-3)
+    _, b1, _ = fit_prefill(sizes, chunked)  # a one-step fit folds the step costs into b
+    assert b1 > 10 * b
+
+
 def test_packaged_profiles_load_and_round_trip(tmp_path):
     assert {"cpu-tiny", "h200-llama3.1-8b", "h100-llama3.1-8b"} <= set(packaged_profiles())
     cpu = CostProfile.load("cpu-tiny")
