@@ -145,3 +145,23 @@ def test_last_chunk_finishes_the_session_and_drops_the_late_end_marker(scheduler
     scheduler.add_request(make_request(scheduler, "a", [0], resumable=False))
     assert "a" not in scheduler.requests and not scheduler.waiting
     assert outputs  # the session's last step produced output (which carries its counters)
+
+
+def test_end_chunk_early_cuts_a_prefilling_request_one_token_past_what_was_scheduled(tiny_model):
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, max_num_batched_tokens=64)
+    ids = list(range(1000, 1300))
+    request = make_request(scheduler, "r", ids)
+    scheduler.add_request(request)
+    step(scheduler)
+    assert request.status.name == "RUNNING" and request.num_computed_tokens == 64
+    scheduler.add_request(make_request(scheduler, "r", [5, 6], op="update"))
+    assert [list(u.prompt_token_ids) for u in vllm_compat.queued_chunks(request)] == [[5, 6]]
+
+    assert vllm_compat.end_chunk_early(scheduler, request)
+    assert request.status.name == "WAITING" and request not in scheduler.running  # its KV stays
+    assert request.prompt_token_ids == ids[:65] and request._all_token_ids == ids[:65]
+    assert request.num_prompt_tokens == 65 and len(request.block_hashes) == 65 // BS
+    assert len(blocks_of(scheduler, "r")) == 4
+    out = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 1}  # the last token: it yields the chunk's sample
+    assert list(request.prompt_token_ids) == [5, 6] and not vllm_compat.queued_chunks(request)
