@@ -17,9 +17,10 @@ Published policies (Stream2LLM, MLSys 2026), reproduced for comparison:
 ``stream2llm`` (ours) is cost-aware and arrival-aware:
 
 1. Rank: complete streams first (they are on the TTFT clock), shortest remaining prefill first
-   (what is left is the final chunk plus any backlog; serving the short ones first minimizes the
-   median and the mean wait), ties by the hand-off of the final chunk; then partial streams by query
-   arrival, so that earlier queries keep their backlog small for when they complete.
+   (what is left is the final chunk plus any backlog: the chunk in work and those queued behind
+   it; serving the short ones first minimizes the median and the mean wait), ties by the hand-off
+   of the final chunk; then partial streams by query arrival, so that earlier queries keep their
+   backlog small for when they complete.
 2. Victims, only when the top-ranked work cannot get the blocks it needs: parked sessions first,
    those whose next chunk is expected furthest in the future first (their KV would sit idle the
    longest), and among those the ones that free the most blocks; then partial streams waiting
@@ -53,6 +54,7 @@ class RequestView:
     tokens_pending: int  # tokens to prefill now (1 when decoding, 0 when parked)
     blocks_held: int
     next_chunk_eta: float = math.inf  # expected arrival of the next chunk (same clock); inf if unknown
+    tokens_queued: int = 0  # chunks that wait in the engine behind the one in work (a final, say)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,11 @@ class Stream2llmPolicy(Policy):
     def rank(self, views):
         return sorted(
             views,
-            key=lambda v: (0, v.tokens_pending, v.last_chunk_arrival) if v.complete else (1, v.arrival, 0),
+            key=lambda v: (
+                (0, v.tokens_pending + v.tokens_queued, v.last_chunk_arrival)
+                if v.complete
+                else (1, v.arrival, 0)
+            ),
         )
 
     def victims(self, ranked, views, blocks_needed, now):

@@ -206,6 +206,7 @@ class StreamScheduler(compat.HookedScheduler):
             pending,
             compat.blocks_held(self, rid),
             state.next_chunk_eta(),
+            sum(len(u.prompt_token_ids or ()) for u in compat.queued_chunks(request)),
         )
 
     def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:

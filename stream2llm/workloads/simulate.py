@@ -248,6 +248,7 @@ class Simulator:
                 r.pending,
                 r.blocks,
                 math.inf if r.complete else r.last_chunk_at + 0.7,
+                max(r.backlog[-1][1] - r.target, 0) if r.complete and r.backlog else 0,  # the final, queued
             )
             for r in active
         }

@@ -146,3 +146,11 @@ def test_an_append_queued_behind_a_prefilling_chunk_waits_for_all_of_it(tiny_mod
     assert out.num_scheduled_tokens.get("s") == 64 and scheduler.chunks_ended_early == 0
     run_until_idle(scheduler)
     assert session.num_computed_tokens == 600 + 10
+
+
+def test_the_broker_sees_chunks_queued_behind_the_one_in_work(tiny_model):
+    scheduler, _ = prefilling_update(tiny_model)
+    scheduler.add_request(make_request(scheduler, "s", [9] * 10, final=True))
+    (view,) = [scheduler._view(r, 0.0) for r in scheduler.requests.values()]
+    assert view.complete and view.tokens_queued == 10
+    assert view.tokens_pending == 600 - 104  # the chunk in work
