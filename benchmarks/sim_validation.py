@@ -23,7 +23,6 @@ if __name__ == "__main__":
     parser.add_argument("trace", type=Path)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--profile", default="cpu-tiny")
-    parser.add_argument("--round-trip-s", type=float, default=0.0, help="held chunks: hand-back delay")
     parser.add_argument("--no-hold", action="store_true", help="model every chunk as applied on arrival")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -35,7 +34,7 @@ if __name__ == "__main__":
     profile = dataclasses.replace(
         CostProfile.load(args.profile), max_num_batched_tokens=measured["engine"]["max_num_batched_tokens"]
     )
-    sim = Simulator(profile, block_size=128, hold_in_flight=not args.no_hold, round_trip_s=args.round_trip_s)
+    sim = Simulator(profile, block_size=128, hold_in_flight=not args.no_hold)
     rows = []
     for run in measured["runs"]:
         predicted = sim.run(

@@ -45,7 +45,6 @@ class _Req:
     backlog: list[tuple[float, int, int]] = field(default_factory=list)  # arrived, not yet applied
     queued_at: float = 0.0  # when it last entered vLLM's waiting queue (a chunk was applied)
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
-    ready_at: float = 0.0  # a held chunk reaches the engine core after the front end's round trip
 
     @property
     def parked(self) -> bool:
@@ -117,11 +116,9 @@ class Simulator:
         block_size: int = 16,
         *,
         hold_in_flight: bool = True,
-        round_trip_s: float = 0.0,
     ) -> None:
         self.profile = profile
         self.hold_in_flight = hold_in_flight  # our sessions: one chunk in the engine, the rest held
-        self.round_trip_s = round_trip_s
         self.block_size = block_size
         self.capacity = profile.kv_capacity_tokens // block_size
 
@@ -169,16 +166,15 @@ class Simulator:
                 else:
                     heapq.heappush(events, (r.chunks[r.next_chunk][0], i))
                 if (one_chunk_a_round or held) and r.pending > 0 and not r.waiting_chunk:
-                    r.backlog.append(
-                        chunk
-                    )  # queued (stock vLLM) or held (our sessions) behind the chunk in flight
+                    # queued (stock vLLM) or held (our sessions) behind the chunk in flight
+                    r.backlog.append(chunk)
                     r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
                 else:
                     free = self._apply_chunk(r, chunk, free)
                 if r not in admitted:
                     admitted.append(r)
             active = [r for r in admitted if r.first_token_at is None]
-            work = [r for r in active if r.pending > 0 and not r.waiting_chunk and r.ready_at <= now]
+            work = [r for r in active if r.pending > 0 and not r.waiting_chunk]
             if not work:
                 if not events:
                     break
@@ -196,7 +192,6 @@ class Simulator:
                     for chunk in r.backlog:
                         free = self._apply_chunk(r, chunk, free)
                     r.backlog.clear()
-                    r.ready_at = now + (0.0 if r.complete else self.round_trip_s)
                 elif r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
                     free = self._apply_chunk(r, r.backlog.pop(0), free)
                 elif not r.complete and r.computed >= r.target:
