@@ -204,6 +204,9 @@ def bench(
         str,
         typer.Option(help="Update documents: the trace's score order, or the connector's layout (stable)."),
     ] = "score",
+    step_log: Annotated[
+        bool, typer.Option(help="Log every engine step (tokens, context, times) to OUT/steps.jsonl.")
+    ] = False,
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
     debug: DebugOpt = False,
@@ -231,6 +234,7 @@ def bench(
                 model=model,
                 out=out,
                 console=console,
+                step_log=step_log,
             )
         )
     except Exception as exc:
@@ -286,21 +290,33 @@ def calibrate(
     max_batched_tokens: Annotated[
         int, typer.Option(help="Token budget of one engine step (use the one the bench will use).")
     ] = 2048,
+    from_steps: Annotated[
+        Path | None,
+        typer.Option(help="Fit to a bench's logged steps (bench --step-log) instead of measuring idle."),
+    ] = None,
+    base_profile: Annotated[
+        str, typer.Option(help="With --from-steps: the profile whose KV geometry is kept.")
+    ] = "cpu-tiny",
     debug: DebugOpt = False,
 ):
     """Measure the engine at hand (prefill latency against prompt length) and write a cost profile."""
     from stream2llm.serving.calibrate import calibrate as run_calibrate
+    from stream2llm.serving.calibrate import profile_from_steps
+    from stream2llm.serving.cost_model import CostProfile
 
     try:
-        profile = _run(
-            run_calibrate(
-                model,
-                max_model_len=max_model_len,
-                repeats=repeats,
-                console=console,
-                max_batched_tokens=max_batched_tokens,
+        if from_steps is not None:
+            profile = profile_from_steps(from_steps, CostProfile.load(base_profile), max_batched_tokens)
+        else:
+            profile = _run(
+                run_calibrate(
+                    model,
+                    max_model_len=max_model_len,
+                    repeats=repeats,
+                    console=console,
+                    max_batched_tokens=max_batched_tokens,
+                )
             )
-        )
     except Exception as exc:
         _fail(exc, debug)
     profile.save(out)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
+from pathlib import Path
 
 from rich.console import Console
 
-from stream2llm.serving.cost_model import CostProfile, fit_prefill
+from stream2llm.serving.cost_model import CostProfile, fit_prefill, fit_steps
 from stream2llm.serving.engine import EngineConfig, StreamingEngine
+from stream2llm.serving.step_log import read_step_log
 
 CPU_OFFLOAD_NOTE = (
     "vLLM's CPU backend has no KV offload path (the OffloadingConnector needs a GPU); "
@@ -51,6 +54,22 @@ async def calibrate(
             f" idle-engine TTFT, median of {repeats}"
         ),
         measurements={"tokens": sizes, "seconds": seconds},
+    )
+
+
+def profile_from_steps(path: Path, base: CostProfile, max_batched_tokens: int) -> CostProfile:
+    """``base`` with its step and prefill costs fitted to a benchmark's logged engine steps
+    (``stream2llm bench --step-log``): the machine as it ran under that load."""
+    step_s, b, c, decode_s = fit_steps(read_step_log(path))
+    return dataclasses.replace(
+        base,
+        name=f"steps-{path.parent.name or path.stem}",
+        prefill=(step_s, b, c),
+        step_s=step_s,
+        decode_token_s=decode_s,
+        max_num_batched_tokens=max_batched_tokens,
+        source=f"stream2llm calibrate --from-steps {path}, {time.strftime('%Y-%m-%d')}: steps under load",
+        measurements={},
     )
 
 

@@ -103,3 +103,27 @@ def fit_prefill(
     coeffs, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
     a, b, c = (float(v) for v in coeffs)
     return max(a, 0.0), max(b, 0.0), max(c, 0.0)
+
+
+def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
+    """Fit step cost = step_s + b*tokens + c*sum(n^2 + 2*n*context) + d*decodes to logged engine
+    steps (``EngineConfig.step_log``), weighting relative error; returns (step_s, b, c, d).
+
+    Unlike an idle calibration this sees the machine as a benchmark loads it: prefill chunks deep
+    in long contexts, decodes, and the front end competing for the same cores."""
+    rows, seconds = [], []
+    for step in steps:
+        prefill = step["prefill"]
+        if not prefill and not step["decodes"]:
+            continue
+        tokens = sum(n for n, _, _ in prefill)
+        attention = sum(n * n + 2 * n * ctx for n, ctx, _ in prefill)
+        rows.append((1.0, tokens, attention, step["decodes"]))
+        seconds.append(step["t2"] - step["t1"])
+    if len(rows) < 4:
+        raise ValueError(f"too few engine steps to fit a step cost ({len(rows)}; need at least 4)")
+    y = np.asarray(seconds)
+    design = np.asarray(rows) / y[:, None]
+    coeffs, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
+    step_s, b, c, d = (max(float(v), 0.0) for v in coeffs)
+    return step_s, b, c, d

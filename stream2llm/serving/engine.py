@@ -66,6 +66,7 @@ class EngineConfig:
     max_sessions: int = 1024  # open sessions admitted at once
     session_ttl_s: float | None = 600.0  # abort a session whose next event does not come in time
     parked_kv_cap: float = 1.0  # fraction of KV blocks parked sessions may hold before eviction
+    step_log: str | None = None  # a file the engine core appends one JSON line per step to
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
@@ -267,6 +268,7 @@ def _engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str)
                 "policy": config.policy,
                 "stats_path": board_path,
                 "parked_kv_cap": config.parked_kv_cap,
+                "step_log": config.step_log,
             }
         },
         "disable_log_stats": True,

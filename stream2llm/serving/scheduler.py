@@ -24,6 +24,7 @@ from stream2llm.connectors.prompt import common_prefix_len
 from stream2llm.serving import vllm_compat as compat
 from stream2llm.serving.policies import Policy, RequestView, VllmPolicy, make_policy
 from stream2llm.serving.stats_board import EngineStats, StatsBoard
+from stream2llm.serving.step_log import StepLog
 
 DEFAULT_GAP_S = 0.7  # expected gap to a session's next chunk before any is observed (crawler median)
 
@@ -95,6 +96,7 @@ class StreamScheduler(compat.HookedScheduler):
         self.policy_name: str = options.get("policy", "vllm")
         board_path = options.get("stats_path")
         self._board = StatsBoard(board_path) if board_path else None
+        self._step_log = StepLog(options["step_log"]) if options.get("step_log") else None
         self._counters: dict[str, RequestCounters] = {}
         self._totals = RequestCounters()
         self._streams: dict[str, StreamState] = {}
@@ -281,9 +283,11 @@ class StreamScheduler(compat.HookedScheduler):
         )
 
     def schedule(self, *args: Any, **kwargs: Any):
+        t0 = time.monotonic()
         self._end_superseded_chunks()
         self._apply_policy()
         output = super().schedule(*args, **kwargs)
+        logged: list[tuple[int, int, bool]] = []
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:
@@ -293,6 +297,10 @@ class StreamScheduler(compat.HookedScheduler):
             if prompt_part:
                 self._counters_for(request_id).tokens_prefilled += prompt_part
                 self._totals.tokens_prefilled += prompt_part
+                logged.append((prompt_part, computed_before, self._is_complete(request_id)))
+        if self._step_log is not None:
+            decodes = len(output.num_scheduled_tokens) - len(logged)
+            self._step_log.scheduled(self.policy_name, logged, decodes, t0)
         self._publish()
         return output
 
@@ -305,6 +313,8 @@ class StreamScheduler(compat.HookedScheduler):
 
     def update_from_output(self, *args: Any, **kwargs: Any):
         outputs = super().update_from_output(*args, **kwargs)
+        if self._step_log is not None:
+            self._step_log.finished()
         self._publish()  # requests finished here free their KV; the board must show it
         return outputs
 

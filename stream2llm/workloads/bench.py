@@ -109,6 +109,7 @@ async def run_bench_command(
     deadline: float | None = None,
     max_num_seqs: int = 256,
     layout: str = "score",
+    step_log: bool = False,
 ) -> dict[str, Any]:
     unknown = [p for p in policies if p not in KNOWN_POLICIES]
     if unknown:
@@ -123,7 +124,9 @@ async def run_bench_command(
             f"[yellow]token counts scaled by {scale:g} so that this machine's load matches "
             "the published setting[/yellow]"
         )
+    out.mkdir(parents=True, exist_ok=True)
     config = EngineConfig(
+        step_log=str(out / "steps.jsonl") if step_log else None,
         model=model,
         max_model_len=max_model_len,
         kv_cache_bytes=parse_bytes(kv_budget, 2 << 30),

@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from stream2llm.cli import app
+from stream2llm.serving.step_log import read_step_log
 from stream2llm.workloads.trace import read_trace
 
 
@@ -36,6 +37,7 @@ def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
             "256M",
             "--max-model-len",
             "4096",
+            "--step-log",
             "--out",
             str(out),
         ],
@@ -57,3 +59,12 @@ def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
     )
     for png in ("ttft_final_vs_qps.png", "completion.png", "ttft_final_ccdf_qps4.png"):
         assert (out / png).stat().st_size > 5000
+
+    # the step log: every prefilled token of the stock-vLLM runs (nonstream, vllm) is in the steps
+    # labelled with their engine policy, each step within the token budget, times in order
+    steps = read_step_log(out / "steps.jsonl")
+    logged = sum(n for s in steps if s["policy"] == "vllm" for n, _, _ in s["prefill"])
+    assert logged == runs["nonstream"]["tokens_prefilled"] + runs["vllm"]["tokens_prefilled"]
+    assert all(s["t0"] <= s["t1"] <= s["t2"] for s in steps)
+    assert max(sum(n for n, _, _ in s["prefill"]) for s in steps) <= 2048
+    assert any(complete for s in steps for _, _, complete in s["prefill"])

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from stream2llm.serving.cost_model import CostProfile, fit_prefill, packaged_profiles
+from stream2llm.serving.cost_model import CostProfile, fit_prefill, fit_steps, packaged_profiles
 from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import filler_doc, synthesize
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
@@ -26,6 +26,48 @@ def test_fit_with_chunked_prefill_charges_the_step_cost_per_chunk():
     assert fit_prefill(sizes, chunked, step_tokens=512) == pytest.approx((a, b, c), rel=1e-3)
     _, b1, _ = fit_prefill(sizes, chunked)  # a one-step fit folds the step costs into b
     assert b1 > 10 * b
+
+
+def _logged_steps(step_s: float, b: float, c: float, d: float) -> list[dict]:
+    """Steps as ``StepLog`` writes them, timed by a known cost model."""
+    steps = []
+    mixes = [[(512, 0)], [(512, 4096)], [(100, 9000), (412, 0)], [(64, 200)], [(300, 20000)]]
+    for i, chunks in enumerate(mixes):
+        decodes = i % 3
+        seconds = step_s + sum(b * n + c * (n * n + 2 * n * ctx) for n, ctx in chunks) + d * decodes
+        prefill = [[n, ctx, False] for n, ctx in chunks]
+        t1 = i + 0.001
+        steps.append({"t0": i, "t1": t1, "t2": t1 + seconds, "prefill": prefill, "decodes": decodes})
+    steps.append({"t0": 9, "t1": 9, "t2": 9.5, "prefill": [], "decodes": 0})  # an empty step: ignored
+    return steps
+
+
+def test_fit_steps_recovers_the_step_cost_under_load():
+    truth = (0.004, 2e-6, 4e-9, 5e-4)
+    assert fit_steps(_logged_steps(*truth)) == pytest.approx(truth, rel=1e-3)
+    with pytest.raises(ValueError, match="too few engine steps"):
+        fit_steps(_logged_steps(*truth)[:3])
+
+
+def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stream2llm.cli import app
+
+    log = tmp_path / "run" / "steps.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(s) + "\n" for s in _logged_steps(0.004, 2e-6, 4e-9, 0.0)))
+    out = tmp_path / "profile.json"
+    cmd = ["calibrate", "--from-steps", str(log), "--max-batched-tokens", "512", "--out", str(out)]
+    res = CliRunner().invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    profile = CostProfile.load(out)
+    assert profile.prefill == pytest.approx((0.004, 2e-6, 4e-9), rel=1e-3)
+    assert profile.step_s == pytest.approx(0.004, rel=1e-3) and profile.max_num_batched_tokens == 512
+    assert profile.kv_bytes_per_token == CostProfile.load("cpu-tiny").kv_bytes_per_token
+    assert profile.name == "steps-run"
 
 
 def test_packaged_profiles_load_and_round_trip(tmp_path):

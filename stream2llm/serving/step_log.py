@@ -1,0 +1,42 @@
+"""An optional per-step log of the engine core: what each step scheduled and how long it took.
+
+Idle calibration (``stream2llm calibrate``) times one request alone; under load a step mixes
+prefill chunks deep in long contexts, decodes and the front end's work on the same cores. The log
+records, per step, when it was scheduled, when its output came back, and each scheduled request's
+tokens, context and whether its stream was complete, so step cost can be fitted under load and a
+TTFT can be traced to the steps it waited for. One JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import IO, Any
+
+
+class StepLog:
+    """Appends one line per engine step to ``path`` (engine-core process only)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
+        self._open: dict[str, Any] | None = None
+
+    def scheduled(self, policy: str, items: list[tuple[int, int, bool]], decodes: int, t0: float) -> None:
+        """A step was scheduled at ``t0``: ``items`` holds (prompt tokens, context, complete) per
+        prefill chunk; ``decodes`` counts requests that only decode."""
+        now = time.monotonic()
+        self._open = {"t0": t0, "t1": now, "policy": policy, "prefill": items, "decodes": decodes}
+
+    def finished(self) -> None:
+        """The step's output came back: write the line."""
+        if self._open is None:
+            return
+        step, self._open = self._open, None
+        step["t2"] = time.monotonic()
+        self._file.write(json.dumps(step, separators=(",", ":")) + "\n")
+
+
+def read_step_log(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
