@@ -148,14 +148,22 @@ def total_block_count(scheduler: Scheduler) -> int:
 
 
 def sort_queues(scheduler: Scheduler, key: Any) -> None:
-    """Order the running list and the FCFS waiting queues by ``key`` (smallest first). vLLM
-    schedules in this order and preempts from the end of the running list."""
+    """Order the running list and the waiting requests by ``key`` (smallest first). vLLM
+    schedules in this order and preempts from the end of the running list.
+
+    vLLM keeps waiting requests that hold KV (resumed sessions, deferred prefills) in a queue it
+    drains before the one for requests without KV (new sessions, evicted ones), which would put
+    every partial stream's next chunk ahead of a higher-ranked request with no KV. Both kinds go
+    into the first queue, in rank order; vLLM schedules and removes requests from either queue
+    alike, and re-files them by their KV when it re-queues them."""
     scheduler.running.sort(key=key)
-    for queue in (scheduler.kv_holding_waiting, scheduler.waiting):
-        if isinstance(queue, deque) and len(queue) > 1:
-            ordered = sorted(queue, key=key)
-            queue.clear()
-            queue.extend(ordered)
+    first, second = scheduler.kv_holding_waiting, scheduler.waiting
+    if not isinstance(first, deque) or not isinstance(second, deque):
+        return  # a priority policy orders its own queues
+    ordered = sorted([*first, *second], key=key)
+    first.clear()
+    second.clear()
+    first.extend(ordered)
 
 
 def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:

@@ -231,6 +231,22 @@ class Simulator:
 
         return sorted(work, key=key)
 
+    @staticmethod
+    def _engine_order(ranked: list[RequestView], by_id: dict[str, _Req]) -> list[RequestView]:
+        """How the broker's ranking reaches vLLM: its running list (sorted by rank) is served
+        before any waiting request, except partial streams mid-prefill that rank below the top
+        waiting complete stream (deferred); complete streams are not preempted for one another."""
+        running = [v for v in ranked if by_id[v.request_id].running_since is not None]
+        waiting = [v for v in ranked if by_id[v.request_id].running_since is None]
+        if waiting and waiting[0].complete:
+            top = ranked.index(waiting[0])
+            for v in [v for v in running if not v.complete and ranked.index(v) > top]:
+                by_id[v.request_id].running_since = None  # deferred: back to the waiting queue
+                running.remove(v)
+                waiting.append(v)
+            waiting.sort(key=ranked.index)
+        return running + waiting
+
     def _step(self, work, active, policy, free, now, result):
         views = {
             r.id: RequestView(
@@ -251,6 +267,8 @@ class Simulator:
             work = self._stock_order(work)
         ranked = policy.rank([views[r.id] for r in work])
         by_id = {r.id: r for r in active}
+        if not isinstance(policy, VllmPolicy):
+            ranked = self._engine_order(ranked, by_id)
         budget, cost, scheduled = self.profile.max_num_batched_tokens, self.profile.step_s, False
         for view in ranked:
             r = by_id[view.request_id]

@@ -94,6 +94,24 @@ def test_a_final_chunk_outranks_a_running_partial_prefill(tiny_model):
     assert partial.num_computed_tokens == 600 and final.is_finished()
 
 
+def test_the_ranking_holds_across_vllms_two_waiting_queues(tiny_model):
+    """vLLM drains waiting requests that hold KV first; a complete request without KV (new or
+    evicted) still goes before a partial stream's next chunk when it ranks higher."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=200, block_size=BS, policy="stream2llm", max_num_batched_tokens=64
+    )
+    park(scheduler, "partial", list(range(100, 150)), "stream2llm")
+    scheduler.add_request(make_request(scheduler, "partial", list(range(5000, 5600))))  # holds KV
+    complete = make_request(scheduler, "complete", list(range(3000, 3040)), final=True, resumable=False)
+    complete.sampling_params.extra_args["stream2llm"]["policy"] = "stream2llm"
+    scheduler.add_request(complete)
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("complete") == 40
+    assert out.num_scheduled_tokens.get("partial") == 24  # the rest of the step
+    run_until_idle(scheduler)
+    assert complete.is_finished()
+
+
 def test_parked_sessions_are_capped_to_their_share_of_kv(tiny_model):
     scheduler = make_scheduler(
         str(tiny_model.path), num_blocks=20, block_size=BS, policy="stream2llm", parked_kv_cap=0.3

@@ -113,21 +113,32 @@ def test_single_request_ttft_is_the_cost_of_what_remains():
 
 
 def test_a_final_held_behind_the_chunk_in_work_counts_in_the_ranking():
-    """Our sessions keep one chunk in the engine: B's 2,000-token final waits behind its first
-    chunk, and the broker ranks B by both (the final is queued in vLLM, so it sees it); A's
-    shorter final goes first, as it would if B's chunks were applied at once. Ranked by the chunk
-    in work alone, B would take one more step before A."""
-    events = (TraceEvent(0.0, "append", n_tokens=300), TraceEvent(0.001, "append", n_tokens=2000))
+    """Our sessions keep one chunk in the engine. B's first chunk is deferred for C (complete);
+    B's 2,000-token final then queues behind what is left of it (340 tokens), and the broker ranks
+    B by both, so A (640 tokens) goes first, as it would if B's chunks were applied at once.
+    Ranked by the chunk in work alone, B (340) would go first and A's TTFT would be 1.2 s."""
+    events = (TraceEvent(0.0, "append", n_tokens=400), TraceEvent(0.15, "append", n_tokens=2000))
     b = TraceRequest("b", "crawler", "q", events)
-    a = TraceRequest("a", "crawler", "q", (TraceEvent(0.15, "append", n_tokens=400),))
-    profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)
-    first = {  # A finishes first either way; its TTFT is the shortest
-        hold: min(Simulator(profile, hold_in_flight=hold).run([b, a], "stream2llm", qps=1e6).ttft_final)
+    c = TraceRequest("c", "crawler", "q", (TraceEvent(0.05, "append", n_tokens=200),))
+    a = TraceRequest("a", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=600),))
+    profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)  # 0.1 s a step
+    ttft = {
+        hold: Simulator(profile, hold_in_flight=hold).run([b, c, a], "stream2llm", qps=1e6).ttft_final
         for hold in (True, False)
     }
-    # A arrives at 0.15 s, is seen at the 0.2 s step boundary and needs 5 steps of 100 tokens
-    assert first[False] == pytest.approx(0.2 + 0.5 - 0.15, abs=1e-3)
-    assert first[True] == pytest.approx(first[False], abs=1e-3)
+    # C: seen at 0.1, 3 steps. A: arrives 0.2, takes C's leftover at 0.3, then 6 steps to 1.0
+    assert ttft[True][:2] == pytest.approx([0.35, 0.8], abs=1e-3)
+    assert ttft[True] == pytest.approx(ttft[False], abs=1e-3)
+
+
+def test_running_complete_streams_are_not_preempted_for_a_shorter_one():
+    """As in the engine: a complete stream mid-prefill keeps the step (the broker does not
+    preempt complete streams for one another), so a shorter final arriving later waits for it."""
+    long = TraceRequest("long", "crawler", "q", (TraceEvent(0.0, "append", n_tokens=960),))
+    short = TraceRequest("short", "crawler", "q", (TraceEvent(0.15, "append", n_tokens=60),))
+    profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)
+    ttft = Simulator(profile).run([long, short], "stream2llm", qps=1e6).ttft_final
+    assert ttft == pytest.approx([1.0, 0.95], abs=1e-3)  # short (100 tokens) runs after long, 1.0-1.1
 
 
 def test_update_recomputes_only_past_the_changed_document():

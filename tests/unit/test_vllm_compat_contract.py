@@ -165,3 +165,21 @@ def test_end_chunk_early_cuts_a_prefilling_request_one_token_past_what_was_sched
     out = step(scheduler)
     assert out.num_scheduled_tokens == {"r": 1}  # the last token: it yields the chunk's sample
     assert list(request.prompt_token_ids) == [5, 6] and not vllm_compat.queued_chunks(request)
+
+
+def test_waiting_queues_drain_kv_holders_first_and_sort_queues_merges_them(scheduler):
+    """vLLM serves its KV-holding waiting queue before the other; ``sort_queues`` puts both in one
+    rank order, and vLLM schedules and finishes a request without KV from the first queue."""
+    park(scheduler, "held", list(range(100, 150)))
+    scheduler.add_request(make_request(scheduler, "held", list(range(500, 520))))  # its next chunk
+    new = make_request(scheduler, "new", list(range(900, 930)), max_tokens=1, final=True, resumable=False)
+    scheduler.add_request(new)
+    assert [r.request_id for r in scheduler.kv_holding_waiting] == ["held"]
+    assert [r.request_id for r in scheduler.waiting] == ["new"]
+    vllm_compat.sort_queues(scheduler, key=lambda r: 0 if r.request_id == "new" else 1)
+    assert [r.request_id for r in scheduler.kv_holding_waiting] == ["new", "held"]
+    assert not scheduler.waiting
+    run_until_idle(scheduler)
+    assert new.is_finished() and "new" not in scheduler.requests
+    assert [r.request_id for r in scheduler.kv_holding_waiting] == ["held"]  # parked again
+    assert vllm_compat.is_parked(scheduler.requests["held"])
