@@ -116,8 +116,8 @@ def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
         prefill = step["prefill"]
         if not prefill and not step["decodes"]:
             continue
-        tokens = sum(n for n, _, _ in prefill)
-        attention = sum(n * n + 2 * n * ctx for n, ctx, _ in prefill)
+        tokens = sum(n for n, *_ in prefill)
+        attention = sum(n * n + 2 * n * ctx for n, ctx, *_ in prefill)
         rows.append((1.0, tokens, attention, step["decodes"]))
         seconds.append(step["t2"] - step["t1"])
     if len(rows) < 4:

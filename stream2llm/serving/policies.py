@@ -19,8 +19,10 @@ Published policies (Stream2LLM, MLSys 2026), reproduced for comparison:
 1. Rank: complete streams first (they are on the TTFT clock), shortest remaining prefill first
    (what is left is the final chunk plus any backlog: the chunk in work and those queued behind
    it; serving the short ones first minimizes the median and the mean wait), ties by the hand-off
-   of the final chunk; then partial streams by query arrival, so that earlier queries keep their
-   backlog small for when they complete.
+   of the final chunk; then partial streams, also shortest remaining first (ties by query
+   arrival): a new session's short opening chunk or a small next chunk is not left behind an
+   older stream's large backlog (ranked by arrival, openings waited seconds under load while the
+   session's front end held all of its context, so the stream degenerated to one-shot).
 2. Victims, only when the top-ranked work cannot get the blocks it needs: parked sessions first,
    those whose next chunk is expected furthest in the future first (their KV would sit idle the
    longest), and among those the ones that free the most blocks; then partial streams waiting
@@ -153,7 +155,7 @@ class Stream2llmPolicy(Policy):
             key=lambda v: (
                 (0, v.tokens_pending + v.tokens_queued, v.last_chunk_arrival)
                 if v.complete
-                else (1, v.arrival, 0)
+                else (1, v.tokens_pending + v.tokens_queued, v.arrival)
             ),
         )
 

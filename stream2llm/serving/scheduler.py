@@ -287,7 +287,7 @@ class StreamScheduler(compat.HookedScheduler):
         self._end_superseded_chunks()
         self._apply_policy()
         output = super().schedule(*args, **kwargs)
-        logged: list[tuple[int, int, bool]] = []
+        logged: list[tuple[int, int, bool, str]] = []
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:
@@ -297,7 +297,7 @@ class StreamScheduler(compat.HookedScheduler):
             if prompt_part:
                 self._counters_for(request_id).tokens_prefilled += prompt_part
                 self._totals.tokens_prefilled += prompt_part
-                logged.append((prompt_part, computed_before, self._is_complete(request_id)))
+                logged.append((prompt_part, computed_before, self._is_complete(request_id), request_id))
         if self._step_log is not None:
             decodes = len(output.num_scheduled_tokens) - len(logged)
             self._step_log.scheduled(self.policy_name, logged, decodes, t0)

@@ -3,8 +3,8 @@
 Idle calibration (``stream2llm calibrate``) times one request alone; under load a step mixes
 prefill chunks deep in long contexts, decodes and the front end's work on the same cores. The log
 records, per step, when it was scheduled, when its output came back, and each scheduled request's
-tokens, context and whether its stream was complete, so step cost can be fitted under load and a
-TTFT can be traced to the steps it waited for. One JSON object per line.
+tokens, context, whether its stream was complete and its id, so step cost can be fitted under load
+and a TTFT can be traced to the steps it waited for. One JSON object per line.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+PrefillItem = tuple[int, int, bool, str]  # prompt tokens, context, stream complete, vLLM request id
+
 
 class StepLog:
     """Appends one line per engine step to ``path`` (engine-core process only)."""
@@ -22,9 +24,9 @@ class StepLog:
         self._file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
         self._open: dict[str, Any] | None = None
 
-    def scheduled(self, policy: str, items: list[tuple[int, int, bool]], decodes: int, t0: float) -> None:
-        """A step was scheduled at ``t0``: ``items`` holds (prompt tokens, context, complete) per
-        prefill chunk; ``decodes`` counts requests that only decode."""
+    def scheduled(self, policy: str, items: list[PrefillItem], decodes: int, t0: float) -> None:
+        """A step was scheduled at ``t0``: ``items`` holds one entry per prefill chunk;
+        ``decodes`` counts requests that only decode."""
         now = time.monotonic()
         self._open = {"t0": t0, "t1": now, "policy": policy, "prefill": items, "decodes": decodes}
 

@@ -94,7 +94,12 @@ async def _replay_one(
     factor = texts.factor(request)
     engine_policy = "vllm" if policy == "nonstream" else policy  # the published baseline: stock vLLM
     session = await engine.open(
-        request.query, sampling, mode=mode_of(policy), cache_salt=salt, policy=engine_policy
+        request.query,
+        sampling,
+        mode=mode_of(policy),
+        request_id=f"{request.id}@{salt[:8]}",  # the trace's id, in the engine's step log too
+        cache_salt=salt,
+        policy=engine_policy,
     )
     last = len(request.events) - 1
     try:

@@ -63,8 +63,11 @@ def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
     # the step log: every prefilled token of the stock-vLLM runs (nonstream, vllm) is in the steps
     # labelled with their engine policy, each step within the token budget, times in order
     steps = read_step_log(out / "steps.jsonl")
-    logged = sum(n for s in steps if s["policy"] == "vllm" for n, _, _ in s["prefill"])
+    logged = sum(n for s in steps if s["policy"] == "vllm" for n, *_ in s["prefill"])
     assert logged == runs["nonstream"]["tokens_prefilled"] + runs["vllm"]["tokens_prefilled"]
     assert all(s["t0"] <= s["t1"] <= s["t2"] for s in steps)
-    assert max(sum(n for n, _, _ in s["prefill"]) for s in steps) <= 2048
-    assert any(complete for s in steps for _, _, complete in s["prefill"])
+    assert max(sum(n for n, *_ in s["prefill"]) for s in steps) <= 2048
+    assert any(complete for s in steps for _, _, complete, _ in s["prefill"])
+    trace_ids = {r.id for r in read_trace(trace)}
+    logged_ids = {rid.split("@")[0] for s in steps if s["policy"] == "vllm" for *_, rid in s["prefill"]}
+    assert trace_ids <= logged_ids  # each step names the trace request it worked for

@@ -18,11 +18,20 @@ from stream2llm.serving.policies import (
 
 
 def view(
-    rid, arrival, *, last=None, complete=False, parked=False, computed=0, pending=10, blocks=1, eta=math.inf
+    rid,
+    arrival,
+    *,
+    last=None,
+    complete=False,
+    parked=False,
+    computed=0,
+    pending=10,
+    blocks=1,
+    eta=math.inf,
+    queued=0,
 ):
-    return RequestView(
-        rid, arrival, arrival if last is None else last, complete, parked, computed, pending, blocks, eta
-    )
+    last = arrival if last is None else last
+    return RequestView(rid, arrival, last, complete, parked, computed, pending, blocks, eta, queued)
 
 
 VIEWS = [
@@ -41,11 +50,25 @@ VIEWS = [
         ("fcfs", ["b", "c", "d", "a"]),  # complete first, then partial, each by arrival
         ("lcas", ["b", "c", "a", "d"]),  # complete first, then partial, by latest chunk
         ("mcps", ["c", "a", "b", "d"]),  # most computed first
-        ("stream2llm", ["b", "c", "d", "a"]),  # complete: least pending first; partial by arrival
+        ("stream2llm", ["b", "c", "d", "a"]),  # least pending first, complete then partial
     ],
 )
 def test_ranking(name, order):
     assert make_policy(name).decide(VIEWS).order == order
+
+
+def test_stream2llm_serves_a_new_streams_opening_chunk_before_an_older_streams_big_chunk():
+    """Ranked by arrival, a new session's 40-token opening chunk waited behind every older partial
+    stream's backlog (seconds under load), and its front end held all its context meanwhile."""
+    views = [
+        view("old-big", 1.0, complete=False, pending=8000),
+        view("old-queued", 1.5, complete=False, pending=20, queued=3000),
+        view("new-opening", 9.0, complete=False, pending=40),
+        view("final", 5.0, complete=True, pending=900),
+    ]
+    order = make_policy("stream2llm").decide(views).order
+    assert order == ["final", "new-opening", "old-queued", "old-big"]
+    assert make_policy("fcfs").decide(views).order == ["final", "old-big", "old-queued", "new-opening"]
 
 
 def test_parked_sessions_are_never_ranked_and_vllm_never_evicts_them():
