@@ -97,12 +97,16 @@ def fit_prefill(
     ``steps`` is 1, or, when the engine prefilled in chunks of ``step_tokens``, ceil(n / step_tokens):
     each chunk pays the step's fixed cost (``a``), which a one-step fit would fold into ``b``."""
     x = np.asarray(tokens, dtype=float)
-    y = np.asarray(seconds, dtype=float)
     steps = np.ceil(x / step_tokens) if step_tokens else np.ones_like(x)
-    design = np.stack([steps, x, x * x], axis=1) / y[:, None]
-    coeffs, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
-    a, b, c = (float(v) for v in coeffs)
-    return max(a, 0.0), max(b, 0.0), max(c, 0.0)
+    a, b, c = _fit_relative(np.stack([steps, x, x * x], axis=1), seconds)
+    return a, b, c
+
+
+def _fit_relative(design: np.ndarray, seconds: list[float]) -> tuple[float, ...]:
+    """Least squares on relative error (each row divided by its time), coefficients clamped at 0."""
+    y = np.asarray(seconds, dtype=float)
+    coeffs, *_ = np.linalg.lstsq(np.asarray(design, dtype=float) / y[:, None], np.ones_like(y), rcond=None)
+    return tuple(max(float(v), 0.0) for v in coeffs)
 
 
 def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
@@ -122,8 +126,5 @@ def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
         seconds.append(step["t2"] - step["t1"])
     if len(rows) < 4:
         raise ValueError(f"too few engine steps to fit a step cost ({len(rows)}; need at least 4)")
-    y = np.asarray(seconds)
-    design = np.asarray(rows) / y[:, None]
-    coeffs, *_ = np.linalg.lstsq(design, np.ones_like(y), rcond=None)
-    step_s, b, c, d = (max(float(v), 0.0) for v in coeffs)
+    step_s, b, c, d = _fit_relative(np.asarray(rows), seconds)
     return step_s, b, c, d

@@ -24,7 +24,7 @@ from stream2llm.connectors.prompt import common_prefix_len
 from stream2llm.serving import vllm_compat as compat
 from stream2llm.serving.policies import Policy, RequestView, VllmPolicy, make_policy
 from stream2llm.serving.stats_board import EngineStats, StatsBoard
-from stream2llm.serving.step_log import StepLog
+from stream2llm.serving.step_log import PrefillItem, StepLog
 
 DEFAULT_GAP_S = 0.7  # expected gap to a session's next chunk before any is observed (crawler median)
 
@@ -287,7 +287,7 @@ class StreamScheduler(compat.HookedScheduler):
         self._end_superseded_chunks()
         self._apply_policy()
         output = super().schedule(*args, **kwargs)
-        logged: list[tuple[int, int, bool, str]] = []
+        logged: list[PrefillItem] = []
         for request_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(request_id)
             if request is None:
@@ -297,9 +297,10 @@ class StreamScheduler(compat.HookedScheduler):
             if prompt_part:
                 self._counters_for(request_id).tokens_prefilled += prompt_part
                 self._totals.tokens_prefilled += prompt_part
-                logged.append((prompt_part, computed_before, self._is_complete(request_id), request_id))
+                if self._step_log is not None:
+                    logged.append((prompt_part, computed_before, self._is_complete(request_id), request_id))
         if self._step_log is not None:
-            decodes = len(output.num_scheduled_tokens) - len(logged)
+            decodes = len(output.num_scheduled_tokens) - len(logged)  # requests past their prompt
             self._step_log.scheduled(self.policy_name, logged, decodes, t0)
         self._publish()
         return output

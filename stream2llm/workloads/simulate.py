@@ -236,15 +236,16 @@ class Simulator:
         """How the broker's ranking reaches vLLM: its running list (sorted by rank) is served
         before any waiting request, except partial streams mid-prefill that rank below the top
         waiting complete stream (deferred); complete streams are not preempted for one another."""
+        position = {v.request_id: i for i, v in enumerate(ranked)}
         running = [v for v in ranked if by_id[v.request_id].running_since is not None]
         waiting = [v for v in ranked if by_id[v.request_id].running_since is None]
         if waiting and waiting[0].complete:
-            top = ranked.index(waiting[0])
-            for v in [v for v in running if not v.complete and ranked.index(v) > top]:
-                by_id[v.request_id].running_since = None  # deferred: back to the waiting queue
-                running.remove(v)
-                waiting.append(v)
-            waiting.sort(key=ranked.index)
+            top = position[waiting[0].request_id]
+            deferred = [v for v in running if not v.complete and position[v.request_id] > top]
+            for v in deferred:
+                by_id[v.request_id].running_since = None  # back to the waiting queue
+            running = [v for v in running if v not in deferred]
+            waiting = sorted(waiting + deferred, key=lambda v: position[v.request_id])
         return running + waiting
 
     def _step(self, work, active, policy, free, now, result):
