@@ -297,6 +297,10 @@ def calibrate(
     base_profile: Annotated[
         str, typer.Option(help="With --from-steps: the profile whose KV geometry is kept.")
     ] = "cpu-tiny",
+    bench: Annotated[
+        Path | None,
+        typer.Option(help="With --from-steps: that bench's results.json, to fit the front end's costs too."),
+    ] = None,
     debug: DebugOpt = False,
 ):
     """Measure the engine at hand (prefill latency against prompt length) and write a cost profile."""
@@ -306,7 +310,8 @@ def calibrate(
 
     try:
         if from_steps is not None:
-            profile = profile_from_steps(from_steps, CostProfile.load(base_profile), max_batched_tokens)
+            base = CostProfile.load(base_profile)
+            profile = profile_from_steps(from_steps, base, max_batched_tokens, bench=bench)
         else:
             profile = _run(
                 run_calibrate(
@@ -323,7 +328,10 @@ def calibrate(
     console.print(
         f"profile written to {out}: prefill(n) = {profile.prefill[0]:.4g} per step of"
         f" {profile.max_num_batched_tokens} tokens + {profile.prefill[1]:.4g} n"
-        f" + {profile.prefill[2]:.4g} n^2 s; offload: {profile.offload_note}"
+        f" + {profile.prefill[2]:.4g} n^2 s; front end: {profile.frontend_in_s * 1000:.2f} ms in,"
+        f" {profile.tokenize_token_s * 1e6:.2f} us/token tokenized,"
+        f" {profile.frontend_out_s * 1000:.2f} ms out;"
+        f" offload: {profile.offload_note}"
     )
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from stream2llm.serving.cost_model import CostProfile, fit_prefill, fit_steps
+from stream2llm.serving.cost_model import CostProfile, fit_frontend, fit_prefill, fit_steps
 from stream2llm.serving.engine import EngineConfig, StreamingEngine
 from stream2llm.serving.step_log import read_step_log
 
@@ -57,10 +58,20 @@ async def calibrate(
     )
 
 
-def profile_from_steps(path: Path, base: CostProfile, max_batched_tokens: int) -> CostProfile:
+def profile_from_steps(
+    path: Path, base: CostProfile, max_batched_tokens: int, bench: Path | None = None
+) -> CostProfile:
     """``base`` with its step and prefill costs fitted to a benchmark's logged engine steps
-    (``stream2llm bench --step-log``): the machine as it ran under that load."""
-    step_s, b, c, decode_s = fit_steps(read_step_log(path))
+    (``stream2llm bench --step-log``): the machine as it ran under that load. With the bench's
+    results JSON (its requests' timelines) the front end's costs are fitted too."""
+    steps = read_step_log(path)
+    step_s, b, c, decode_s = fit_steps(steps)
+    frontend = {}
+    if bench is not None:
+        runs = json.loads(bench.read_text())["runs"]
+        samples = [(t, n) for run in runs for t, n in _timelines(run) if t is not None]
+        names = ("frontend_in_s", "tokenize_token_s", "frontend_out_s")
+        frontend = dict(zip(names, fit_frontend([t for t, _ in samples], [n for _, n in samples], steps)))
     return dataclasses.replace(
         base,
         name=f"steps-{path.parent.name or path.stem}",
@@ -70,12 +81,18 @@ def profile_from_steps(path: Path, base: CostProfile, max_batched_tokens: int) -
         max_num_batched_tokens=max_batched_tokens,
         source=f"stream2llm calibrate --from-steps {path}, {time.strftime('%Y-%m-%d')}: steps under load",
         measurements={},
+        **frontend,
     )
 
 
-def _kv_bytes_per_token(engine: StreamingEngine) -> int:
-    import json
+def _timelines(run: dict) -> list[tuple[list | None, int]]:
+    samples = run["samples"]
+    if "timeline" not in samples:
+        raise ValueError("the bench results carry no request timelines (made before they were recorded)")
+    return list(zip(samples["timeline"], samples["prompt_tokens"]))
 
+
+def _kv_bytes_per_token(engine: StreamingEngine) -> int:
     cfg = json.loads((engine.model.path / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])

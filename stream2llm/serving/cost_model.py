@@ -9,6 +9,7 @@ from measurements (``stream2llm calibrate``) or estimated from published hardwar
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -34,6 +35,11 @@ class CostProfile:
     offload_note: str = ""
     source: str = ""
     measurements: dict = field(default_factory=dict)
+    # the front end (same cores on CPU): an event's fixed trip into the engine, tokenizing (the final
+    # event re-tokenizes the whole prompt, so it equals one-shot tokenization), a token's trip out
+    frontend_in_s: float = 0.0
+    tokenize_token_s: float = 0.0
+    frontend_out_s: float = 0.0
 
     def prefill_s(self, n_tokens: float) -> float:
         a, b, c = self.prefill
@@ -43,6 +49,10 @@ class CostProfile:
         """Prefill of n tokens after ``context`` cached ones: the attention term grows with both."""
         _, b, c = self.prefill
         return b * n_tokens + c * (n_tokens * n_tokens + 2 * n_tokens * context)
+
+    def handoff_s(self, tokens_tokenized: int) -> float:
+        """From an event reaching the front end to its tokens being schedulable in the engine."""
+        return self.frontend_in_s + self.tokenize_token_s * tokens_tokenized
 
     def offload_roundtrip_s(self, n_tokens: int) -> float | None:
         if self.offload is None:
@@ -109,22 +119,65 @@ def _fit_relative(design: np.ndarray, seconds: list[float]) -> tuple[float, ...]
     return tuple(max(float(v), 0.0) for v in coeffs)
 
 
+BACK_TO_BACK_S = 0.002  # a gap this short between steps is the engine handling outputs, not idling
+
+
 def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
     """Fit step cost = step_s + b*tokens + c*sum(n^2 + 2*n*context) + d*decodes to logged engine
-    steps (``EngineConfig.step_log``), weighting relative error; returns (step_s, b, c, d).
+    steps (``EngineConfig.step_log``); returns (step_s, b, c, d).
 
     Unlike an idle calibration this sees the machine as a benchmark loads it: prefill chunks deep
-    in long contexts, decodes, and the front end competing for the same cores."""
+    in long contexts, decodes, and the front end competing for the same cores. A step's time runs
+    from its scheduling to the next step's when the engine went straight on (output handling is
+    part of its cost). Plain least squares, so the fitted costs add up to the logged busy time:
+    queueing depends on the total work, which a relative-error fit underestimates."""
     rows, seconds = [], []
-    for step in steps:
+    for step, following in zip(steps, [*steps[1:], None]):
         prefill = step["prefill"]
         if not prefill and not step["decodes"]:
             continue
         tokens = sum(n for n, *_ in prefill)
         attention = sum(n * n + 2 * n * ctx for n, ctx, *_ in prefill)
         rows.append((1.0, tokens, attention, step["decodes"]))
-        seconds.append(step["t2"] - step["t1"])
+        straight_on = following is not None and 0 <= following["t0"] - step["t2"] < BACK_TO_BACK_S
+        seconds.append((following["t0"] if straight_on else step["t2"]) - step["t0"])
     if len(rows) < 4:
         raise ValueError(f"too few engine steps to fit a step cost ({len(rows)}; need at least 4)")
-    step_s, b, c, d = _fit_relative(np.asarray(rows), seconds)
+    coeffs, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(seconds), rcond=None)
+    step_s, b, c, d = (max(float(v), 0.0) for v in coeffs)
     return step_s, b, c, d
+
+
+def fit_frontend(
+    timelines: list[tuple[str, float, float, float]], prompt_tokens: list[int], steps: list[dict]
+) -> tuple[float, float, float]:
+    """(frontend_in_s, tokenize_token_s, frontend_out_s) from a bench's request timelines (engine
+    id, final event, its hand-off, first token; the step log's monotonic clock) and its step log.
+
+    Tokenizing: hand-off minus final event against the prompt's length. The trip in: from the
+    hand-off to the first step holding the request, counted only where no step was running then
+    (else it is queueing). The trip out: from the last step holding the request to the first token.
+    """
+    by_id: dict[str, list[dict]] = {}
+    for step in steps:
+        for *_, request_id in step["prefill"]:
+            by_id.setdefault(request_id.split("#")[0], []).append(step)
+    starts = [s["t0"] for s in steps]
+    handoff, trip_in, trip_out = [], [], []
+    for (request_id, final_at, handed_at, first_at), tokens in zip(timelines, prompt_tokens):
+        handoff.append((tokens, handed_at - final_at))
+        mine = by_id.get(request_id)
+        if not mine:
+            continue
+        trip_out.append(first_at - mine[-1]["t2"])
+        later = [s for s in mine if s["t0"] >= handed_at]
+        before = bisect.bisect_right(starts, handed_at) - 1
+        idle = before < 0 or steps[before]["t2"] <= handed_at
+        if later and idle:
+            trip_in.append(later[0]["t0"] - handed_at)
+    if len(handoff) < 2 or not trip_in or not trip_out:
+        raise ValueError("too few requests joined to the step log to fit the front end")
+    x = np.asarray([(1.0, n) for n, _ in handoff])
+    (fixed, per_token), *_ = np.linalg.lstsq(x, np.asarray([s for _, s in handoff]), rcond=None)
+    frontend_in_s = max(float(fixed), 0.0) + float(np.median(trip_in))
+    return frontend_in_s, max(float(per_token), 0.0), float(np.median(trip_out))

@@ -96,6 +96,11 @@ class SessionResult:
     chunks: list[ChunkTiming]
     finish_reason: str | None
     mode: str
+    # monotonic clock, shared with the engine's step log: the final event, its hand-off to vLLM
+    # (after the whole prompt was tokenized), the first generated token
+    final_event_at: float | None = None
+    final_handoff_at: float | None = None
+    first_token_at: float | None = None
 
 
 class StreamingEngine:
@@ -631,6 +636,9 @@ class Session:
                 chunks=list(self._chunks),
                 finish_reason=self._finish_reason,
                 mode=self.mode,
+                final_event_at=self._t_final,
+                final_handoff_at=self._chunks[-1].sent if self._t_final and self._chunks else None,
+                first_token_at=self._t_first,
             )
         )
 

@@ -298,7 +298,8 @@ class StreamScheduler(compat.HookedScheduler):
                 self._counters_for(request_id).tokens_prefilled += prompt_part
                 self._totals.tokens_prefilled += prompt_part
                 if self._step_log is not None:
-                    logged.append((prompt_part, computed_before, self._is_complete(request_id), request_id))
+                    submitted_as = compat.external_request_id(request_id)
+                    logged.append((prompt_part, computed_before, self._is_complete(request_id), submitted_as))
         if self._step_log is not None:
             decodes = len(output.num_scheduled_tokens) - len(logged)  # requests past their prompt
             self._step_log.scheduled(self.policy_name, logged, decodes, t0)

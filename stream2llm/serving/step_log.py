@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-PrefillItem = tuple[int, int, bool, str]  # prompt tokens, context, stream complete, vLLM request id
+PrefillItem = tuple[int, int, bool, str]  # prompt tokens, context, stream complete, id as submitted
 
 
 class StepLog:

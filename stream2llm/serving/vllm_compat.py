@@ -130,6 +130,17 @@ class HookedScheduler(Scheduler):
         return self.kv_cache_manager.usage
 
 
+def external_request_id(request_id: str) -> str:
+    """The id a request was submitted under: vLLM's input processor appends "-" and 8 random
+    characters (``InputProcessor.assign_request_id``) unless told not to."""
+    from vllm import envs
+
+    if envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION:
+        return request_id
+    head, sep, tail = request_id.rpartition("-")
+    return head if sep and len(tail) == 8 else request_id
+
+
 def is_parked(request: Request) -> bool:
     """A streaming session waiting for its next chunk (it holds KV and a batch slot)."""
     return request.status == RequestStatus.WAITING_FOR_STREAMING_REQ

@@ -44,6 +44,8 @@ class RequestRecord:
     tokens_discarded: int = 0  # computed KV that updates threw away
     lower_bound_s: float | None = None
     error: str | None = None
+    # engine request id, then monotonic times of the final event, its hand-off, the first token
+    timeline: tuple[str, float, float, float] | None = None
 
 
 @dataclass
@@ -75,6 +77,8 @@ class RunResult:
             "samples": {
                 "ttft_final_s": [round(r.ttft_final_s, 5) for r in ok if r.ttft_final_s is not None],
                 "final_chunk_tokens": [r.final_chunk_tokens for r in ok],
+                "prompt_tokens": [r.prompt_tokens for r in ok],
+                "timeline": [r.timeline for r in ok],  # to join with the step log
             },
         }
 

@@ -121,6 +121,9 @@ async def _replay_one(
     record.tokens_prefilled = result.tokens_prefilled
     record.tokens_recomputed = result.tokens_recomputed
     record.tokens_discarded = result.tokens_discarded
+    times = (result.final_event_at, result.final_handoff_at, result.first_token_at)
+    if None not in times:
+        record.timeline = (session.request_id, *times)
 
 
 async def run_once(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from stream2llm.serving.cost_model import CostProfile
@@ -37,7 +37,7 @@ class _Req:
     computed: int = 0
     complete: bool = False
     last_chunk_at: float = 0.0
-    final_at: float = 0.0
+    final_at: float = 0.0  # the final event: TTFT counts from here
     first_token_at: float | None = None
     blocks: int = 0
     evictions: int = 0
@@ -60,6 +60,7 @@ class SimResult:
     policy: str
     qps: float
     ttft_final: list[float] = field(default_factory=list)
+    ttft_by_request: dict[str, float] = field(default_factory=dict)  # to set beside a measured run
     completion_s: float = 0.0
     evictions: int = 0
 
@@ -85,16 +86,25 @@ def _token_length(event_docs: Sequence[str] | None, n_tokens: int | None, text: 
 
 
 def _chunks(
-    request: TraceRequest, arrival: float, scale: float, delay: float, cap: int
+    request: TraceRequest,
+    arrival: float,
+    scale: float,
+    delay: float,
+    cap: int,
+    handoff: Callable[[int], float],
 ) -> list[tuple[float, int, int]]:
-    """(time, prompt length, tokens kept) per event: appends keep everything; an update keeps the
-    documents before the first one that changed (the longest common prefix)."""
+    """(time the engine can schedule it, prompt length after it, tokens kept) per event: appends
+    keep everything; an update keeps the documents before the first one that changed (the longest
+    common prefix). ``handoff`` is the front end's delay for the tokens it tokenizes: an append's
+    own, an update's and the final event's whole prompt (re-tokenized, as one-shot would be)."""
     out, total, previous = [], TEMPLATE_TOKENS, ()
-    for event in request.events:
+    last = len(request.events) - 1
+    for i, event in enumerate(request.events):
         t = arrival + event.t * delay
         if event.op == "append":
-            total += max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
-            out.append((t, min(total, cap), cap))
+            added = max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
+            total += added
+            out.append((t + handoff(total if i == last else added), min(total, cap), cap))
             continue
         docs = tuple(event.docs or ())
         sizes = [max(1, round(_token_length((d,), None, None) * scale)) for d in docs]
@@ -104,7 +114,7 @@ def _chunks(
                 break
             keep += size
         total = TEMPLATE_TOKENS + sum(sizes)
-        out.append((t, min(total, cap), min(keep, cap)))
+        out.append((t + handoff(total), min(total, cap), min(keep, cap)))
         previous = docs
     return out
 
@@ -143,7 +153,12 @@ class Simulator:
         )
         arrivals = poisson_arrivals(len(requests), qps, seed)
         reqs = [
-            _Req(r.id, a, _chunks(r, a, scale, delay_multiplier, max_model_len - 1))
+            _Req(
+                r.id,
+                a,
+                _chunks(r, a, scale, delay_multiplier, max_model_len - 1, self.profile.handoff_s),
+                final_at=a + r.events[-1].t * delay_multiplier,
+            )
             for r, a in zip(requests, arrivals)
         ]
         if nonstream:  # the whole prompt once the last event is in
@@ -161,9 +176,7 @@ class Simulator:
                 r = reqs[i]
                 chunk = r.chunks[r.next_chunk]
                 r.next_chunk += 1
-                if r.next_chunk == len(r.chunks):
-                    r.final_at = chunk[0]  # the hand-off: TTFT counts from here
-                else:
+                if r.next_chunk < len(r.chunks):
                     heapq.heappush(events, (r.chunks[r.next_chunk][0], i))
                 if (one_chunk_a_round or held) and r.pending > 0 and not r.waiting_chunk:
                     # queued (stock vLLM) or held (our sessions) behind the chunk in flight
@@ -197,8 +210,9 @@ class Simulator:
                 elif not r.complete and r.computed >= r.target:
                     r.waiting_chunk = True
                 elif r.complete and r.computed >= r.target and r.first_token_at is None:
-                    r.first_token_at = now
-                    result.ttft_final.append(now - r.final_at)
+                    r.first_token_at = now + self.profile.frontend_out_s
+                    result.ttft_final.append(r.first_token_at - r.final_at)
+                    result.ttft_by_request[r.id] = r.first_token_at - r.final_at
                     free += r.blocks
                     r.blocks = 0
                     done += 1

@@ -71,3 +71,33 @@ def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
     trace_ids = {r.id for r in read_trace(trace)}
     logged_ids = {rid.split("@")[0] for s in steps if s["policy"] == "vllm" for *_, rid in s["prefill"]}
     assert trace_ids <= logged_ids  # each step names the trace request it worked for
+
+    # each request's timeline is on the step log's clock: final event, hand-off, first token in
+    # order, and the request's last logged step ends between its hand-off and its first token
+    by_id: dict[str, list[dict]] = {}
+    for s in steps:
+        for *_, rid in s["prefill"]:
+            by_id.setdefault(rid.split("#")[0], []).append(s)
+    for run in runs.values():
+        timelines = run["samples"]["timeline"]
+        assert len(timelines) == 6 and len(run["samples"]["prompt_tokens"]) == 6
+        for rid, final_at, handed_at, first_at in timelines:
+            assert final_at <= handed_at < first_at
+            assert handed_at < by_id[rid][-1]["t2"] <= first_at
+    res = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "--from-steps",
+            str(out / "steps.jsonl"),
+            "--bench",
+            str(out / "results.json"),
+            "--max-batched-tokens",
+            "2048",
+            "--out",
+            str(tmp_path / "profile.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert 0 < profile["frontend_in_s"] < 0.5 and 0 < profile["frontend_out_s"] < 0.5

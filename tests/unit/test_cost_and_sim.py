@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 
-from stream2llm.serving.cost_model import CostProfile, fit_prefill, fit_steps, packaged_profiles
+from stream2llm.serving.cost_model import (
+    CostProfile,
+    fit_frontend,
+    fit_prefill,
+    fit_steps,
+    packaged_profiles,
+)
 from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import filler_doc, synthesize
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
@@ -28,17 +34,21 @@ def test_fit_with_chunked_prefill_charges_the_step_cost_per_chunk():
     assert b1 > 10 * b
 
 
-def _logged_steps(step_s: float, b: float, c: float, d: float) -> list[dict]:
-    """Steps as ``StepLog`` writes them, timed by a known cost model."""
-    steps = []
-    mixes = [[(512, 0)], [(512, 4096)], [(100, 9000), (412, 0)], [(64, 200)], [(300, 20000)]]
+def _logged_steps(step_s: float, b: float, c: float, d: float, noise: list[float] | None = None) -> list:
+    """Steps as ``StepLog`` writes them, timed by a known cost model (times ``noise``, per step).
+    Most follow one another at once, the outputs handled in between; two are followed by idling."""
+    steps, t = [], 0.0
+    mixes = [[(512, 0)], [(512, 4096)], [(100, 9000), (412, 0)], [(64, 200)], [(300, 20000)]] * 2
     for i, chunks in enumerate(mixes):
         decodes = i % 3
-        seconds = step_s + sum(b * n + c * (n * n + 2 * n * ctx) for n, ctx in chunks) + d * decodes
-        prefill = [[n, ctx, False] for n, ctx in chunks]
-        t1 = i + 0.001
-        steps.append({"t0": i, "t1": t1, "t2": t1 + seconds, "prefill": prefill, "decodes": decodes})
-    steps.append({"t0": 9, "t1": 9, "t2": 9.5, "prefill": [], "decodes": 0})  # an empty step: ignored
+        cycle = step_s + sum(b * n + c * (n * n + 2 * n * ctx) for n, ctx in chunks) + d * decodes
+        cycle *= noise[i] if noise else 1.0
+        straight_on = i not in (2, len(mixes) - 1)
+        end = t + cycle - (0.0005 if straight_on else 0.0)  # then the engine handles outputs
+        prefill = [[n, ctx, False, f"r{i}"] for n, ctx in chunks]
+        steps.append({"t0": t, "t1": t + 0.001, "t2": end, "prefill": prefill, "decodes": decodes})
+        t = t + cycle if straight_on else end + 1.0
+    steps.append({"t0": t, "t1": t, "t2": t + 0.5, "prefill": [], "decodes": 0})  # an empty step: ignored
     return steps
 
 
@@ -47,6 +57,21 @@ def test_fit_steps_recovers_the_step_cost_under_load():
     assert fit_steps(_logged_steps(*truth)) == pytest.approx(truth, rel=1e-3)
     with pytest.raises(ValueError, match="too few engine steps"):
         fit_steps(_logged_steps(*truth)[:3])
+
+
+def test_fit_steps_keeps_the_logged_busy_time_when_steps_are_noisy():
+    """Queueing depends on total work: the fitted costs add up to the logged cycles (a fit on
+    relative error comes out low when the noise is skewed)."""
+    noise = [1.1, 1.3, 1.0, 1.0, 1.2, 0.9, 1.0, 1.5, 1.0, 1.0]
+    steps = _logged_steps(0.004, 2e-6, 4e-9, 5e-4, noise)
+    step_s, b, c, d = fit_steps(steps)
+    busy = model = 0.0
+    for step, following in zip(steps, steps[1:]):
+        if step["prefill"]:
+            busy += (following["t0"] if following["t0"] - step["t2"] < 0.002 else step["t2"]) - step["t0"]
+            model += step_s + d * step["decodes"]
+            model += sum(b * n + c * (n * n + 2 * n * ctx) for n, ctx, *_ in step["prefill"])
+    assert model == pytest.approx(busy, rel=1e-9)
 
 
 def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
@@ -110,6 +135,57 @@ def test_single_request_ttft_is_the_cost_of_what_remains():
     stream = sim.run([request], "stream2llm", qps=1.0)
     assert nonstream.ttft_final == [pytest.approx(0.01 + (TEMPLATE_TOKENS + 500) * 1e-3)]
     assert stream.ttft_final == [pytest.approx(0.01 + 100 * 1e-3)]  # only the last chunk is left
+
+
+def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_prompt():
+    """A chunk reaches the engine after its tokens are tokenized (the final one: the whole prompt,
+    so that it equals one-shot tokenization) plus a fixed trip in; the token takes a trip out."""
+    request = TraceRequest(
+        "r",
+        "crawler",
+        "q",
+        (TraceEvent(1.0, "append", n_tokens=400), TraceEvent(2.0, "append", n_tokens=100)),
+    )
+    profile = toy_profile(frontend_in_s=0.002, tokenize_token_s=1e-5, frontend_out_s=0.001)
+    sim = Simulator(profile)
+    prompt = TEMPLATE_TOKENS + 500
+    front = 0.002 + prompt * 1e-5 + 0.001
+    nonstream = sim.run([request], "nonstream", qps=1.0).ttft_final
+    assert nonstream == [pytest.approx(front + 0.01 + prompt * 1e-3)]
+    assert sim.run([request], "stream2llm", qps=1.0).ttft_final == [pytest.approx(front + 0.01 + 100 * 1e-3)]
+    # a final event right after a long chunk: its tokenizing overlaps that chunk's prefill
+    request = TraceRequest(
+        "r",
+        "crawler",
+        "q",
+        (TraceEvent(1.0, "append", n_tokens=400), TraceEvent(1.01, "append", n_tokens=100)),
+    )
+    first_done = 1.0 + 0.002 + 400 * 1e-5 + 0.01 + (TEMPLATE_TOKENS + 400) * 1e-3
+    expected = first_done + 0.01 + 100 * 1e-3 + 0.001 - 1.01
+    assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
+
+
+def test_fit_frontend_separates_tokenizing_from_the_trips_in_and_out():
+    """Timelines on the step log's clock: the hand-off comes 1 ms + 2 us a token after the final
+    event; where the engine idles, the request's step starts 1.5 ms after its hand-off; its token
+    is seen 0.8 ms after its last step. A request that queued behind a running step is not a trip."""
+    steps, timelines, tokens = [], [], []
+    for i, n in enumerate([1000, 3000, 6000, 12000]):
+        final_at = 10.0 * i
+        handed = final_at + 0.001 + 2e-6 * n
+        start = handed + 0.0015
+        steps.append({"t0": start, "t1": start, "t2": start + 0.05, "prefill": [[512, 0, True, f"r{i}"]]})
+        timelines.append((f"r{i}", final_at, handed, start + 0.05 + 0.0008))
+        tokens.append(n)
+    # r4 is handed over while r3's step runs: it waits for it
+    steps.append({"t0": 30.08, "t1": 30.08, "t2": 30.12, "prefill": [[512, 0, True, "r4"]]})
+    timelines.append(("r4", 30.027, 30.03, 30.1208))
+    tokens.append(1000)
+    steps.sort(key=lambda s: s["t0"])
+    trip_in, per_token, trip_out = fit_frontend(timelines, tokens, steps)
+    assert per_token == pytest.approx(2e-6, rel=0.05)
+    assert trip_in == pytest.approx(0.001 + 0.0015, rel=0.05)
+    assert trip_out == pytest.approx(0.0008, rel=1e-6)
 
 
 def test_a_final_held_behind_the_chunk_in_work_counts_in_the_ranking():

@@ -37,6 +37,18 @@ def test_pinned_vllm_version():
     assert vllm.__version__.startswith(vllm_compat.VLLM_API)
 
 
+def test_external_request_id_undoes_the_input_processors_suffix():
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    fields = inspect.signature(EngineCoreRequest).parameters
+    request = EngineCoreRequest(**{name: None for name in fields if fields[name].default is inspect._empty})
+    request.request_id = "crawler-00007@0126d639#2"
+    InputProcessor.assign_request_id(request)
+    assert request.request_id != "crawler-00007@0126d639#2"
+    assert vllm_compat.external_request_id(request.request_id) == "crawler-00007@0126d639#2"
+
+
 def test_private_hooks_exist_with_expected_signatures():
     for name, params in {
         "_update_request_as_session": ["self", "session", "update"],
