@@ -3,7 +3,9 @@
 It evaluates GPU-scale settings in seconds. The model: an engine step takes ``step_s`` plus the
 prefill cost of every chunk it schedules (``CostProfile.chunk_s``: linear in tokens, attention
 growing with the context) plus a decode cost per running request; each step has a token budget
-(``max_num_batched_tokens``) and KV memory is ``kv_capacity_tokens`` in blocks. Requests arrive as
+(``max_num_batched_tokens``) and KV memory is ``kv_capacity_tokens`` in blocks. The front end
+delays each chunk by its tokenizing and a fixed trip in, and the token by a trip out (profile
+fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``). Requests arrive as
 a Poisson process and replay their trace events: ``stream`` policies get each chunk on arrival,
 ``nonstream`` gets the whole prompt after the last event. Parked sessions hold their blocks;
 ``vllm`` never evicts them (work waits for memory), the other policies evict by their own rule and
@@ -43,7 +45,7 @@ class _Req:
     evictions: int = 0
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
     backlog: list[tuple[float, int, int]] = field(default_factory=list)  # arrived, not yet applied
-    queued_at: float = 0.0  # when it last entered vLLM's waiting queue (a chunk was applied)
+    queued_at: float = 0.0  # its place in vLLM's waiting queue: when it entered, resumed or parked
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
 
     @property
@@ -183,6 +185,8 @@ class Simulator:
                     r.backlog.append(chunk)
                     r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
                 else:
+                    if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
+                        r.queued_at = chunk[0]
                     free = self._apply_chunk(r, chunk, free)
                 if r not in admitted:
                     admitted.append(r)
@@ -201,6 +205,8 @@ class Simulator:
                 continue
             now += duration
             for r in work:
+                if r.computed >= r.target and not (r.complete and not r.backlog):
+                    r.queued_at = now  # resumed with a queued chunk, or parked: back of the queue
                 if r.backlog and r.computed >= r.target and held:  # what was held, merged
                     for chunk in r.backlog:
                         free = self._apply_chunk(r, chunk, free)
@@ -229,7 +235,7 @@ class Simulator:
         free += max(r.blocks - kept_blocks, 0)
         r.blocks = min(r.blocks, kept_blocks)
         r.complete = r.complete or chunk is r.chunks[-1]
-        r.queued_at, r.running_since = t, None
+        r.running_since = None
         return free
 
     @staticmethod

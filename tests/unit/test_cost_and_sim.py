@@ -207,6 +207,23 @@ def test_a_final_held_behind_the_chunk_in_work_counts_in_the_ranking():
     assert ttft[True] == pytest.approx(ttft[False], abs=1e-3)
 
 
+def test_stock_vllm_a_parked_session_keeps_its_place_in_the_waiting_queue():
+    """In vLLM a session parked for its next chunk stays in the waiting queue where it was parked
+    (the chunk updates it in place): a parked at 0.1 goes before b, parked at 0.2, although b's
+    final chunk came first."""
+
+    def session(name: str, first: float, final: float) -> TraceRequest:
+        events = (TraceEvent(first, "append", n_tokens=60), TraceEvent(final, "append", n_tokens=60))
+        return TraceRequest(name, "crawler", "q", events)
+
+    hog = TraceRequest("hog", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=500),))
+    profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)  # 0.1 s a full step
+    ttft = Simulator(profile).run([session("a", 0.0, 0.5), session("b", 0.05, 0.3), hog], "vllm", qps=1e6)
+    # the hog runs 0.2-0.8 (540 tokens); its last step has room for 60 more: a's final
+    assert ttft.ttft_by_request["a"] == pytest.approx(0.3, abs=1e-3)
+    assert ttft.ttft_by_request["b"] == pytest.approx(0.56, abs=1e-3)  # its 60 tokens: 0.8-0.86
+
+
 def test_running_complete_streams_are_not_preempted_for_a_shorter_one():
     """As in the engine: a complete stream mid-prefill keeps the step (the broker does not
     preempt complete streams for one another), so a shorter final arriving later waits for it."""
