@@ -95,11 +95,13 @@ def _chunks(
     cap: int,
     handoff: Callable[[int], float],
 ) -> list[tuple[float, int, int]]:
-    """(time the engine can schedule it, prompt length after it, tokens kept) per event: appends
+    """(time the engine can schedule it, prompt length after it, tokens kept) for the session's
+    opening (the template, sent at open, as the engine's sessions do) and per event: appends
     keep everything; an update keeps the documents before the first one that changed (the longest
     common prefix). ``handoff`` is the front end's delay for the tokens it tokenizes: an append's
     own, an update's and the final event's whole prompt (re-tokenized, as one-shot would be)."""
-    out, total, previous = [], TEMPLATE_TOKENS, ()
+    opening = (arrival + handoff(TEMPLATE_TOKENS), TEMPLATE_TOKENS, cap)
+    out, total, previous = [opening], TEMPLATE_TOKENS, ()
     last = len(request.events) - 1
     for i, event in enumerate(request.events):
         t = arrival + event.t * delay

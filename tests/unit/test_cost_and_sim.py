@@ -160,7 +160,7 @@ def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_pr
         "q",
         (TraceEvent(1.0, "append", n_tokens=400), TraceEvent(1.01, "append", n_tokens=100)),
     )
-    first_done = 1.0 + 0.002 + 400 * 1e-5 + 0.01 + (TEMPLATE_TOKENS + 400) * 1e-3
+    first_done = 1.0 + 0.002 + 400 * 1e-5 + 0.01 + 400 * 1e-3  # the template went at open
     expected = first_done + 0.01 + 100 * 1e-3 + 0.001 - 1.01
     assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
 
@@ -189,28 +189,27 @@ def test_fit_frontend_separates_tokenizing_from_the_trips_in_and_out():
 
 
 def test_a_final_held_behind_the_chunk_in_work_counts_in_the_ranking():
-    """Our sessions keep one chunk in the engine. B's first chunk is deferred for C (complete);
-    B's 2,000-token final then queues behind what is left of it (340 tokens), and the broker ranks
-    B by both, so A (640 tokens) goes first, as it would if B's chunks were applied at once.
-    Ranked by the chunk in work alone, B (340) would go first and A's TTFT would be 1.2 s."""
+    """Our sessions keep one chunk in the engine. Each session opens with its 40-token template;
+    C's final goes first (complete); B's 2,000-token final then queues behind what is left of B's
+    first chunk (380 tokens), and the broker ranks B by both, so A (600 tokens) goes first, as it
+    would if B's chunks were applied at once. Ranked by the chunk in work alone, B (380) would go
+    first and A's TTFT would be 1.14 s."""
     events = (TraceEvent(0.0, "append", n_tokens=400), TraceEvent(0.15, "append", n_tokens=2000))
     b = TraceRequest("b", "crawler", "q", events)
     c = TraceRequest("c", "crawler", "q", (TraceEvent(0.05, "append", n_tokens=200),))
     a = TraceRequest("a", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=600),))
     profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)  # 0.1 s a step
-    ttft = {
-        hold: Simulator(profile, hold_in_flight=hold).run([b, c, a], "stream2llm", qps=1e6).ttft_final
-        for hold in (True, False)
-    }
-    # C: seen at 0.1, 3 steps. A: arrives 0.2, takes C's leftover at 0.3, then 6 steps to 1.0
-    assert ttft[True][:2] == pytest.approx([0.35, 0.8], abs=1e-3)
-    assert ttft[True] == pytest.approx(ttft[False], abs=1e-3)
+    ttft = Simulator(profile).run([b, c, a], "stream2llm", qps=1e6).ttft_by_request
+    # B's template 0-0.04; the three sessions' first tokens 0.04-0.14; C 0.14-0.34; A 0.34-0.94
+    assert ttft["c"] == pytest.approx(0.29, abs=1e-3)
+    assert ttft["a"] == pytest.approx(0.74, abs=1e-3)
+    assert ttft["b"] > 2.0
 
 
 def test_stock_vllm_a_parked_session_keeps_its_place_in_the_waiting_queue():
     """In vLLM a session parked for its next chunk stays in the waiting queue where it was parked
-    (the chunk updates it in place): a parked at 0.1 goes before b, parked at 0.2, although b's
-    final chunk came first."""
+    (the chunk updates it in place): a, parked at 0.14, goes before b, parked at 0.24, although
+    b's final chunk came first."""
 
     def session(name: str, first: float, final: float) -> TraceRequest:
         events = (TraceEvent(first, "append", n_tokens=60), TraceEvent(final, "append", n_tokens=60))
@@ -219,9 +218,10 @@ def test_stock_vllm_a_parked_session_keeps_its_place_in_the_waiting_queue():
     hog = TraceRequest("hog", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=500),))
     profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)  # 0.1 s a full step
     ttft = Simulator(profile).run([session("a", 0.0, 0.5), session("b", 0.05, 0.3), hog], "vllm", qps=1e6)
-    # the hog runs 0.2-0.8 (540 tokens); its last step has room for 60 more: a's final
-    assert ttft.ttft_by_request["a"] == pytest.approx(0.3, abs=1e-3)
-    assert ttft.ttft_by_request["b"] == pytest.approx(0.56, abs=1e-3)  # its 60 tokens: 0.8-0.86
+    # the hog's 500 tokens run 0.24-0.74; then a's final (60) and 40 of b's: 0.74-0.84, b's rest
+    # to 0.86 (in b's place first: b 0.54, a 0.36)
+    assert ttft.ttft_by_request["a"] == pytest.approx(0.34, abs=1e-3)
+    assert ttft.ttft_by_request["b"] == pytest.approx(0.56, abs=1e-3)
 
 
 def test_running_complete_streams_are_not_preempted_for_a_shorter_one():
@@ -231,7 +231,8 @@ def test_running_complete_streams_are_not_preempted_for_a_shorter_one():
     short = TraceRequest("short", "crawler", "q", (TraceEvent(0.15, "append", n_tokens=60),))
     profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)
     ttft = Simulator(profile).run([long, short], "stream2llm", qps=1e6).ttft_final
-    assert ttft == pytest.approx([1.0, 0.95], abs=1e-3)  # short (100 tokens) runs after long, 1.0-1.1
+    # long: its template 0-0.04, then 960 tokens to 1.04; short (its template, then 60) runs 0.94-1.1
+    assert ttft == pytest.approx([1.04, 0.95], abs=1e-3)
 
 
 def test_update_recomputes_only_past_the_changed_document():
