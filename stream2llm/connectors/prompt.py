@@ -5,13 +5,16 @@ A prompt is ``prefix`` (instructions and the question), ``body`` (the retrieved 
 the tokenization of the *final* full prompt text, token for token. Tokenizing each piece on its own
 breaks that (BPE merges across a boundary: "retri" + "eval" is not "retrieval"), so:
 
-1. every event re-tokenizes the whole text so far (fast tokenizers do millions of tokens a second);
+1. every event re-tokenizes the text from the last committed token on (all of it after an update);
 2. only tokens that end at least ``holdback_chars`` before the end of the text are *committed*
    (sent to the engine); the tail may still merge with text that has not arrived yet;
 3. if the committed ids of an event are not an extension of what was sent before (a merge reached
    further back than the hold-back), the difference is sent as an *update*: the engine keeps the
    longest common prefix and recomputes the rest. So equality with one-shot tokenization holds in
-   every case, and the hold-back only keeps such updates rare.
+   every case, and the hold-back only keeps such updates rare;
+4. the final prompt goes out on provisional ids (re-tokenized past the last committed token only)
+   while the whole text is tokenized off the critical path (``exact_final_ids``); the session
+   releases output once the two agree.
 """
 
 from __future__ import annotations
