@@ -5,16 +5,14 @@ A prompt is ``prefix`` (instructions and the question), ``body`` (the retrieved 
 the tokenization of the *final* full prompt text, token for token. Tokenizing each piece on its own
 breaks that (BPE merges across a boundary: "retri" + "eval" is not "retrieval"), so:
 
-1. every event re-tokenizes the text from the last committed token on (all of it after an update);
+1. every event re-tokenizes the text from the last committed token on (all of it after an update;
+   the final event: all of it, so that it equals one-shot tokenization);
 2. only tokens that end at least ``holdback_chars`` before the end of the text are *committed*
    (sent to the engine); the tail may still merge with text that has not arrived yet;
 3. if the committed ids of an event are not an extension of what was sent before (a merge reached
    further back than the hold-back), the difference is sent as an *update*: the engine keeps the
    longest common prefix and recomputes the rest. So equality with one-shot tokenization holds in
-   every case, and the hold-back only keeps such updates rare;
-4. the final prompt goes out on provisional ids (re-tokenized past the last committed token only)
-   while the whole text is tokenized off the critical path (``exact_final_ids``); the session
-   releases output once the two agree.
+   every case, and the hold-back only keeps such updates rare.
 """
 
 from __future__ import annotations
@@ -63,11 +61,6 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encode_with_ends(text)[0]
-
-    def encode_releasing_gil(self, text: str) -> list[int]:
-        """Token ids (BOS first) for use off the event loop: the batch call releases the GIL."""
-        ids = list(self._tok.encode_batch([text], add_special_tokens=False)[0].ids)
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
@@ -157,27 +150,10 @@ class PromptBuilder:
         self._last = (self.prefix + self.body, ids, ends)
         return PromptIds(ids[:n], len(ids))
 
-    def provisional_final_ids(self) -> list[int]:
-        """The final prompt's ids, re-tokenizing only past the last committed token: the time is
-        that of the text that came since, not of the whole prompt. It equals ``exact_final_ids``
-        unless a merge reaches back past the hold-back; the caller checks, off the critical path."""
-        if self.truncate:
-            return self.ids(final=True).ids
-        return self._encode_incrementally(self.suffix)[0]
-
-    def exact_final_ids(self) -> list[int]:
-        """The whole final prompt tokenized at once (as one-shot would be), without holding the
-        GIL: for a worker thread."""
-        ids = self._tok.encode_releasing_gil(self.text(final=True))
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise ContextTooLong(len(ids), self.max_prompt_tokens)
-        return ids
-
-    def _encode_incrementally(self, suffix: str = "") -> tuple[list[int], list[int]]:
-        """Tokens of prefix + body (+ ``suffix``), re-tokenizing only after the last committed
-        token when the body grew by appending (``exact_final_ids`` and ``ids(final=True)`` tokenize
-        everything, so this is only a saving)."""
-        text = self.prefix + self.body + suffix
+    def _encode_incrementally(self) -> tuple[list[int], list[int]]:
+        """Tokens of prefix + body, re-tokenizing only after the last committed token when the body
+        grew by appending (the final call always tokenizes everything, so this is only a saving)."""
+        text = self.prefix + self.body
         last = self._last
         if last is None or not text.startswith(last[0]):
             ids, ends = self._tok.encode_with_ends(text)
@@ -188,7 +164,7 @@ class PromptBuilder:
             tail_ids, tail_ends = self._tok.encode_with_ends(text[restart:], bos=False)
             ids = old_ids[:keep] + tail_ids
             ends = old_ends[:keep] + [restart + e for e in tail_ends]
-        size = len(ids) + (0 if suffix else self._suffix_len)
+        size = len(ids) + self._suffix_len
         if self.max_prompt_tokens is not None and size > self.max_prompt_tokens:
             raise ContextTooLong(size, self.max_prompt_tokens)
         return ids, ends

@@ -69,10 +69,9 @@ def profile_from_steps(
     frontend = {}
     if bench is not None:
         runs = json.loads(bench.read_text())["runs"]
-        samples = [(t, n, run["policy"] == "nonstream") for run in runs for t, n in _timelines(run) if t]
+        samples = [(t, n) for run in runs for t, n in _timelines(run) if t is not None]
         names = ("frontend_in_s", "tokenize_token_s", "frontend_out_s")
-        timelines, tokens, whole = (list(column) for column in zip(*samples))
-        frontend = dict(zip(names, fit_frontend(timelines, tokens, steps, whole)))
+        frontend = dict(zip(names, fit_frontend([t for t, _ in samples], [n for _, n in samples], steps)))
     return dataclasses.replace(
         base,
         name=f"steps-{path.parent.name or path.stem}",

@@ -149,29 +149,23 @@ def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
 
 
 def fit_frontend(
-    timelines: list[tuple[str, float, float, float]],
-    prompt_tokens: list[int],
-    steps: list[dict],
-    whole_prompt: list[bool],
+    timelines: list[tuple[str, float, float, float]], prompt_tokens: list[int], steps: list[dict]
 ) -> tuple[float, float, float]:
     """(frontend_in_s, tokenize_token_s, frontend_out_s) from a bench's request timelines (engine
     id, final event, its hand-off, first token; the step log's monotonic clock) and its step log.
 
-    Tokenizing: hand-off minus final event against the prompt's length, over the requests that
-    tokenized their whole prompt before the hand-off (``whole_prompt``: nonstream; a stream hands
-    its final over on its own text's tokens). The trip in: from the hand-off to the first step
-    holding the request, counted only where no step was running then (else it is queueing). The
-    trip out: from the last step holding the request to the first token."""
+    Tokenizing: hand-off minus final event against the prompt's length. The trip in: from the
+    hand-off to the first step holding the request, counted only where no step was running then
+    (else it is queueing). The trip out: from the last step holding the request to the first token.
+    """
     by_id: dict[str, list[dict]] = {}
     for step in steps:
         for *_, request_id in step["prefill"]:
             by_id.setdefault(request_id.split("#")[0], []).append(step)
     starts = [s["t0"] for s in steps]
     handoff, trip_in, trip_out = [], [], []
-    for timeline, tokens, whole in zip(timelines, prompt_tokens, whole_prompt):
-        request_id, final_at, handed_at, first_at = timeline
-        if whole:
-            handoff.append((tokens, handed_at - final_at))
+    for (request_id, final_at, handed_at, first_at), tokens in zip(timelines, prompt_tokens):
+        handoff.append((tokens, handed_at - final_at))
         mine = by_id.get(request_id)
         if not mine:
             continue

@@ -98,7 +98,6 @@ class SessionResult:
     mode: str
     # monotonic clock, shared with the engine's step log: the final event, its hand-off to vLLM
     # (after the whole prompt was tokenized), the first generated token
-    final_retokenized: bool = False  # the final's provisional ids were wrong and it was redone
     final_event_at: float | None = None
     final_handoff_at: float | None = None
     first_token_at: float | None = None
@@ -347,10 +346,6 @@ class Session:
         self._chunks_done = 0  # chunks of the current vLLM request whose prefill has finished
         self._held: tuple[str, list[int], bool] | None = None  # waits for the chunk in flight
         self._final_sent = False
-        self._checking_final = False  # the final went on provisional ids; output waits for the check
-        self._unreleased: list[int] | None = None  # generated while that check ran
-        self._generation_done = False  # the current vLLM request has ended
-        self.final_retokenized = False
         self._next_seq = 0
         self._state: Literal["open", "finished", "aborted", "failed"] = "open"
         self._t_open = time.monotonic()
@@ -471,9 +466,8 @@ class Session:
         session as it was."""
         before = self._builder.body
         change(self._builder)
-        provisional = final and self.mode != "nonstream"
         try:
-            target = self._builder.provisional_final_ids() if provisional else self._builder.ids(final).ids
+            target = self._builder.ids(final=final).ids
         except StreamError:
             self._builder.body = before
             raise
@@ -482,32 +476,6 @@ class Session:
                 self._launch(target, as_stream=False)
             return
         self._send(target, final)
-        if provisional:
-            self._checking_final = True
-            asyncio.get_running_loop().create_task(self._check_final(target))
-
-    async def _check_final(self, provisional: list[int]) -> None:
-        """The final chunk went to the engine on ids tokenized only past the last committed token,
-        so that the whole prompt's tokenizing is not on the TTFT path. Here the whole prompt is
-        tokenized at once, as one-shot would be, in a worker thread while the engine prefills;
-        output is released only after. Where a merge reached back past the hold-back (rare) the
-        final is redone on the exact ids (KV kept up to their common prefix by the prefix cache)."""
-        try:
-            exact = await asyncio.to_thread(self._builder.exact_final_ids)
-        except StreamError as exc:
-            self._fail(exc)
-            return
-        if self._state != "finished":
-            return  # aborted meanwhile
-        if exact != provisional:
-            self.final_retokenized = True
-            self._unreleased = None
-            self._restart_runner(exact, final=True)
-        self._checking_final = False
-        if self._unreleased is not None:
-            self._release(self._unreleased)
-        if self._generation_done:
-            self._complete()
 
     def _send(self, target: list[int], final: bool) -> None:
         extends = target[: len(self._sent)] == self._sent and len(target) > len(self._sent)
@@ -572,7 +540,6 @@ class Session:
 
     def _launch(self, ids: list[int], as_stream: bool, final: bool = True) -> None:
         self._attempt += 1
-        self._generation_done = False
         internal_id = self.request_id if self._attempt == 1 else f"{self.request_id}#{self._attempt}"
         self._internal_id = internal_id
         if as_stream:
@@ -608,9 +575,7 @@ class Session:
         try:
             async for out in self.engine._llm.generate(prompt, final_sampling, request_id=internal_id):
                 self._on_output(out)
-            self._generation_done = True
-            if not self._checking_final:  # else the check completes the session
-                self._complete()
+            self._complete()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the engine failed this request; others go on
@@ -629,19 +594,13 @@ class Session:
         if n_throwaway is None or len(ids) <= n_throwaway:
             return
         real = ids[n_throwaway:]
-        if self._checking_final:
-            self._unreleased = real
-        else:
-            self._release(real)
+        if self._t_first is None:
+            self._t_first = now
+        self._emit(real)
         if out.outputs[0].finish_reason is not None:
             self._finish_reason = out.outputs[0].finish_reason
         if out.kv_transfer_params and CONFIG_KEY in out.kv_transfer_params:
             self._counters = out.kv_transfer_params[CONFIG_KEY]
-
-    def _release(self, real: list[int]) -> None:
-        if self._t_first is None:
-            self._t_first = time.monotonic()
-        self._emit(real)
 
     def _emit(self, real: list[int]) -> None:
         """Push the new part of the decoded text (holding back an incomplete UTF-8 character)."""
@@ -677,7 +636,6 @@ class Session:
                 chunks=list(self._chunks),
                 finish_reason=self._finish_reason,
                 mode=self.mode,
-                final_retokenized=self.final_retokenized,
                 final_event_at=self._t_final,
                 final_handoff_at=self._chunks[-1].sent if self._t_final and self._chunks else None,
                 first_token_at=self._t_first,

@@ -5,9 +5,7 @@ prefill cost of every chunk it schedules (``CostProfile.chunk_s``: linear in tok
 growing with the context) plus a decode cost per running request; each step has a token budget
 (``max_num_batched_tokens``) and KV memory is ``kv_capacity_tokens`` in blocks. The front end
 delays each chunk by its tokenizing and a fixed trip in, and the token by a trip out (profile
-fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``); a stream's first token also
-waits for its whole final prompt's tokenizing, which runs beside the engine (``nonstream``
-tokenizes it before the hand-off). Requests arrive as
+fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``). Requests arrive as
 a Poisson process and replay their trace events: ``stream`` policies get each chunk on arrival,
 ``nonstream`` gets the whole prompt after the last event. Parked sessions hold their blocks;
 ``vllm`` never evicts them (work waits for memory), the other policies evict by their own rule and
@@ -42,7 +40,6 @@ class _Req:
     complete: bool = False
     last_chunk_at: float = 0.0
     final_at: float = 0.0  # the final event: TTFT counts from here
-    exact_at: float = 0.0  # the whole final prompt tokenized (streams check their final's ids)
     first_token_at: float | None = None
     blocks: int = 0
     evictions: int = 0
@@ -101,17 +98,17 @@ def _chunks(
     """(time the engine can schedule it, prompt length after it, tokens kept) for the session's
     opening (the template, sent at open, as the engine's sessions do) and per event: appends
     keep everything; an update keeps the documents before the first one that changed (the longest
-    common prefix). ``handoff`` is the front end's delay for the tokens it tokenizes before the
-    engine sees them: an append's own (the final one's too: the whole prompt is checked beside the
-    engine's work), an update's whole prompt."""
+    common prefix). ``handoff`` is the front end's delay for the tokens it tokenizes: an append's
+    own, an update's and the final event's whole prompt (re-tokenized, as one-shot would be)."""
     opening = (arrival + handoff(TEMPLATE_TOKENS), TEMPLATE_TOKENS, cap)
     out, total, previous = [opening], TEMPLATE_TOKENS, ()
-    for event in request.events:
+    last = len(request.events) - 1
+    for i, event in enumerate(request.events):
         t = arrival + event.t * delay
         if event.op == "append":
             added = max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
             total += added
-            out.append((t + handoff(added), min(total, cap), cap))
+            out.append((t + handoff(total if i == last else added), min(total, cap), cap))
             continue
         docs = tuple(event.docs or ())
         sizes = [max(1, round(_token_length((d,), None, None) * scale)) for d in docs]
@@ -168,12 +165,9 @@ class Simulator:
             )
             for r, a in zip(requests, arrivals)
         ]
-        for r in reqs:
-            _, prompt, keep = r.chunks[-1]
-            if nonstream:  # the whole prompt, tokenized at once, once the last event is in
-                r.chunks = [(r.final_at + self.profile.handoff_s(prompt), prompt, keep)]
-            else:  # the whole prompt is tokenized beside the engine's work; output waits for it
-                r.exact_at = r.chunks[-1][0] + self.profile.tokenize_token_s * prompt
+        if nonstream:  # the whole prompt once the last event is in
+            for r in reqs:
+                r.chunks = [r.chunks[-1]]
         events = [(r.chunks[0][0], i) for i, r in enumerate(reqs)]
         heapq.heapify(events)
         now, free, active, done = 0.0, self.capacity, [], 0
@@ -224,7 +218,7 @@ class Simulator:
                 elif not r.complete and r.computed >= r.target:
                     r.waiting_chunk = True
                 elif r.complete and r.computed >= r.target and r.first_token_at is None:
-                    r.first_token_at = max(now, r.exact_at) + self.profile.frontend_out_s
+                    r.first_token_at = now + self.profile.frontend_out_s
                     result.ttft_final.append(r.first_token_at - r.final_at)
                     result.ttft_by_request[r.id] = r.first_token_at - r.final_at
                     free += r.blocks

@@ -43,26 +43,6 @@ async def test_append_session_equals_oneshot(engine, k, n_chars):
     assert streamed.token_ids == direct
     # every prompt token was prefilled exactly once (the prefix cache was not used by the session)
     assert streamed.tokens_prefilled == len(expected_prompt)
-    assert not streamed.final_retokenized  # the final went on provisional ids, and they were exact
-
-
-@pytest.mark.parametrize("mode", ["stream", "vllm"])
-async def test_a_wrong_provisional_final_is_redone_on_the_exact_ids(engine, mode):
-    """The final chunk goes to the engine on ids tokenized only past the last committed token;
-    the whole prompt is tokenized meanwhile. With no hold-back, a piece cut inside a word makes
-    the provisional ids wrong: the final is redone, and the output still equals one-shot's."""
-    context = corpus_text(3000, seed=7)
-    cut = context.index(" the ", 1500) + 2  # " t" | "he ...": merged in one-shot tokenization
-    session = await engine.open(QUESTION, GREEDY, mode=mode)
-    session._builder.holdback_chars = 0  # force the rare case: commit up to the last character
-    await session.append(context[:cut])
-    await asyncio.sleep(0.05)
-    await session.append(context[cut:], final=True)
-    streamed = await session.result()
-    assert streamed.final_retokenized
-    reference = await oneshot(engine, QUESTION, context)
-    assert streamed.prompt_token_ids == reference.prompt_token_ids == full_prompt_ids(engine, context)
-    assert streamed.token_ids == reference.token_ids
 
 
 async def _run_updates(engine, series: list[list[str]], wait: bool):
