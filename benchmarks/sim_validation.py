@@ -19,6 +19,11 @@ from stream2llm.workloads.simulate import Simulator
 from stream2llm.workloads.trace import read_trace, with_stable_layout
 
 
+def compare(measured: float, predicted: float) -> dict:
+    error = round(predicted / measured - 1, 3)
+    return {"measured": round(measured, 4), "predicted": round(predicted, 4), "error": error}
+
+
 def mean_over_repeats(rows: list[dict]) -> list[dict]:
     """Per (policy, qps): measured and predicted percentiles averaged over the repeats (seeds), as
     the bench reports them."""
@@ -30,8 +35,7 @@ def mean_over_repeats(rows: list[dict]) -> list[dict]:
         mean = {"policy": policy, "qps": qps, "repeats": len(group)}
         for pct in ("p50", "p95"):
             m = statistics.fmean(r[pct]["measured"] for r in group)
-            p = statistics.fmean(r[pct]["predicted"] for r in group)
-            mean[pct] = {"measured": round(m, 4), "predicted": round(p, 4), "error": round(p / m - 1, 3)}
+            mean[pct] = compare(m, statistics.fmean(r[pct]["predicted"] for r in group))
         out.append(mean)
     return out
 
@@ -67,8 +71,7 @@ if __name__ == "__main__":
         ).to_json()["ttft_final_s"]
         row = {"policy": run["policy"], "qps": run["qps"], "repeat": run.get("repeat", 0)}
         for pct in ("p50", "p95"):
-            m, p = run["ttft_final_s"][pct], predicted[pct]
-            row[pct] = {"measured": round(m, 4), "predicted": round(p, 4), "error": round(p / m - 1, 3)}
+            row[pct] = compare(run["ttft_final_s"][pct], predicted[pct])
         rows.append(row)
         print(row)
     means = mean_over_repeats(rows)

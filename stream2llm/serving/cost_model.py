@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,13 @@ def fit_prefill(
 def _fit_relative(design: np.ndarray, seconds: list[float]) -> tuple[float, ...]:
     """Least squares on relative error (each row divided by its time), coefficients clamped at 0."""
     y = np.asarray(seconds, dtype=float)
-    coeffs, *_ = np.linalg.lstsq(np.asarray(design, dtype=float) / y[:, None], np.ones_like(y), rcond=None)
+    return _fit_absolute(np.asarray(design, dtype=float) / y[:, None], np.ones_like(y))
+
+
+def _fit_absolute(design: np.ndarray, seconds: Any) -> tuple[float, ...]:
+    """Plain least squares, coefficients clamped at 0."""
+    x, y = np.asarray(design, dtype=float), np.asarray(seconds, dtype=float)
+    coeffs, *_ = np.linalg.lstsq(x, y, rcond=None)
     return tuple(max(float(v), 0.0) for v in coeffs)
 
 
@@ -143,8 +150,7 @@ def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
         seconds.append((following["t0"] if straight_on else step["t2"]) - step["t0"])
     if len(rows) < 4:
         raise ValueError(f"too few engine steps to fit a step cost ({len(rows)}; need at least 4)")
-    coeffs, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(seconds), rcond=None)
-    step_s, b, c, d = (max(float(v), 0.0) for v in coeffs)
+    step_s, b, c, d = _fit_absolute(np.asarray(rows), seconds)
     return step_s, b, c, d
 
 
@@ -177,7 +183,5 @@ def fit_frontend(
             trip_in.append(later[0]["t0"] - handed_at)
     if len(handoff) < 2 or not trip_in or not trip_out:
         raise ValueError("too few requests joined to the step log to fit the front end")
-    x = np.asarray([(1.0, n) for n, _ in handoff])
-    (fixed, per_token), *_ = np.linalg.lstsq(x, np.asarray([s for _, s in handoff]), rcond=None)
-    frontend_in_s = max(float(fixed), 0.0) + float(np.median(trip_in))
-    return frontend_in_s, max(float(per_token), 0.0), float(np.median(trip_out))
+    fixed, per_token = _fit_absolute(np.asarray([(1.0, n) for n, _ in handoff]), [s for _, s in handoff])
+    return fixed + float(np.median(trip_in)), per_token, float(np.median(trip_out))

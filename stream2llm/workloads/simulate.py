@@ -61,10 +61,13 @@ class _Req:
 class SimResult:
     policy: str
     qps: float
-    ttft_final: list[float] = field(default_factory=list)
-    ttft_by_request: dict[str, float] = field(default_factory=dict)  # to set beside a measured run
+    ttft_by_request: dict[str, float] = field(default_factory=dict)  # in the order they finished
     completion_s: float = 0.0
     evictions: int = 0
+
+    @property
+    def ttft_final(self) -> list[float]:
+        return list(self.ttft_by_request.values())
 
     def to_json(self) -> dict:
         return {
@@ -207,7 +210,7 @@ class Simulator:
                 continue
             now += duration
             for r in work:
-                if r.computed >= r.target and not (r.complete and not r.backlog):
+                if r.computed >= r.target and (r.backlog or not r.complete):
                     r.queued_at = now  # resumed with a queued chunk, or parked: back of the queue
                 if r.backlog and r.computed >= r.target and held:  # what was held, merged
                     for chunk in r.backlog:
@@ -219,7 +222,6 @@ class Simulator:
                     r.waiting_chunk = True
                 elif r.complete and r.computed >= r.target and r.first_token_at is None:
                     r.first_token_at = now + self.profile.frontend_out_s
-                    result.ttft_final.append(r.first_token_at - r.final_at)
                     result.ttft_by_request[r.id] = r.first_token_at - r.final_at
                     free += r.blocks
                     r.blocks = 0
