@@ -14,7 +14,7 @@ import uuid
 import pytest
 from vllm import SamplingParams
 
-from tests.conftest import corpus_text
+from tests.conftest import EXACT_DTYPE, corpus_text
 
 QUESTION = "What is this about?"
 SESSIONS, PIECES, GAP_S = 16, 4, 0.3
@@ -27,7 +27,9 @@ async def small_engine(tiny_model):
 
     # 6 MiB of KV: 12,288 tokens, 96 blocks; sixteen sessions of ~1,800 tokens need ~240
     eng = await StreamingEngine.start(
-        EngineConfig(model="tiny", kv_cache_bytes=6 << 20, max_model_len=4096, session_ttl_s=None)
+        EngineConfig(
+            model="tiny", kv_cache_bytes=6 << 20, max_model_len=4096, session_ttl_s=None, dtype=EXACT_DTYPE
+        )
     )
     yield eng
     await eng.shutdown()
