@@ -302,7 +302,7 @@ class StreamScheduler(compat.HookedScheduler):
                     logged.append((prompt_part, computed_before, self._is_complete(request_id), submitted_as))
         if self._step_log is not None:
             decodes = len(output.num_scheduled_tokens) - len(logged)  # requests past their prompt
-            self._step_log.scheduled(self.policy_name, logged, decodes, t0)
+            self._step_log.scheduled(self.policy_name, logged, decodes, len(self.requests), t0)
         self._publish()
         return output
 

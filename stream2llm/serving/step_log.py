@@ -2,8 +2,9 @@
 
 Idle calibration (``stream2llm calibrate``) times one request alone; under load a step mixes
 prefill chunks deep in long contexts, decodes and the front end's work on the same cores. The log
-records, per step, when it was scheduled, when its output came back, and each scheduled request's
-tokens, context, whether its stream was complete and its id, so step cost can be fitted under load
+records, per step, when it was scheduled, when its output came back, how many requests the engine
+core held (running, waiting or parked between chunks), and each scheduled request's tokens,
+context, whether its stream was complete and its id, so step cost can be fitted under load
 and a TTFT can be traced to the steps it waited for. One JSON object per line.
 """
 
@@ -24,11 +25,18 @@ class StepLog:
         self._file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
         self._open: dict[str, Any] | None = None
 
-    def scheduled(self, policy: str, items: list[PrefillItem], decodes: int, t0: float) -> None:
+    def scheduled(self, policy: str, items: list[PrefillItem], decodes: int, held: int, t0: float) -> None:
         """A step was scheduled at ``t0``: ``items`` holds one entry per prefill chunk;
-        ``decodes`` counts requests that only decode."""
+        ``decodes`` counts requests that only decode, ``held`` every request the core holds."""
         now = time.monotonic()
-        self._open = {"t0": t0, "t1": now, "policy": policy, "prefill": items, "decodes": decodes}
+        self._open = {
+            "t0": t0,
+            "t1": now,
+            "policy": policy,
+            "prefill": items,
+            "decodes": decodes,
+            "held": held,
+        }
 
     def finished(self) -> None:
         """The step's output came back: write the line."""

@@ -57,6 +57,17 @@ class EventText:
         self._scale = options.scale
         self._cap = engine.config.max_model_len - options.max_tokens - TEMPLATE_ALLOWANCE
 
+    def payloads(self, request: TraceRequest) -> list[str | list[str]]:
+        """Each event's text (append) or documents (update), built before the run starts, so that
+        making filler text takes no CPU from the engine while it is timed."""
+        factor = self.factor(request)
+        return [
+            (self.append_text(request, i, event, factor) or " ")
+            if event.op == "append"
+            else self.docs(event, factor)
+            for i, event in enumerate(request.events)
+        ]
+
     def factor(self, request: TraceRequest) -> float:
         tokens = request_tokens(request) * self._scale
         return self._scale * min(1.0, self._cap / tokens) if tokens else self._scale
@@ -83,7 +94,7 @@ async def _replay_one(
     record: RequestRecord,
     policy: str,
     start: float,
-    texts: EventText,
+    payloads: list[str | list[str]],
     sampling: Any,
     options: ReplayOptions,
     salt: str,
@@ -91,7 +102,6 @@ async def _replay_one(
     loop = asyncio.get_running_loop()
     arrival = start + record.arrival_s
     await asyncio.sleep(max(0.0, arrival - loop.time()))
-    factor = texts.factor(request)
     engine_policy = "vllm" if policy == "nonstream" else policy  # the published baseline: stock vLLM
     session = await engine.open(
         request.query,
@@ -103,12 +113,12 @@ async def _replay_one(
     )
     last = len(request.events) - 1
     try:
-        for i, event in enumerate(request.events):
+        for i, (event, payload) in enumerate(zip(request.events, payloads)):
             await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))
-            if event.op == "append":
-                await session.append(texts.append_text(request, i, event, factor) or " ", final=i == last)
+            if isinstance(payload, str):
+                await session.append(payload, final=i == last)
             else:
-                await session.update(texts.docs(event, factor), final=i == last)
+                await session.update(payload, final=i == last)
         result = await session.result()
     except asyncio.CancelledError:
         await session.abort()  # the run's deadline passed: free its KV
@@ -140,6 +150,7 @@ async def run_once(
 
     sampling = SamplingParams(temperature=0, max_tokens=options.max_tokens, ignore_eos=True)
     texts = EventText(engine, options)
+    payloads = [texts.payloads(r) for r in requests]
     arrivals = poisson_arrivals(len(requests), qps, options.seed + repeat)
     records = [RequestRecord(r.id, a) for r, a in zip(requests, arrivals)]
     salt = uuid.uuid4().hex
@@ -147,9 +158,9 @@ async def run_once(
     loop = asyncio.get_running_loop()
     start = loop.time()
 
-    async def guarded(request: TraceRequest, record: RequestRecord) -> None:
+    async def guarded(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
         try:
-            await _replay_one(engine, request, record, policy, start, texts, sampling, options, salt)
+            await _replay_one(engine, request, record, policy, start, events, sampling, options, salt)
         except asyncio.CancelledError:
             record.error = f"stalled: no first token {options.deadline_s:g} s after the last event"
         except Exception as exc:  # one failing request must not stop the run
@@ -158,7 +169,7 @@ async def run_once(
             if on_done:
                 on_done()
 
-    tasks = [asyncio.create_task(guarded(r, rec)) for r, rec in zip(requests, records)]
+    tasks = [asyncio.create_task(guarded(*job)) for job in zip(requests, records, payloads)]
     timeout = None
     if options.deadline_s is not None:
         last_event = max(a + r.duration_s * options.delay_multiplier for r, a in zip(requests, arrivals))

@@ -68,6 +68,9 @@ def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
     assert all(s["t0"] <= s["t1"] <= s["t2"] for s in steps)
     assert max(sum(n for n, *_ in s["prefill"]) for s in steps) <= 2048
     assert any(complete for s in steps for _, _, complete, _ in s["prefill"])
+    # every request a step schedules is held by the core; streams also hold parked sessions
+    assert all(s["held"] >= len(s["prefill"]) + s["decodes"] for s in steps)
+    assert any(s["held"] > len(s["prefill"]) + s["decodes"] for s in steps if s["policy"] == "stream2llm")
     trace_ids = {r.id for r in read_trace(trace)}
     logged_ids = {rid.split("@")[0] for s in steps if s["policy"] == "vllm" for *_, rid in s["prefill"]}
     assert trace_ids <= logged_ids  # each step names the trace request it worked for
