@@ -7,7 +7,10 @@ growing with the context) plus a decode cost per running request; each step has 
 delays each chunk by its tokenizing and a fixed trip in, and the token by a trip out (profile
 fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``). Requests arrive as
 a Poisson process and replay their trace events: ``stream`` policies get each chunk on arrival,
-``nonstream`` gets the whole prompt after the last event. Parked sessions hold their blocks;
+``nonstream`` gets the whole prompt after the last event. Our sessions keep one chunk in the engine
+and hold what comes meanwhile; the held chunks go in, merged, once the front end has seen the chunk
+in work finish (its output's trip out, then the trip in), so on a busy engine they miss one step.
+Stock vLLM queues a session's chunks in the engine core itself. Parked sessions hold their blocks;
 ``vllm`` never evicts them (work waits for memory), the other policies evict by their own rule and
 the victim recomputes when its next chunk comes. One generated token, as in the published runs.
 """
@@ -44,6 +47,8 @@ class _Req:
     blocks: int = 0
     evictions: int = 0
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
+    releasing: bool = False  # its held chunks are on their way in (our sessions)
+    parked_at: float = 0.0  # when its last chunk finished
     backlog: list[tuple[float, int, int]] = field(default_factory=list)  # arrived, not yet applied
     queued_at: float = 0.0  # its place in vLLM's waiting queue: when it entered, resumed or parked
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
@@ -171,21 +176,33 @@ class Simulator:
         if nonstream:  # the whole prompt once the last event is in
             for r in reqs:
                 r.chunks = [r.chunks[-1]]
-        events = [(r.chunks[0][0], i) for i, r in enumerate(reqs)]
+        events = [(r.chunks[0][0], i, False) for i, r in enumerate(reqs)]  # (time, request, release)
         heapq.heapify(events)
+        index_of = {r.id: i for i, r in enumerate(reqs)}
+        release_delay = self.profile.frontend_out_s + self.profile.frontend_in_s
         now, free, active, done = 0.0, self.capacity, [], 0
         result = SimResult(policy, qps)
         admitted: list[_Req] = []  # admission order (vLLM's own order)
         while done < len(reqs):
             # deliver every chunk that has arrived by now
             while events and events[0][0] <= now:
-                _, i = heapq.heappop(events)
+                _, i, release = heapq.heappop(events)
                 r = reqs[i]
+                if release:
+                    free = self._merge_held(r, free)
+                    continue
                 chunk = r.chunks[r.next_chunk]
                 r.next_chunk += 1
                 if r.next_chunk < len(r.chunks):
-                    heapq.heappush(events, (r.chunks[r.next_chunk][0], i))
-                if (one_chunk_a_round or held) and r.pending > 0 and not r.waiting_chunk:
+                    heapq.heappush(events, (r.chunks[r.next_chunk][0], i, False))
+                in_work = r.pending > 0 and not r.waiting_chunk
+                # it came while the step that just ended ran the chunk in work: held until the
+                # front end sees that chunk finish
+                came_in_work = held and r.waiting_chunk and chunk[0] < r.parked_at
+                if came_in_work and not r.releasing:
+                    r.releasing = True
+                    heapq.heappush(events, (r.parked_at + release_delay, i, True))
+                if ((one_chunk_a_round or held) and in_work) or r.releasing:
                     # queued (stock vLLM) or held (our sessions) behind the chunk in flight
                     r.backlog.append(chunk)
                     r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
@@ -212,14 +229,14 @@ class Simulator:
             for r in work:
                 if r.computed >= r.target and (r.backlog or not r.complete):
                     r.queued_at = now  # resumed with a queued chunk, or parked: back of the queue
-                if r.backlog and r.computed >= r.target and held:  # what was held, merged
-                    for chunk in r.backlog:
-                        free = self._apply_chunk(r, chunk, free)
-                    r.backlog.clear()
+                if r.backlog and r.computed >= r.target and held:
+                    if not r.releasing:  # the front end sends what it held
+                        r.releasing = True
+                        heapq.heappush(events, (now + release_delay, index_of[r.id], True))
                 elif r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
                     free = self._apply_chunk(r, r.backlog.pop(0), free)
                 elif not r.complete and r.computed >= r.target:
-                    r.waiting_chunk = True
+                    r.waiting_chunk, r.parked_at = True, now
                 elif r.complete and r.computed >= r.target and r.first_token_at is None:
                     r.first_token_at = now + self.profile.frontend_out_s
                     result.ttft_by_request[r.id] = r.first_token_at - r.final_at
@@ -229,6 +246,14 @@ class Simulator:
         result.completion_s = now
         result.evictions = sum(r.evictions for r in reqs)
         return result
+
+    def _merge_held(self, r: _Req, free: int) -> int:
+        """Our session's held chunks reach the engine as one."""
+        for chunk in r.backlog:
+            free = self._apply_chunk(r, chunk, free)
+        r.backlog.clear()
+        r.releasing = False
+        return free
 
     def _apply_chunk(self, r: _Req, chunk: tuple[float, int, int], free: int) -> int:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""

@@ -153,7 +153,8 @@ def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_pr
     nonstream = sim.run([request], "nonstream", qps=1.0).ttft_final
     assert nonstream == [pytest.approx(front + 0.01 + prompt * 1e-3)]
     assert sim.run([request], "stream2llm", qps=1.0).ttft_final == [pytest.approx(front + 0.01 + 100 * 1e-3)]
-    # a final event right after a long chunk: its tokenizing overlaps that chunk's prefill
+    # a final event right after a long chunk: its tokenizing overlaps that chunk's prefill; held
+    # behind that chunk, it goes in once the front end has seen the chunk finish (out, then in)
     request = TraceRequest(
         "r",
         "crawler",
@@ -161,7 +162,7 @@ def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_pr
         (TraceEvent(1.0, "append", n_tokens=400), TraceEvent(1.01, "append", n_tokens=100)),
     )
     first_done = 1.0 + 0.002 + 400 * 1e-5 + 0.01 + 400 * 1e-3  # the template went at open
-    expected = first_done + 0.01 + 100 * 1e-3 + 0.001 - 1.01
+    expected = first_done + 0.001 + 0.002 + 0.01 + 100 * 1e-3 + 0.001 - 1.01
     assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
 
 
