@@ -15,13 +15,39 @@ import statistics
 from pathlib import Path
 
 from stream2llm.serving.cost_model import CostProfile
-from stream2llm.workloads.simulate import Simulator
-from stream2llm.workloads.trace import read_trace, with_stable_layout
+from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
+from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
+from stream2llm.workloads.trace import TraceEvent, TraceRequest, read_trace, with_stable_layout
 
 
 def compare(measured: float, predicted: float) -> dict:
     error = round(predicted / measured - 1, 3)
     return {"measured": round(measured, 4), "predicted": round(predicted, 4), "error": error}
+
+
+def with_measured_lengths(requests: list[TraceRequest], prompt_tokens: list[int], scale: float) -> list:
+    """Each request's synthetic token counts stretched to the prompt length the bench measured:
+    runs made before the filler text had exact token counts replayed ~2.5% more than the trace."""
+    out = []
+    for request, measured in zip(requests, prompt_tokens):
+        factor = max(measured - TEMPLATE_TOKENS, 1) / max(request_tokens(request) * scale, 1)
+        events = tuple(_stretched(e, factor) for e in request.events)
+        out.append(dataclasses.replace(request, events=events))
+    return out
+
+
+def _stretched(event: TraceEvent, factor: float) -> TraceEvent:
+    if event.n_tokens is not None:
+        return dataclasses.replace(event, n_tokens=max(1, round(event.n_tokens * factor)))
+    if event.docs is None:
+        return event
+    docs = []
+    for doc in event.docs:
+        if doc.startswith(FILLER_PREFIX):
+            name, n = doc.rsplit(":", 1)
+            doc = f"{name}:{max(1, round(int(n) * factor))}"
+        docs.append(doc)
+    return dataclasses.replace(event, docs=tuple(docs))
 
 
 def mean_over_repeats(rows: list[dict]) -> list[dict]:
@@ -47,12 +73,20 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--profile", default="cpu-tiny")
     parser.add_argument("--no-hold", action="store_true", help="model every chunk as applied on arrival")
+    parser.add_argument(
+        "--measured-lengths",
+        action="store_true",
+        help="stretch each request to the prompt length the bench measured (runs before exact filler)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     measured = json.loads(args.measured.read_text())
     requests = read_trace(args.trace)[: args.limit]
     if measured["options"].get("layout") == "stable":  # replay what the bench replayed
         requests = with_stable_layout(requests)
+    if args.measured_lengths:
+        lengths = measured["runs"][0]["samples"]["prompt_tokens"]
+        requests = with_measured_lengths(requests, lengths, measured["options"]["scale"])
     # the engine's step budget is a bench option (--max-batched-tokens); the model must use the same
     profile = dataclasses.replace(
         CostProfile.load(args.profile), max_num_batched_tokens=measured["engine"]["max_num_batched_tokens"]
