@@ -8,11 +8,15 @@ delays each chunk by its tokenizing and a fixed trip in, and the token by a trip
 fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``). Requests arrive as
 a Poisson process and replay their trace events: ``stream`` policies get each chunk on arrival,
 ``nonstream`` gets the whole prompt after the last event. Our sessions keep one chunk in the engine
-and hold what comes meanwhile; the held chunks go in, merged, once the front end has seen the chunk
+and hold the appends that come meanwhile; they go in, merged, once the front end has seen the chunk
 in work finish (its output's trip out, then the trip in), so on a busy engine they miss one step.
-Stock vLLM queues a session's chunks in the engine core itself. Parked sessions hold their blocks;
-``vllm`` never evicts them (work waits for memory), the other policies evict by their own rule and
-the victim recomputes when its next chunk comes. One generated token, as in the published runs.
+An update and the final (with what was held) go into the engine core at once: an update ends the
+chunk in work after the tokens already scheduled, the final waits there behind it. Stock vLLM
+queues appends in the engine core and applies them one per round; its update aborts the request
+and resubmits the whole prompt (the prefix cache keeps the whole blocks it shares). Parked sessions
+hold their blocks; ``vllm`` never evicts them (work waits for memory), the other policies evict by
+their own rule and the victim recomputes when its next chunk comes. One generated token, as in the
+published runs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from stream2llm.serving.cost_model import CostProfile
 from stream2llm.serving.policies import Costs, RequestView, VllmPolicy, make_policy
@@ -32,11 +37,18 @@ from stream2llm.workloads.trace import TraceRequest
 TEMPLATE_TOKENS = 40  # instructions, question and answer cue around the context
 
 
+class _Chunk(NamedTuple):
+    at: float  # when the engine can schedule it
+    target: int  # the prompt's length after it
+    keep: int  # tokens of computed KV it keeps (an update: up to the first changed document)
+    replaces: bool  # an update: it replaces the context
+
+
 @dataclass
 class _Req:
     id: str
     arrival: float
-    chunks: list[tuple[float, int, int]]  # (absolute time, prompt length after it, tokens it keeps)
+    chunks: list[_Chunk]
     next_chunk: int = 0
     target: int = 0  # prompt tokens known so far
     computed: int = 0
@@ -49,7 +61,8 @@ class _Req:
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
     releasing: bool = False  # its held chunks are on their way in (our sessions)
     parked_at: float = 0.0  # when its last chunk finished
-    backlog: list[tuple[float, int, int]] = field(default_factory=list)  # arrived, not yet applied
+    final_queued: bool = False  # its final (with what was held) waits in the engine core
+    backlog: list[_Chunk] = field(default_factory=list)  # arrived, not yet applied
     queued_at: float = 0.0  # its place in vLLM's waiting queue: when it entered, resumed or parked
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
 
@@ -102,13 +115,13 @@ def _chunks(
     delay: float,
     cap: int,
     handoff: Callable[[int], float],
-) -> list[tuple[float, int, int]]:
+) -> list[_Chunk]:
     """(time the engine can schedule it, prompt length after it, tokens kept) for the session's
     opening (the template, sent at open, as the engine's sessions do) and per event: appends
     keep everything; an update keeps the documents before the first one that changed (the longest
     common prefix). ``handoff`` is the front end's delay for the tokens it tokenizes: an append's
     own, an update's and the final event's whole prompt (re-tokenized, as one-shot would be)."""
-    opening = (arrival + handoff(TEMPLATE_TOKENS), TEMPLATE_TOKENS, cap)
+    opening = _Chunk(arrival + handoff(TEMPLATE_TOKENS), TEMPLATE_TOKENS, cap, False)
     out, total, previous = [opening], TEMPLATE_TOKENS, ()
     last = len(request.events) - 1
     for i, event in enumerate(request.events):
@@ -116,7 +129,7 @@ def _chunks(
         if event.op == "append":
             added = max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
             total += added
-            out.append((t + handoff(total if i == last else added), min(total, cap), cap))
+            out.append(_Chunk(t + handoff(total if i == last else added), min(total, cap), cap, False))
             continue
         docs = tuple(event.docs or ())
         sizes = [max(1, round(_token_length((d,), None, None) * scale)) for d in docs]
@@ -126,7 +139,7 @@ def _chunks(
                 break
             keep += size
         total = TEMPLATE_TOKENS + sum(sizes)
-        out.append((t + handoff(total), min(total, cap), min(keep, cap)))
+        out.append(_Chunk(t + handoff(total), min(total, cap), min(keep, cap), True))
         previous = docs
     return out
 
@@ -196,9 +209,35 @@ class Simulator:
                 if r.next_chunk < len(r.chunks):
                     heapq.heappush(events, (r.chunks[r.next_chunk][0], i, False))
                 in_work = r.pending > 0 and not r.waiting_chunk
-                # it came while the step that just ended ran the chunk in work: held until the
-                # front end sees that chunk finish
-                came_in_work = held and r.waiting_chunk and chunk[0] < r.parked_at
+                if held and (chunk.replaces or chunk is r.chunks[-1]):
+                    # our sessions send an update, or the final with what they held, into the
+                    # engine core at once: an update replaces what was held and ends the chunk in
+                    # work after the tokens already scheduled; the final waits behind that chunk
+                    if chunk.replaces:
+                        r.backlog.clear()
+                    r.backlog.append(chunk)
+                    r.releasing = False
+                    if chunk.replaces or not in_work:
+                        free = self._merge_held(r, free)
+                    else:
+                        r.final_queued, r.complete = True, True  # the broker sees it on arrival
+                    if r not in admitted:
+                        admitted.append(r)
+                    continue
+                if one_chunk_a_round and chunk.replaces:
+                    # stock: the request is aborted and the whole new prompt resubmitted, at the
+                    # back of the queue; vLLM's prefix cache keeps the whole blocks it shares
+                    r.backlog.clear()
+                    kept = min(chunk.keep, r.computed) // self.block_size * self.block_size
+                    free = self._apply_chunk(r, chunk._replace(keep=kept), free)
+                    r.complete = r.complete or chunk is r.chunks[-1]
+                    r.queued_at = chunk.at
+                    if r not in admitted:
+                        admitted.append(r)
+                    continue
+                # a chunk that came while the step that just ended ran the chunk in work is held
+                # until the front end sees that chunk finish
+                came_in_work = held and r.waiting_chunk and chunk.at < r.parked_at
                 if came_in_work and not r.releasing:
                     r.releasing = True
                     heapq.heappush(events, (r.parked_at + release_delay, i, True))
@@ -208,7 +247,7 @@ class Simulator:
                     r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
                 else:
                     if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
-                        r.queued_at = chunk[0]
+                        r.queued_at = chunk.at
                     free = self._apply_chunk(r, chunk, free)
                 if r not in admitted:
                     admitted.append(r)
@@ -230,7 +269,9 @@ class Simulator:
                 if r.computed >= r.target and (r.backlog or not r.complete):
                     r.queued_at = now  # resumed with a queued chunk, or parked: back of the queue
                 if r.backlog and r.computed >= r.target and held:
-                    if not r.releasing:  # the front end sends what it held
+                    if r.final_queued:  # the engine core resumes it with the final
+                        free = self._merge_held(r, free)
+                    elif not r.releasing:  # the front end sends what it held
                         r.releasing = True
                         heapq.heappush(events, (now + release_delay, index_of[r.id], True))
                 elif r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
@@ -248,16 +289,16 @@ class Simulator:
         return result
 
     def _merge_held(self, r: _Req, free: int) -> int:
-        """Our session's held chunks reach the engine as one."""
+        """Our session's held chunks (or its final, or an update) reach the engine as one."""
         for chunk in r.backlog:
             free = self._apply_chunk(r, chunk, free)
         r.backlog.clear()
-        r.releasing = False
+        r.releasing = r.final_queued = False
         return free
 
-    def _apply_chunk(self, r: _Req, chunk: tuple[float, int, int], free: int) -> int:
+    def _apply_chunk(self, r: _Req, chunk: _Chunk, free: int) -> int:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
-        t, target, keep = chunk
+        t, target, keep, _ = chunk
         r.target, r.last_chunk_at, r.waiting_chunk = max(target, 1), t, False
         r.computed = min(r.computed, keep, r.target - 1)  # one token always yields logits
         kept_blocks = -(-r.computed // self.block_size)

@@ -153,8 +153,8 @@ def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_pr
     nonstream = sim.run([request], "nonstream", qps=1.0).ttft_final
     assert nonstream == [pytest.approx(front + 0.01 + prompt * 1e-3)]
     assert sim.run([request], "stream2llm", qps=1.0).ttft_final == [pytest.approx(front + 0.01 + 100 * 1e-3)]
-    # a final event right after a long chunk: its tokenizing overlaps that chunk's prefill; held
-    # behind that chunk, it goes in once the front end has seen the chunk finish (out, then in)
+    # a final event right after a long chunk: its tokenizing overlaps that chunk's prefill, and it
+    # waits in the engine core behind that chunk
     request = TraceRequest(
         "r",
         "crawler",
@@ -162,7 +162,18 @@ def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_pr
         (TraceEvent(1.0, "append", n_tokens=400), TraceEvent(1.01, "append", n_tokens=100)),
     )
     first_done = 1.0 + 0.002 + 400 * 1e-5 + 0.01 + 400 * 1e-3  # the template went at open
-    expected = first_done + 0.001 + 0.002 + 0.01 + 100 * 1e-3 + 0.001 - 1.01
+    expected = first_done + 0.01 + 100 * 1e-3 + 0.001 - 1.01
+    assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
+    # an append that is not the final is held in the front end, and goes in once the front end has
+    # seen the chunk in work finish (the token's trip out, then the trip in)
+    events = (
+        TraceEvent(1.0, "append", n_tokens=400),
+        TraceEvent(1.01, "append", n_tokens=50),
+        TraceEvent(1.43, "append", n_tokens=100),
+    )
+    request = TraceRequest("r", "crawler", "q", events)
+    held_done = first_done + 0.001 + 0.002 + 0.01 + 50 * 1e-3
+    expected = held_done + 0.01 + 100 * 1e-3 + 0.001 - 1.43
     assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
 
 
@@ -245,6 +256,24 @@ def test_update_recomputes_only_past_the_changed_document():
     result = Simulator(toy_profile()).run([request], "stream2llm", qps=1.0)
     # docs b->x and c are recomputed, and the answer cue after them
     assert result.ttft_final == [pytest.approx(0.01 + (200 + TEMPLATE_TOKENS // 2) * 1e-3)]
+
+
+def test_an_update_ends_the_update_in_work():
+    """An update reaches the engine core at once and ends the chunk in work after the tokens
+    already scheduled: the superseded update is not prefilled to its end (that would take until
+    ~1.8 s). Stock vLLM aborts the request and resubmits the whole prompt, which stops it too."""
+    docs1 = tuple(filler_doc(f"a{i}", 200) for i in range(5))
+    docs2 = (filler_doc("b0", 200), *docs1[1:])  # the first document changed: ~nothing is kept
+    request = TraceRequest(
+        "r", "anns", "q", (TraceEvent(0.0, "update", docs=docs1), TraceEvent(0.5, "update", docs=docs2))
+    )
+    profile = toy_profile(max_num_batched_tokens=100)  # 0.11 s a full step
+    ours = Simulator(profile).run([request], "stream2llm", qps=1e6).ttft_final[0]
+    stock = Simulator(profile).run([request], "vllm", qps=1e6).ttft_final[0]
+    # ours: the second update's 1,020 tokens past the kept 20 take 11 steps (0.11 s each, the
+    # last 0.03 s) from the end of the step running at 0.5
+    assert 1.1 < ours < 1.3
+    assert stock == pytest.approx(ours, abs=0.02)
 
 
 def test_memory_pressure_stock_stalls_where_eviction_does_not():
