@@ -208,6 +208,8 @@ class Simulator:
                 r.next_chunk += 1
                 if r.next_chunk < len(r.chunks):
                     heapq.heappush(events, (r.chunks[r.next_chunk][0], i, False))
+                if r not in admitted:
+                    admitted.append(r)
                 in_work = r.pending > 0 and not r.waiting_chunk
                 if held and (chunk.replaces or chunk is r.chunks[-1]):
                     # our sessions send an update, or the final with what they held, into the
@@ -221,10 +223,7 @@ class Simulator:
                         free = self._merge_held(r, free)
                     else:
                         r.final_queued, r.complete = True, True  # the broker sees it on arrival
-                    if r not in admitted:
-                        admitted.append(r)
-                    continue
-                if one_chunk_a_round and chunk.replaces:
+                elif one_chunk_a_round and chunk.replaces:
                     # stock: the request is aborted and the whole new prompt resubmitted, at the
                     # back of the queue; vLLM's prefix cache keeps the whole blocks it shares
                     r.backlog.clear()
@@ -232,25 +231,21 @@ class Simulator:
                     free = self._apply_chunk(r, chunk._replace(keep=kept), free)
                     r.complete = r.complete or chunk is r.chunks[-1]
                     r.queued_at = chunk.at
-                    if r not in admitted:
-                        admitted.append(r)
-                    continue
-                # a chunk that came while the step that just ended ran the chunk in work is held
-                # until the front end sees that chunk finish
-                came_in_work = held and r.waiting_chunk and chunk.at < r.parked_at
-                if came_in_work and not r.releasing:
-                    r.releasing = True
-                    heapq.heappush(events, (r.parked_at + release_delay, i, True))
-                if ((one_chunk_a_round or held) and in_work) or r.releasing:
-                    # queued (stock vLLM) or held (our sessions) behind the chunk in flight
-                    r.backlog.append(chunk)
-                    r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
                 else:
-                    if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
-                        r.queued_at = chunk.at
-                    free = self._apply_chunk(r, chunk, free)
-                if r not in admitted:
-                    admitted.append(r)
+                    # an append that came while the step that just ended ran the chunk in work is
+                    # held until the front end sees that chunk finish
+                    came_in_work = held and r.waiting_chunk and chunk.at < r.parked_at
+                    if came_in_work and not r.releasing:
+                        r.releasing = True
+                        heapq.heappush(events, (r.parked_at + release_delay, i, True))
+                    if ((one_chunk_a_round or held) and in_work) or r.releasing:
+                        # queued (stock vLLM) or held (our sessions) behind the chunk in flight
+                        r.backlog.append(chunk)
+                        r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
+                    else:
+                        if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
+                            r.queued_at = chunk.at
+                        free = self._apply_chunk(r, chunk, free)
             active = [r for r in admitted if r.first_token_at is None]
             work = [r for r in active if r.pending > 0 and not r.waiting_chunk]
             if not work:
