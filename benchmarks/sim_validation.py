@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
-from stream2llm.serving.cost_model import CostProfile
+from stream2llm.serving.cost_model import CostProfile, step_cycles
+from stream2llm.workloads.replay import poisson_arrivals
 from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
 from stream2llm.workloads.trace import TraceEvent, TraceRequest, read_trace, with_stable_layout
@@ -50,6 +53,49 @@ def _stretched(event: TraceEvent, factor: float) -> TraceEvent:
     return dataclasses.replace(event, docs=tuple(docs))
 
 
+def machine_speed(
+    steps_path: Path, measured: dict, requests: list[TraceRequest], profile: CostProfile, window_s: float
+) -> dict[str, Callable[[float], float]]:
+    """Per run (its cache salt, the tail of every request id): the machine's slowness over the
+    run's time, in windows of ``window_s``: logged busy time over what the profile charges for the
+    same steps (windows with under a second of work take the run's whole ratio). These CPUs drift
+    by 10-20% for stretches of a run; the profile, fitted to the whole bench, is their average."""
+    opener = gzip.open if steps_path.suffix == ".gz" else open
+    with opener(steps_path, "rt") as f:
+        steps = [json.loads(line) for line in f if line.strip()]
+    costs = profile.step_costs()
+    busy: dict[str, dict[int, list[float]]] = {}
+    starts = {_salt(run): _run_start(run, requests, measured["options"]) for run in measured["runs"]}
+    for step, features, seconds in step_cycles(steps):
+        salts = {item[3].rsplit("@", 1)[-1] for item in step["prefill"]}
+        salt = salts.pop() if len(salts) == 1 else None
+        if salt in starts:
+            window = busy.setdefault(salt, {}).setdefault(
+                int((step["t0"] - starts[salt]) // window_s), [0, 0]
+            )
+            window[0] += seconds
+            window[1] += costs.predict(features)
+    return {salt: _speed_curve(windows, window_s) for salt, windows in busy.items()}
+
+
+def _speed_curve(windows: dict[int, list[float]], window_s: float) -> Callable[[float], float]:
+    whole = sum(w[0] for w in windows.values()) / sum(w[1] for w in windows.values())
+    ratios = {i: logged / model for i, (logged, model) in windows.items() if model > 1.0}
+    return lambda t: ratios.get(int(t // window_s), whole)
+
+
+def _run_start(run: dict, requests: list[TraceRequest], options: dict) -> float:
+    """The run's time zero on the step log's clock, from its first request's final event."""
+    request_id, final_at, *_ = run["samples"]["timeline"][0]
+    index = next(i for i, r in enumerate(requests) if r.id == request_id.rsplit("@", 1)[0])
+    arrival = poisson_arrivals(len(requests), run["qps"], options["seed"] + run.get("repeat", 0))[index]
+    return final_at - arrival - requests[index].events[-1].t * options["delay_multiplier"]
+
+
+def _salt(run: dict) -> str:
+    return run["samples"]["timeline"][0][0].rsplit("@", 1)[-1]
+
+
 def mean_over_repeats(rows: list[dict]) -> list[dict]:
     """Per (policy, qps): measured and predicted percentiles averaged over the repeats (seeds), as
     the bench reports them."""
@@ -78,6 +124,13 @@ if __name__ == "__main__":
         action="store_true",
         help="stretch each request to the prompt length the bench measured (runs before exact filler)",
     )
+    parser.add_argument(
+        "--speed-window",
+        type=float,
+        default=None,
+        help="seconds: feed the model each run's logged machine speed over time, in windows this long "
+        "(needs steps.jsonl[.gz] beside the results)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     measured = json.loads(args.measured.read_text())
@@ -91,9 +144,14 @@ if __name__ == "__main__":
     profile = dataclasses.replace(
         CostProfile.load(args.profile), max_num_batched_tokens=measured["engine"]["max_num_batched_tokens"]
     )
-    sim = Simulator(profile, block_size=128, hold_in_flight=not args.no_hold)
+    speed = {}
+    if args.speed_window:
+        logs = [args.measured.with_name(name) for name in ("steps.jsonl.gz", "steps.jsonl")]
+        log = next(p for p in logs if p.exists())
+        speed = machine_speed(log, measured, requests, profile, args.speed_window)
     rows = []
     for run in measured["runs"]:
+        sim = Simulator(profile, block_size=128, hold_in_flight=not args.no_hold, speed=speed.get(_salt(run)))
         predicted = sim.run(
             requests,
             run["policy"],
@@ -114,5 +172,6 @@ if __name__ == "__main__":
     hits = sum(abs(row[pct]["error"]) <= 0.2 for row in means for pct in ("p50", "p95"))
     print(f"mean over repeats within 20%: {hits} of {2 * len(means)}")
     if args.out:
-        report = {"profile": args.profile, "rows": rows, "mean_over_repeats": means}
+        report = {"profile": args.profile, "speed_window_s": args.speed_window, "rows": rows}
+        report["mean_over_repeats"] = means
         args.out.write_text(json.dumps(report, indent=2) + "\n")

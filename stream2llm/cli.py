@@ -328,7 +328,9 @@ def calibrate(
     console.print(
         f"profile written to {out}: prefill(n) = {profile.prefill[0]:.4g} per step of"
         f" {profile.max_num_batched_tokens} tokens + {profile.prefill[1]:.4g} n"
-        f" + {profile.prefill[2]:.4g} n^2 s; front end: {profile.frontend_in_s * 1000:.2f} ms in,"
+        f" + {profile.prefill[2]:.4g} n^2 s; per step {profile.chunk_request_s * 1e6:.0f} us a chunk,"
+        f" {profile.held_request_s * 1e6:.1f} us a request held;"
+        f" front end: {profile.frontend_in_s * 1000:.2f} ms in,"
         f" {profile.tokenize_token_s * 1e6:.2f} us/token tokenized,"
         f" {profile.frontend_out_s * 1000:.2f} ms out;"
         f" offload: {profile.offload_note}"

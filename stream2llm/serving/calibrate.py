@@ -65,7 +65,7 @@ def profile_from_steps(
     (``stream2llm bench --step-log``): the machine as it ran under that load. With the bench's
     results JSON (its requests' timelines) the front end's costs are fitted too."""
     steps = read_step_log(path)
-    step_s, b, c, decode_s = fit_steps(steps)
+    costs = fit_steps(steps)
     frontend = {}
     if bench is not None:
         runs = json.loads(bench.read_text())["runs"]
@@ -75,9 +75,11 @@ def profile_from_steps(
     return dataclasses.replace(
         base,
         name=f"steps-{path.parent.name or path.stem}",
-        prefill=(step_s, b, c),
-        step_s=step_s,
-        decode_token_s=decode_s,
+        prefill=(costs.step_s, costs.token_s, costs.attention_s),
+        step_s=costs.step_s,
+        decode_token_s=costs.decode_s,
+        chunk_request_s=costs.chunk_request_s,
+        held_request_s=costs.held_request_s,
         max_num_batched_tokens=max_batched_tokens,
         source=f"stream2llm calibrate --from-steps {path}, {time.strftime('%Y-%m-%d')}: steps under load",
         measurements={},

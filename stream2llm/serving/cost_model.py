@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,11 @@ class CostProfile:
     frontend_in_s: float = 0.0
     tokenize_token_s: float = 0.0
     frontend_out_s: float = 0.0
+    # per-request bookkeeping in every step (the scheduler's and the model runner's loops): for each
+    # prefill chunk it schedules, and for each request the engine core holds (running, waiting or
+    # parked between chunks); a streaming engine holds every open session, a one-shot one few
+    chunk_request_s: float = 0.0
+    held_request_s: float = 0.0
 
     def prefill_s(self, n_tokens: float) -> float:
         a, b, c = self.prefill
@@ -50,6 +55,15 @@ class CostProfile:
         """Prefill of n tokens after ``context`` cached ones: the attention term grows with both."""
         _, b, c = self.prefill
         return b * n_tokens + c * (n_tokens * n_tokens + 2 * n_tokens * context)
+
+    def step_overhead_s(self, chunks: int, held: int) -> float:
+        """A step's cost besides its chunks' prefill: fixed, per chunk scheduled, per request held."""
+        return self.step_s + self.chunk_request_s * chunks + self.held_request_s * held
+
+    def step_costs(self) -> StepCosts:
+        """The profile's step cost terms, in the order ``step_cycles`` gives a step's features."""
+        _, b, c = self.prefill
+        return StepCosts(self.step_s, b, c, self.decode_token_s, self.chunk_request_s, self.held_request_s)
 
     def handoff_s(self, tokens_tokenized: int) -> float:
         """From an event reaching the front end to its tokens being schedulable in the engine."""
@@ -129,29 +143,52 @@ def _fit_absolute(design: np.ndarray, seconds: Any) -> tuple[float, ...]:
 BACK_TO_BACK_S = 0.002  # a gap this short between steps is the engine handling outputs, not idling
 
 
-def fit_steps(steps: list[dict]) -> tuple[float, float, float, float]:
-    """Fit step cost = step_s + b*tokens + c*sum(n^2 + 2*n*context) + d*decodes to logged engine
-    steps (``EngineConfig.step_log``); returns (step_s, b, c, d).
+class StepCosts(NamedTuple):
+    """A step's cost terms as ``fit_steps`` finds them in a step log."""
 
-    Unlike an idle calibration this sees the machine as a benchmark loads it: prefill chunks deep
-    in long contexts, decodes, and the front end competing for the same cores. A step's time runs
-    from its scheduling to the next step's when the engine went straight on (output handling is
-    part of its cost). Plain least squares, so the fitted costs add up to the logged busy time:
-    queueing depends on the total work, which a relative-error fit underestimates."""
-    rows, seconds = [], []
+    step_s: float
+    token_s: float
+    attention_s: float  # times sum(n^2 + 2*n*context) over the step's chunks
+    decode_s: float  # per request that only decodes
+    chunk_request_s: float  # per prefill chunk
+    held_request_s: float  # per request the engine core holds
+
+    def predict(self, features: tuple[float, ...]) -> float:
+        return sum(coef * x for coef, x in zip(self, features))
+
+
+def step_cycles(steps: list[dict]) -> list[tuple[dict, tuple[float, ...], float]]:
+    """(step, its cost features as ``StepCosts`` orders them, seconds) for each logged step that did
+    work. A step's time runs from its scheduling to the next step's when the engine went straight
+    on (output handling is part of its cost), else to its output."""
+    out = []
     for step, following in zip(steps, [*steps[1:], None]):
         prefill = step["prefill"]
         if not prefill and not step["decodes"]:
             continue
         tokens = sum(n for n, *_ in prefill)
         attention = sum(n * n + 2 * n * ctx for n, ctx, *_ in prefill)
-        rows.append((1.0, tokens, attention, step["decodes"]))
+        features = (1.0, tokens, attention, step["decodes"], len(prefill), step.get("held", 0))
         straight_on = following is not None and 0 <= following["t0"] - step["t2"] < BACK_TO_BACK_S
-        seconds.append((following["t0"] if straight_on else step["t2"]) - step["t0"])
-    if len(rows) < 4:
-        raise ValueError(f"too few engine steps to fit a step cost ({len(rows)}; need at least 4)")
-    step_s, b, c, d = _fit_absolute(np.asarray(rows), seconds)
-    return step_s, b, c, d
+        out.append((step, features, (following["t0"] if straight_on else step["t2"]) - step["t0"]))
+    return out
+
+
+def fit_steps(steps: list[dict]) -> StepCosts:
+    """Fit step cost = step_s + b*tokens + c*sum(n^2 + 2*n*context) + d*decodes + e*chunks + f*held
+    to logged engine steps (``EngineConfig.step_log``).
+
+    Unlike an idle calibration this sees the machine as a benchmark loads it: prefill chunks deep
+    in long contexts, decodes, the engine's per-request bookkeeping (a streaming engine holds every
+    open session) and the front end competing for the same cores, each step timed as
+    ``step_cycles`` says. Plain least squares, so the fitted costs add up to the logged busy time:
+    queueing depends on the total work, which a relative-error fit underestimates. Logs without
+    ``held`` fit 0 there."""
+    cycles = step_cycles(steps)
+    if len(cycles) < 6:
+        raise ValueError(f"too few engine steps to fit a step cost ({len(cycles)}; need at least 6)")
+    rows, seconds = [features for _, features, _ in cycles], [s for *_, s in cycles]
+    return StepCosts(*_fit_absolute(np.asarray(rows), seconds))
 
 
 def fit_frontend(

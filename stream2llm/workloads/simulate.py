@@ -2,7 +2,8 @@
 
 It evaluates GPU-scale settings in seconds. The model: an engine step takes ``step_s`` plus the
 prefill cost of every chunk it schedules (``CostProfile.chunk_s``: linear in tokens, attention
-growing with the context) plus a decode cost per running request; each step has a token budget
+growing with the context) plus the engine's bookkeeping per chunk and per request it holds
+(``CostProfile.step_overhead_s``); each step has a token budget
 (``max_num_batched_tokens``) and KV memory is ``kv_capacity_tokens`` in blocks. The front end
 delays each chunk by its tokenizing and a fixed trip in, and the token by a trip out (profile
 fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``). Requests arrive as
@@ -151,9 +152,13 @@ class Simulator:
         block_size: int = 16,
         *,
         hold_in_flight: bool = True,
+        speed: Callable[[float], float] | None = None,
     ) -> None:
         self.profile = profile
         self.hold_in_flight = hold_in_flight  # our sessions: one chunk in the engine, the rest held
+        # the machine's slowness over the run's time (a factor on each step's engine cost): a
+        # measured run's, to tell the model's errors from a CPU whose speed drifts
+        self.speed = speed
         self.block_size = block_size
         self.capacity = profile.kv_capacity_tokens // block_size
 
@@ -259,7 +264,7 @@ class Simulator:
                     break
                 now = events[0][0]
                 continue
-            now += duration
+            now += duration * (self.speed(now) if self.speed else 1.0)
             for r in work:
                 if r.computed >= r.target and (r.backlog or not r.complete):
                     r.queued_at = now  # resumed with a queued chunk, or parked: back of the queue
@@ -355,7 +360,7 @@ class Simulator:
         by_id = {r.id: r for r in active}
         if not isinstance(policy, VllmPolicy):
             ranked = self._engine_order(ranked, by_id)
-        budget, cost, scheduled = self.profile.max_num_batched_tokens, self.profile.step_s, False
+        budget, cost, chunks = self.profile.max_num_batched_tokens, 0.0, 0
         for view in ranked:
             r = by_id[view.request_id]
             take = min(r.pending, budget)
@@ -379,12 +384,12 @@ class Simulator:
             if r.running_since is None and r.pending > 0:
                 r.running_since = now
             budget -= take
-            scheduled = True
+            chunks += 1
             if budget <= 0:
                 break
-        if not scheduled:
+        if not chunks:
             return free, None
-        return free, cost
+        return free, cost + self.profile.step_overhead_s(chunks, len(active))
 
 
 def simulate_command(

@@ -13,6 +13,7 @@ from stream2llm.serving.cost_model import (
     fit_steps,
     packaged_profiles,
 )
+from stream2llm.workloads.replay import poisson_arrivals
 from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import filler_doc, synthesize
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
@@ -34,43 +35,64 @@ def test_fit_with_chunked_prefill_charges_the_step_cost_per_chunk():
     assert b1 > 10 * b
 
 
-def _logged_steps(step_s: float, b: float, c: float, d: float, noise: list[float] | None = None) -> list:
+def _logged_steps(
+    step_s: float,
+    b: float,
+    c: float,
+    d: float,
+    per_chunk: float = 0.0,
+    per_held: float = 0.0,
+    noise: list[float] | None = None,
+) -> list:
     """Steps as ``StepLog`` writes them, timed by a known cost model (times ``noise``, per step).
     Most follow one another at once, the outputs handled in between; two are followed by idling."""
     steps, t = [], 0.0
     mixes = [[(512, 0)], [(512, 4096)], [(100, 9000), (412, 0)], [(64, 200)], [(300, 20000)]] * 2
     for i, chunks in enumerate(mixes):
-        decodes = i % 3
+        decodes, held = i % 3, 3 + (7 * i) % 11
         cycle = step_s + sum(b * n + c * (n * n + 2 * n * ctx) for n, ctx in chunks) + d * decodes
+        cycle += per_chunk * len(chunks) + per_held * held
         cycle *= noise[i] if noise else 1.0
         straight_on = i not in (2, len(mixes) - 1)
         end = t + cycle - (0.0005 if straight_on else 0.0)  # then the engine handles outputs
         prefill = [[n, ctx, False, f"r{i}"] for n, ctx in chunks]
-        steps.append({"t0": t, "t1": t + 0.001, "t2": end, "prefill": prefill, "decodes": decodes})
+        steps.append(
+            {"t0": t, "t1": t + 0.001, "t2": end, "prefill": prefill, "decodes": decodes, "held": held}
+        )
         t = t + cycle if straight_on else end + 1.0
     steps.append({"t0": t, "t1": t, "t2": t + 0.5, "prefill": [], "decodes": 0})  # an empty step: ignored
     return steps
 
 
 def test_fit_steps_recovers_the_step_cost_under_load():
-    truth = (0.004, 2e-6, 4e-9, 5e-4)
+    truth = (0.004, 2e-6, 4e-9, 5e-4, 6e-4, 3e-5)
     assert fit_steps(_logged_steps(*truth)) == pytest.approx(truth, rel=1e-3)
     with pytest.raises(ValueError, match="too few engine steps"):
-        fit_steps(_logged_steps(*truth)[:3])
+        fit_steps(_logged_steps(*truth)[:5])
+
+
+def test_fit_steps_reads_logs_from_before_the_held_count_as_no_such_cost():
+    steps = _logged_steps(0.004, 2e-6, 4e-9, 5e-4)
+    for step in steps:
+        step.pop("held", None)
+    costs = fit_steps(steps)
+    assert costs.held_request_s == 0.0 and costs.step_s == pytest.approx(0.004, rel=1e-3)
 
 
 def test_fit_steps_keeps_the_logged_busy_time_when_steps_are_noisy():
     """Queueing depends on total work: the fitted costs add up to the logged cycles (a fit on
     relative error comes out low when the noise is skewed)."""
     noise = [1.1, 1.3, 1.0, 1.0, 1.2, 0.9, 1.0, 1.5, 1.0, 1.0]
-    steps = _logged_steps(0.004, 2e-6, 4e-9, 5e-4, noise)
-    step_s, b, c, d = fit_steps(steps)
+    steps = _logged_steps(0.004, 2e-6, 4e-9, 5e-4, 6e-4, 3e-5, noise=noise)
+    costs = fit_steps(steps)
     busy = model = 0.0
     for step, following in zip(steps, steps[1:]):
         if step["prefill"]:
             busy += (following["t0"] if following["t0"] - step["t2"] < 0.002 else step["t2"]) - step["t0"]
-            model += step_s + d * step["decodes"]
-            model += sum(b * n + c * (n * n + 2 * n * ctx) for n, ctx, *_ in step["prefill"])
+            model += costs.step_s + costs.decode_s * step["decodes"]
+            model += costs.chunk_request_s * len(step["prefill"]) + costs.held_request_s * step["held"]
+            for n, ctx, *_ in step["prefill"]:
+                model += costs.token_s * n + costs.attention_s * (n * n + 2 * n * ctx)
     assert model == pytest.approx(busy, rel=1e-9)
 
 
@@ -83,7 +105,7 @@ def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
 
     log = tmp_path / "run" / "steps.jsonl"
     log.parent.mkdir()
-    log.write_text("".join(json.dumps(s) + "\n" for s in _logged_steps(0.004, 2e-6, 4e-9, 0.0)))
+    log.write_text("".join(json.dumps(s) + "\n" for s in _logged_steps(0.004, 2e-6, 4e-9, 0.0, 6e-4, 3e-5)))
     out = tmp_path / "profile.json"
     cmd = ["calibrate", "--from-steps", str(log), "--max-batched-tokens", "512", "--out", str(out)]
     res = CliRunner().invoke(app, cmd)
@@ -91,6 +113,7 @@ def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
     profile = CostProfile.load(out)
     assert profile.prefill == pytest.approx((0.004, 2e-6, 4e-9), rel=1e-3)
     assert profile.step_s == pytest.approx(0.004, rel=1e-3) and profile.max_num_batched_tokens == 512
+    assert (profile.chunk_request_s, profile.held_request_s) == pytest.approx((6e-4, 3e-5), rel=1e-3)
     assert profile.kv_bytes_per_token == CostProfile.load("cpu-tiny").kv_bytes_per_token
     assert profile.name == "steps-run"
 
@@ -135,6 +158,32 @@ def test_single_request_ttft_is_the_cost_of_what_remains():
     stream = sim.run([request], "stream2llm", qps=1.0)
     assert nonstream.ttft_final == [pytest.approx(0.01 + (TEMPLATE_TOKENS + 500) * 1e-3)]
     assert stream.ttft_final == [pytest.approx(0.01 + 100 * 1e-3)]  # only the last chunk is left
+
+
+def test_a_step_pays_per_chunk_and_per_request_the_engine_holds():
+    """A streaming engine holds every open session, a one-shot one only what it was sent: two
+    requests whose retrieval overlaps, the second one's final step priced with both held."""
+    first = TraceRequest("a", "crawler", "q", (TraceEvent(0.5, "append", n_tokens=400),))
+    second = TraceRequest("b", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=100),))
+    sim = Simulator(toy_profile(chunk_request_s=0.002, held_request_s=0.005))
+    arrivals = poisson_arrivals(2, 10.0, 42)
+    assert arrivals[1] + 0.2 < arrivals[0] + 0.5  # b's final comes while a waits for its context
+    stream = sim.run([first, second], "fcfs", qps=10.0)
+    assert stream.ttft_by_request["b"] == pytest.approx(0.01 + 0.002 + 2 * 0.005 + 100 * 1e-3)
+    assert stream.ttft_by_request["a"] == pytest.approx(0.01 + 0.002 + 0.005 + 400 * 1e-3)
+    nonstream = sim.run([first, second], "nonstream", qps=10.0)
+    one_shot = 0.01 + 0.002 + 0.005 + (TEMPLATE_TOKENS + 100) * 1e-3
+    assert nonstream.ttft_by_request["b"] == pytest.approx(one_shot)
+
+
+def test_a_slower_machine_stretches_every_step_and_not_the_front_end():
+    request = TraceRequest("r", "crawler", "q", (TraceEvent(1.0, "append", n_tokens=400),))
+    profile = toy_profile(chunk_request_s=0.002, held_request_s=0.005, frontend_out_s=0.003)
+    engine_s = 0.01 + 0.002 + 0.005 + (TEMPLATE_TOKENS + 400) * 1e-3
+    steady = Simulator(profile).run([request], "nonstream", qps=1.0)
+    assert steady.ttft_final == [pytest.approx(engine_s + 0.003)]
+    drifting = Simulator(profile, speed=lambda t: 1.5 if t >= 1.0 else 1.0)
+    assert drifting.run([request], "nonstream", qps=1.0).ttft_final == [pytest.approx(1.5 * engine_s + 0.003)]
 
 
 def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_prompt():
