@@ -66,12 +66,14 @@ def profile_from_steps(
     results JSON (its requests' timelines) the front end's costs are fitted too."""
     steps = read_step_log(path)
     costs = fit_steps(steps)
-    frontend = {}
+    from_bench: dict = {}
     if bench is not None:
-        runs = json.loads(bench.read_text())["runs"]
-        samples = [(t, n) for run in runs for t, n in _timelines(run) if t is not None]
+        results = json.loads(bench.read_text())
+        samples = [(t, n) for run in results["runs"] for t, n in _timelines(run) if t is not None]
         names = ("frontend_in_s", "tokenize_token_s", "frontend_out_s")
-        frontend = dict(zip(names, fit_frontend([t for t, _ in samples], [n for _, n in samples], steps)))
+        from_bench = dict(zip(names, fit_frontend([t for t, _ in samples], [n for _, n in samples], steps)))
+        if results.get("machine"):  # the machine the bench ran on, not the base profile's
+            from_bench["hardware"] = f"{results['machine']} (bench {bench.parent.name})"
     return dataclasses.replace(
         base,
         name=f"steps-{path.parent.name or path.stem}",
@@ -83,7 +85,7 @@ def profile_from_steps(
         max_num_batched_tokens=max_batched_tokens,
         source=f"stream2llm calibrate --from-steps {path}, {time.strftime('%Y-%m-%d')}: steps under load",
         measurements={},
-        **frontend,
+        **from_bench,
     )
 
 

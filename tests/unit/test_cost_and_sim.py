@@ -118,6 +118,32 @@ def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
     assert profile.name == "steps-run"
 
 
+def test_calibrate_with_the_bench_results_fits_the_front_end_and_names_the_bench_machine(tmp_path):
+    import json
+
+    from stream2llm.serving.calibrate import profile_from_steps
+
+    steps = _logged_steps(0.004, 2e-6, 4e-9, 0.0)
+    log = tmp_path / "run" / "steps.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    # r3's final is handed over while the engine idles before its step; r4's right as its step starts
+    timeline = [
+        ["r3", steps[3]["t0"] - 0.010, steps[3]["t0"] - 0.002, steps[3]["t2"] + 0.001],
+        ["r4", steps[4]["t0"] - 0.007, steps[4]["t0"] - 0.0002, steps[4]["t2"] + 0.001],
+    ]
+    results = {
+        "machine": "x86_64 Some CPU, 2 cpus",
+        "runs": [{"samples": {"timeline": timeline, "prompt_tokens": [1000, 400]}}],
+    }
+    bench = tmp_path / "run" / "results.json"
+    bench.write_text(json.dumps(results))
+    profile = profile_from_steps(log, CostProfile.load("cpu-tiny"), 512, bench)
+    assert profile.hardware == "x86_64 Some CPU, 2 cpus (bench run)"
+    assert profile.frontend_out_s == pytest.approx(0.001)
+    assert profile.tokenize_token_s == pytest.approx((0.008 - 0.0068) / 600)  # 6.8 ms + 2 us a token
+
+
 def test_packaged_profiles_load_and_round_trip(tmp_path):
     assert {"cpu-tiny", "h200-llama3.1-8b", "h100-llama3.1-8b"} <= set(packaged_profiles())
     cpu = CostProfile.load("cpu-tiny")
