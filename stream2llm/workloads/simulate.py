@@ -43,6 +43,7 @@ class _Chunk(NamedTuple):
     target: int  # the prompt's length after it
     keep: int  # tokens of computed KV it keeps (an update: up to the first changed document)
     replaces: bool  # an update: it replaces the context
+    final: bool = False  # the last event's: the stream is complete once it is seen
 
 
 @dataclass
@@ -130,7 +131,8 @@ def _chunks(
         if event.op == "append":
             added = max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
             total += added
-            out.append(_Chunk(t + handoff(total if i == last else added), min(total, cap), cap, False))
+            at = t + handoff(total if i == last else added)  # the final event re-tokenizes everything
+            out.append(_Chunk(at, min(total, cap), cap, False, i == last))
             continue
         docs = tuple(event.docs or ())
         sizes = [max(1, round(_token_length((d,), None, None) * scale)) for d in docs]
@@ -140,7 +142,7 @@ def _chunks(
                 break
             keep += size
         total = TEMPLATE_TOKENS + sum(sizes)
-        out.append(_Chunk(t + handoff(total), min(total, cap), min(keep, cap), True))
+        out.append(_Chunk(t + handoff(total), min(total, cap), min(keep, cap), True, i == last))
         previous = docs
     return out
 
@@ -216,7 +218,7 @@ class Simulator:
                 if r not in admitted:
                     admitted.append(r)
                 in_work = r.pending > 0 and not r.waiting_chunk
-                if held and (chunk.replaces or chunk is r.chunks[-1]):
+                if held and (chunk.replaces or chunk.final):
                     # our sessions send an update, or the final with what they held, into the
                     # engine core at once: an update replaces what was held and ends the chunk in
                     # work after the tokens already scheduled; the final waits behind that chunk
@@ -234,7 +236,7 @@ class Simulator:
                     r.backlog.clear()
                     kept = min(chunk.keep, r.computed) // self.block_size * self.block_size
                     free = self._apply_chunk(r, chunk._replace(keep=kept), free)
-                    r.complete = r.complete or chunk is r.chunks[-1]
+                    r.complete = r.complete or chunk.final
                     r.queued_at = chunk.at
                 else:
                     # an append that came while the step that just ended ran the chunk in work is
@@ -246,7 +248,7 @@ class Simulator:
                     if ((one_chunk_a_round or held) and in_work) or r.releasing:
                         # queued (stock vLLM) or held (our sessions) behind the chunk in flight
                         r.backlog.append(chunk)
-                        r.complete = r.complete or chunk is r.chunks[-1]  # the broker sees it on arrival
+                        r.complete = r.complete or chunk.final  # the broker sees it on arrival
                     else:
                         if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
                             r.queued_at = chunk.at
@@ -298,13 +300,13 @@ class Simulator:
 
     def _apply_chunk(self, r: _Req, chunk: _Chunk, free: int) -> int:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
-        t, target, keep, _ = chunk
+        t, target, keep = chunk.at, chunk.target, chunk.keep
         r.target, r.last_chunk_at, r.waiting_chunk = max(target, 1), t, False
         r.computed = min(r.computed, keep, r.target - 1)  # one token always yields logits
         kept_blocks = -(-r.computed // self.block_size)
         free += max(r.blocks - kept_blocks, 0)
         r.blocks = min(r.blocks, kept_blocks)
-        r.complete = r.complete or chunk is r.chunks[-1]
+        r.complete = r.complete or chunk.final
         r.running_since = None
         return free
 
