@@ -175,14 +175,6 @@ class Simulator:
         seed: int = 42,
         max_model_len: int = 131072,
     ) -> SimResult:
-        nonstream = policy == "nonstream"
-        # stock vLLM applies a session's queued chunks one per round; our sessions merge them
-        one_chunk_a_round = policy == "vllm"
-        held = not nonstream and not one_chunk_a_round and self.hold_in_flight
-        rank_policy = make_policy(
-            "vllm" if nonstream else policy,
-            Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
-        )
         arrivals = poisson_arrivals(len(requests), qps, seed)
         reqs = [
             _Req(
@@ -193,122 +185,187 @@ class Simulator:
             )
             for r, a in zip(requests, arrivals)
         ]
-        if nonstream:  # the whole prompt once the last event is in
+        if policy == "nonstream":  # the whole prompt once the last event is in
             for r in reqs:
                 r.chunks = [r.chunks[-1]]
-        events = [(r.chunks[0][0], i, False) for i, r in enumerate(reqs)]  # (time, request, release)
-        heapq.heapify(events)
-        index_of = {r.id: i for i, r in enumerate(reqs)}
-        release_delay = self.profile.frontend_out_s + self.profile.frontend_in_s
-        now, free, active, done = 0.0, self.capacity, [], 0
-        result = SimResult(policy, qps)
-        admitted: list[_Req] = []  # admission order (vLLM's own order)
-        while done < len(reqs):
-            # deliver every chunk that has arrived by now
-            while events and events[0][0] <= now:
-                _, i, release = heapq.heappop(events)
-                r = reqs[i]
-                if release:
-                    free = self._merge_held(r, free)
-                    continue
-                chunk = r.chunks[r.next_chunk]
-                r.next_chunk += 1
-                if r.next_chunk < len(r.chunks):
-                    heapq.heappush(events, (r.chunks[r.next_chunk][0], i, False))
-                if r not in admitted:
-                    admitted.append(r)
-                in_work = r.pending > 0 and not r.waiting_chunk
-                if held and (chunk.replaces or chunk.final):
-                    # our sessions send an update, or the final with what they held, into the
-                    # engine core at once: an update replaces what was held and ends the chunk in
-                    # work after the tokens already scheduled; the final waits behind that chunk
-                    if chunk.replaces:
-                        r.backlog.clear()
-                    r.backlog.append(chunk)
-                    r.releasing = False
-                    if chunk.replaces or not in_work:
-                        free = self._merge_held(r, free)
-                    else:
-                        r.final_queued, r.complete = True, True  # the broker sees it on arrival
-                elif one_chunk_a_round and chunk.replaces:
-                    # stock: the request is aborted and the whole new prompt resubmitted, at the
-                    # back of the queue; vLLM's prefix cache keeps the whole blocks it shares
-                    r.backlog.clear()
-                    kept = min(chunk.keep, r.computed) // self.block_size * self.block_size
-                    free = self._apply_chunk(r, chunk._replace(keep=kept), free)
-                    r.complete = r.complete or chunk.final
-                    r.queued_at = chunk.at
-                else:
-                    # an append that came while the step that just ended ran the chunk in work is
-                    # held until the front end sees that chunk finish
-                    came_in_work = held and r.waiting_chunk and chunk.at < r.parked_at
-                    if came_in_work and not r.releasing:
-                        r.releasing = True
-                        heapq.heappush(events, (r.parked_at + release_delay, i, True))
-                    if ((one_chunk_a_round or held) and in_work) or r.releasing:
-                        # queued (stock vLLM) or held (our sessions) behind the chunk in flight
-                        r.backlog.append(chunk)
-                        r.complete = r.complete or chunk.final  # the broker sees it on arrival
-                    else:
-                        if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
-                            r.queued_at = chunk.at
-                        free = self._apply_chunk(r, chunk, free)
-            active = [r for r in admitted if r.first_token_at is None]
-            work = [r for r in active if r.pending > 0 and not r.waiting_chunk]
-            if not work:
-                if not events:
-                    break
-                now = events[0][0]
-                continue
-            free, duration = self._step(work, active, rank_policy, free, now, result)
-            if duration is None:  # nothing could run: wait for the next chunk
-                if not events:
-                    break
-                now = events[0][0]
-                continue
-            now += duration * (self.speed(now) if self.speed else 1.0)
-            for r in work:
-                if r.computed >= r.target and (r.backlog or not r.complete):
-                    r.queued_at = now  # resumed with a queued chunk, or parked: back of the queue
-                if r.backlog and r.computed >= r.target and held:
-                    if r.final_queued:  # the engine core resumes it with the final
-                        free = self._merge_held(r, free)
-                    elif not r.releasing:  # the front end sends what it held
-                        r.releasing = True
-                        heapq.heappush(events, (now + release_delay, index_of[r.id], True))
-                elif r.backlog and r.computed >= r.target:  # the next queued chunk, one per round
-                    free = self._apply_chunk(r, r.backlog.pop(0), free)
-                elif not r.complete and r.computed >= r.target:
-                    r.waiting_chunk, r.parked_at = True, now
-                elif r.complete and r.computed >= r.target and r.first_token_at is None:
-                    r.first_token_at = now + self.profile.frontend_out_s
-                    result.ttft_by_request[r.id] = r.first_token_at - r.final_at
-                    free += r.blocks
-                    r.blocks = 0
-                    done += 1
-        result.completion_s = now
-        result.evictions = sum(r.evictions for r in reqs)
-        return result
+        return _Run(self, reqs, policy, SimResult(policy, qps)).run()
 
-    def _merge_held(self, r: _Req, free: int) -> int:
+
+class _Run:
+    """One simulated run: the event queue (chunks arriving, held chunks released), KV blocks free,
+    the requests admitted and the clock."""
+
+    def __init__(self, sim: Simulator, reqs: list[_Req], policy: str, result: SimResult) -> None:
+        self.reqs, self.result = reqs, result
+        self.profile, self.block_size, self.speed = sim.profile, sim.block_size, sim.speed
+        nonstream = policy == "nonstream"
+        # stock vLLM applies a session's queued chunks one per round; our sessions merge them
+        self.one_chunk_a_round = policy == "vllm"
+        self.held = not nonstream and not self.one_chunk_a_round and sim.hold_in_flight
+        self.policy = make_policy(
+            "vllm" if nonstream else policy,
+            Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
+        )
+        self.events = [(r.chunks[0].at, i, False) for i, r in enumerate(reqs)]  # (time, request, release)
+        heapq.heapify(self.events)
+        self.index_of = {r.id: i for i, r in enumerate(reqs)}
+        self.release_delay = self.profile.frontend_out_s + self.profile.frontend_in_s
+        self.now, self.free, self.done = 0.0, sim.capacity, 0
+        self.admitted: list[_Req] = []  # admission order (vLLM's own order)
+
+    def run(self) -> SimResult:
+        while self.done < len(self.reqs):
+            self._deliver_due()
+            active = [r for r in self.admitted if r.first_token_at is None]
+            work = [r for r in active if r.pending > 0 and not r.waiting_chunk]
+            duration = self._step(work, active) if work else None
+            if duration is None:  # nothing could run: wait for the next chunk
+                if not self.events:
+                    break
+                self.now = self.events[0][0]
+                continue
+            self.now += duration * (self.speed(self.now) if self.speed else 1.0)
+            for r in work:
+                self._after_step(r)
+        self.result.completion_s = self.now
+        self.result.evictions = sum(r.evictions for r in self.reqs)
+        return self.result
+
+    # -- chunks reaching the engine ---------------------------------------------------------------
+
+    def _deliver_due(self) -> None:
+        """Every chunk that has arrived by now reaches the engine, or is held or queued."""
+        while self.events and self.events[0][0] <= self.now:
+            _, i, release = heapq.heappop(self.events)
+            r = self.reqs[i]
+            if release:
+                self._merge_held(r)
+                continue
+            chunk = r.chunks[r.next_chunk]
+            r.next_chunk += 1
+            if r.next_chunk < len(r.chunks):
+                heapq.heappush(self.events, (r.chunks[r.next_chunk].at, i, False))
+            if r not in self.admitted:
+                self.admitted.append(r)
+            if self.held and (chunk.replaces or chunk.final):
+                self._send_at_once(r, chunk)
+            elif self.one_chunk_a_round and chunk.replaces:
+                self._resubmit(r, chunk)
+            else:
+                self._append(r, i, chunk)
+
+    def _send_at_once(self, r: _Req, chunk: _Chunk) -> None:
+        """Our sessions send an update, or the final with what they held, into the engine core at
+        once: an update replaces what was held and ends the chunk in work after the tokens already
+        scheduled; the final waits behind that chunk."""
+        in_work = r.pending > 0 and not r.waiting_chunk
+        if chunk.replaces:
+            r.backlog.clear()
+        r.backlog.append(chunk)
+        r.releasing = False
+        if chunk.replaces or not in_work:
+            self._merge_held(r)
+        else:
+            r.final_queued, r.complete = True, True  # the broker sees it on arrival
+
+    def _resubmit(self, r: _Req, chunk: _Chunk) -> None:
+        """Stock vLLM's update: the request is aborted and the whole new prompt resubmitted, at the
+        back of the queue; vLLM's prefix cache keeps the whole blocks it shares."""
+        r.backlog.clear()
+        kept = min(chunk.keep, r.computed) // self.block_size * self.block_size
+        self._apply_chunk(r, chunk._replace(keep=kept))
+        r.queued_at = chunk.at
+
+    def _append(self, r: _Req, i: int, chunk: _Chunk) -> None:
+        """An append: queued (stock vLLM) or held (our sessions) behind the chunk in flight, else
+        applied. One that came while the step that just ended ran the chunk in work is held until
+        the front end sees that chunk finish."""
+        in_work = r.pending > 0 and not r.waiting_chunk
+        came_in_work = self.held and r.waiting_chunk and chunk.at < r.parked_at
+        if came_in_work and not r.releasing:
+            r.releasing = True
+            heapq.heappush(self.events, (r.parked_at + self.release_delay, i, True))
+        if ((self.one_chunk_a_round or self.held) and in_work) or r.releasing:
+            r.backlog.append(chunk)
+            r.complete = r.complete or chunk.final  # the broker sees it on arrival
+            return
+        if not r.waiting_chunk:  # new to the queue; a parked session keeps its place
+            r.queued_at = chunk.at
+        self._apply_chunk(r, chunk)
+
+    def _merge_held(self, r: _Req) -> None:
         """Our session's held chunks (or its final, or an update) reach the engine as one."""
         for chunk in r.backlog:
-            free = self._apply_chunk(r, chunk, free)
+            self._apply_chunk(r, chunk)
         r.backlog.clear()
         r.releasing = r.final_queued = False
-        return free
 
-    def _apply_chunk(self, r: _Req, chunk: _Chunk, free: int) -> int:
+    def _apply_chunk(self, r: _Req, chunk: _Chunk) -> None:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
-        t, target, keep = chunk.at, chunk.target, chunk.keep
-        r.target, r.last_chunk_at, r.waiting_chunk = max(target, 1), t, False
-        r.computed = min(r.computed, keep, r.target - 1)  # one token always yields logits
+        r.target, r.last_chunk_at, r.waiting_chunk = max(chunk.target, 1), chunk.at, False
+        r.computed = min(r.computed, chunk.keep, r.target - 1)  # one token always yields logits
         kept_blocks = -(-r.computed // self.block_size)
-        free += max(r.blocks - kept_blocks, 0)
+        self.free += max(r.blocks - kept_blocks, 0)
         r.blocks = min(r.blocks, kept_blocks)
         r.complete = r.complete or chunk.final
         r.running_since = None
-        return free
+
+    # -- engine steps ------------------------------------------------------------------------------
+
+    def _step(self, work: list[_Req], active: list[_Req]) -> float | None:
+        """Schedule one step in the engine's order within its token budget and KV (evicting by the
+        policy's rule); its duration, or None if nothing could run."""
+        views = {r.id: self._view(r) for r in active}
+        by_id = {r.id: r for r in active}
+        stock = isinstance(self.policy, VllmPolicy)
+        ranked = self.policy.rank([views[r.id] for r in (self._stock_order(work) if stock else work)])
+        if not stock:
+            ranked = self._engine_order(ranked, by_id)
+        budget, cost, chunks = self.profile.max_num_batched_tokens, 0.0, 0
+        for view in ranked:
+            r = by_id[view.request_id]
+            take = min(r.pending, budget)
+            if take <= 0:
+                continue
+            need = -(-(r.computed + take) // self.block_size) - r.blocks
+            if need > self.free:
+                self._evict_for(r, need - self.free, ranked, list(views.values()), by_id)
+                if need > self.free:
+                    continue
+            self.free -= need
+            r.blocks += need
+            cost += self.profile.chunk_s(take, r.computed)
+            r.computed += take
+            if r.running_since is None and r.pending > 0:
+                r.running_since = self.now
+            budget -= take
+            chunks += 1
+            if budget <= 0:
+                break
+        return cost + self.profile.step_overhead_s(chunks, len(active)) if chunks else None
+
+    def _evict_for(self, r: _Req, short: int, ranked: list, views: list, by_id: dict[str, _Req]) -> None:
+        for rid, _mode in self.policy.victims(ranked, views, short, self.now):
+            victim = by_id[rid]
+            if victim.blocks and victim is not r:
+                self.free += victim.blocks
+                victim.blocks, victim.computed = 0, 0
+                victim.evictions += 1
+
+    @staticmethod
+    def _view(r: _Req) -> RequestView:
+        return RequestView(
+            r.id,
+            r.arrival,
+            r.last_chunk_at,
+            r.complete,
+            r.parked,
+            r.computed,
+            r.pending,
+            r.blocks,
+            math.inf if r.complete else r.last_chunk_at + 0.7,
+            max(r.backlog[-1].target - r.target, 0) if r.complete and r.backlog else 0,  # the final, queued
+        )
 
     @staticmethod
     def _stock_order(work: list[_Req]) -> list[_Req]:
@@ -340,58 +397,31 @@ class Simulator:
             waiting = sorted(waiting + deferred, key=lambda v: position[v.request_id])
         return running + waiting
 
-    def _step(self, work, active, policy, free, now, result):
-        views = {
-            r.id: RequestView(
-                r.id,
-                r.arrival,
-                r.last_chunk_at,
-                r.complete,
-                r.parked,
-                r.computed,
-                r.pending,
-                r.blocks,
-                math.inf if r.complete else r.last_chunk_at + 0.7,
-                max(r.backlog[-1][1] - r.target, 0) if r.complete and r.backlog else 0,  # the final, queued
-            )
-            for r in active
-        }
-        if isinstance(policy, VllmPolicy):
-            work = self._stock_order(work)
-        ranked = policy.rank([views[r.id] for r in work])
-        by_id = {r.id: r for r in active}
-        if not isinstance(policy, VllmPolicy):
-            ranked = self._engine_order(ranked, by_id)
-        budget, cost, chunks = self.profile.max_num_batched_tokens, 0.0, 0
-        for view in ranked:
-            r = by_id[view.request_id]
-            take = min(r.pending, budget)
-            if take <= 0:
-                continue
-            need = -(-(r.computed + take) // self.block_size) - r.blocks
-            if need > free:
-                short = need - free
-                for rid, _mode in policy.victims(ranked, list(views.values()), short, now):
-                    victim = by_id[rid]
-                    if victim.blocks and victim is not r:
-                        free += victim.blocks
-                        victim.blocks, victim.computed = 0, 0
-                        victim.evictions += 1
-                if need > free:
-                    continue
-            free -= need
-            r.blocks += need
-            cost += self.profile.chunk_s(take, r.computed)
-            r.computed += take
-            if r.running_since is None and r.pending > 0:
-                r.running_since = now
-            budget -= take
-            chunks += 1
-            if budget <= 0:
-                break
-        if not chunks:
-            return free, None
-        return free, cost + self.profile.step_overhead_s(chunks, len(active))
+    # -- after a step ------------------------------------------------------------------------------
+
+    def _after_step(self, r: _Req) -> None:
+        """A request the step just ran: done with its chunk, it takes the next one, parks, or
+        answers."""
+        if r.computed < r.target:
+            return
+        if r.backlog or not r.complete:
+            r.queued_at = self.now  # resumed with a queued chunk, or parked: back of the queue
+        if r.backlog and self.held:
+            if r.final_queued:  # the engine core resumes it with the final
+                self._merge_held(r)
+            elif not r.releasing:  # the front end sends what it held
+                r.releasing = True
+                heapq.heappush(self.events, (self.now + self.release_delay, self.index_of[r.id], True))
+        elif r.backlog:  # the next queued chunk, one per round
+            self._apply_chunk(r, r.backlog.pop(0))
+        elif not r.complete:
+            r.waiting_chunk, r.parked_at = True, self.now
+        elif r.first_token_at is None:
+            r.first_token_at = self.now + self.profile.frontend_out_s
+            self.result.ttft_by_request[r.id] = r.first_token_at - r.final_at
+            self.free += r.blocks
+            r.blocks = 0
+            self.done += 1
 
 
 def simulate_command(
