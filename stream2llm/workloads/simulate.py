@@ -12,7 +12,9 @@ a Poisson process and replay their trace events: ``stream`` policies get each ch
 and hold the appends that come meanwhile; they go in, merged, once the front end has seen the chunk
 in work finish (its output's trip out, then the trip in), so on a busy engine they miss one step.
 An update and the final (with what was held) go into the engine core at once: an update ends the
-chunk in work after the tokens already scheduled, the final waits there behind it. Stock vLLM
+chunk in work after the tokens already scheduled and one more step for the token it must sample
+(so does each queued update the final supersedes; a further update waits in the front end), the
+final waits there behind the chunk in work. Stock vLLM
 queues appends in the engine core and applies them one per round; its update aborts the request
 and resubmits the whole prompt (the prefix cache keeps the whole blocks it shares). Parked sessions
 hold their blocks; ``vllm`` never evicts them (work waits for memory), the other policies evict by
@@ -63,8 +65,8 @@ class _Req:
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
     releasing: bool = False  # its held chunks are on their way in (our sessions)
     parked_at: float = 0.0  # when its last chunk finished
-    final_queued: bool = False  # its final (with what was held) waits in the engine core
-    backlog: list[_Chunk] = field(default_factory=list)  # arrived, not yet applied
+    core_queue: list[_Chunk] = field(default_factory=list)  # in the engine core behind the chunk in work
+    backlog: list[_Chunk] = field(default_factory=list)  # held by the front end (stock: queued in vLLM)
     queued_at: float = 0.0  # its place in vLLM's waiting queue: when it entered, resumed or parked
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
 
@@ -191,6 +193,14 @@ class Simulator:
         return _Run(self, reqs, policy, SimResult(policy, qps)).run()
 
 
+def _queued_tokens(r: _Req) -> int:
+    """What the broker sees queued in the engine core: an update's whole prompt (its shared prefix
+    is found only when it is applied), appends' new tokens."""
+    updates = sum(chunk.target for chunk in r.core_queue if chunk.replaces)
+    appends = [chunk for chunk in r.core_queue if not chunk.replaces]
+    return updates + (max(appends[-1].target - r.target, 0) if appends else 0)
+
+
 class _Run:
     """One simulated run: the event queue (chunks arriving, held chunks released), KV blocks free,
     the requests admitted and the clock."""
@@ -239,7 +249,7 @@ class _Run:
             _, i, release = heapq.heappop(self.events)
             r = self.reqs[i]
             if release:
-                self._merge_held(r)
+                self._release(r)
                 continue
             chunk = r.chunks[r.next_chunk]
             r.next_chunk += 1
@@ -255,18 +265,27 @@ class _Run:
                 self._append(r, i, chunk)
 
     def _send_at_once(self, r: _Req, chunk: _Chunk) -> None:
-        """Our sessions send an update, or the final with what they held, into the engine core at
-        once: an update replaces what was held and ends the chunk in work after the tokens already
-        scheduled; the final waits behind that chunk."""
+        """Our sessions send the final (with what they held) into the engine core at once, where it
+        waits behind the chunk in work; and an update, which replaces what they held: into the
+        engine core behind the chunk in work, which the core then ends after the one token it must
+        sample (a step of its own). With an update already queued there the front end holds a
+        non-final one until the chunk in work is done; the final goes anyway."""
         in_work = r.pending > 0 and not r.waiting_chunk
         if chunk.replaces:
             r.backlog.clear()
         r.backlog.append(chunk)
         r.releasing = False
-        if chunk.replaces or not in_work:
+        if not in_work:
             self._merge_held(r)
-        else:
-            r.final_queued, r.complete = True, True  # the broker sees it on arrival
+        elif not chunk.replaces:
+            r.core_queue += r.backlog
+            r.backlog.clear()
+            r.complete = True  # the broker sees it on arrival
+        elif not r.core_queue or chunk.final:
+            r.backlog.clear()
+            r.core_queue.append(chunk)
+            r.complete = r.complete or chunk.final
+            r.target = r.computed + 1  # the chunk in work is cut short
 
     def _resubmit(self, r: _Req, chunk: _Chunk) -> None:
         """Stock vLLM's update: the request is aborted and the whole new prompt resubmitted, at the
@@ -293,12 +312,32 @@ class _Run:
             r.queued_at = chunk.at
         self._apply_chunk(r, chunk)
 
+    def _release(self, r: _Req) -> None:
+        """The front end sends what it held once it has seen the chunk in work finish."""
+        r.releasing = False
+        if r.backlog and r.backlog[-1].replaces:  # a held update: as if it came now
+            self._send_at_once(r, r.backlog.pop())
+        else:
+            self._merge_held(r)
+
     def _merge_held(self, r: _Req) -> None:
         """Our session's held chunks (or its final, or an update) reach the engine as one."""
         for chunk in r.backlog:
             self._apply_chunk(r, chunk)
         r.backlog.clear()
-        r.releasing = r.final_queued = False
+        r.releasing = False
+
+    def _resume_from_core(self, r: _Req) -> None:
+        """The engine core resumes a session with what waits there: a final append with the appends
+        merged into it, or the next update, itself cut short when another waits behind it."""
+        if r.core_queue[0].replaces:
+            self._apply_chunk(r, r.core_queue.pop(0))
+            if r.core_queue:
+                r.target = r.computed + 1
+        else:
+            for chunk in r.core_queue:
+                self._apply_chunk(r, chunk)
+            r.core_queue.clear()
 
     def _apply_chunk(self, r: _Req, chunk: _Chunk) -> None:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
@@ -364,7 +403,7 @@ class _Run:
             r.pending,
             r.blocks,
             math.inf if r.complete else r.last_chunk_at + 0.7,
-            max(r.backlog[-1].target - r.target, 0) if r.complete and r.backlog else 0,  # the final, queued
+            _queued_tokens(r),
         )
 
     @staticmethod
@@ -404,16 +443,18 @@ class _Run:
         answers."""
         if r.computed < r.target:
             return
-        if r.backlog or not r.complete:
+        if r.core_queue or r.backlog or not r.complete:
             r.queued_at = self.now  # resumed with a queued chunk, or parked: back of the queue
+        if r.core_queue:
+            self._resume_from_core(r)
         if r.backlog and self.held:
-            if r.final_queued:  # the engine core resumes it with the final
-                self._merge_held(r)
-            elif not r.releasing:  # the front end sends what it held
+            if not r.releasing:  # the front end sends what it held once it sees the chunk done
                 r.releasing = True
                 heapq.heappush(self.events, (self.now + self.release_delay, self.index_of[r.id], True))
-        elif r.backlog:  # the next queued chunk, one per round
+        elif r.backlog:  # stock vLLM: the next queued chunk, one per round
             self._apply_chunk(r, r.backlog.pop(0))
+        elif r.computed < r.target:
+            return  # resumed from the engine core
         elif not r.complete:
             r.waiting_chunk, r.parked_at = True, self.now
         elif r.first_token_at is None:

@@ -335,8 +335,9 @@ def test_update_recomputes_only_past_the_changed_document():
 
 def test_an_update_ends_the_update_in_work():
     """An update reaches the engine core at once and ends the chunk in work after the tokens
-    already scheduled: the superseded update is not prefilled to its end (that would take until
-    ~1.8 s). Stock vLLM aborts the request and resubmits the whole prompt, which stops it too."""
+    already scheduled (and the one token it samples): the superseded update is not prefilled to its
+    end (that would take until ~1.8 s). Stock vLLM aborts the request and resubmits the whole
+    prompt, which stops it too."""
     docs1 = tuple(filler_doc(f"a{i}", 200) for i in range(5))
     docs2 = (filler_doc("b0", 200), *docs1[1:])  # the first document changed: ~nothing is kept
     request = TraceRequest(
@@ -346,9 +347,27 @@ def test_an_update_ends_the_update_in_work():
     ours = Simulator(profile).run([request], "stream2llm", qps=1e6).ttft_final[0]
     stock = Simulator(profile).run([request], "vllm", qps=1e6).ttft_final[0]
     # ours: the second update's 1,020 tokens past the kept 20 take 11 steps (0.11 s each, the
-    # last 0.03 s) from the end of the step running at 0.5
+    # last 0.03 s) from the end of the step running at 0.5 and the one-token step after it
     assert 1.1 < ours < 1.3
     assert stock == pytest.approx(ours, abs=0.02)
+
+
+def test_each_chunk_an_update_supersedes_ends_after_a_one_token_step():
+    """The engine core ends a superseded chunk after the one token it must sample, a step of its
+    own: a final queued behind a queued update pays for two such steps, one behind the chunk in
+    work alone for one. Stock vLLM aborts and resubmits, whatever was queued."""
+    docs0 = tuple(filler_doc(f"a{i}", 200) for i in range(5))
+    docs1 = (filler_doc("b0", 200), *docs0[1:])
+    docs2 = (filler_doc("c0", 200), *docs0[1:])
+    first, final = TraceEvent(0.0, "update", docs=docs0), TraceEvent(0.3, "update", docs=docs2)
+    queued = TraceRequest("r", "anns", "q", (first, TraceEvent(0.3, "update", docs=docs1), final))
+    alone = TraceRequest("r", "anns", "q", (first, final))
+    sim = Simulator(toy_profile(max_num_batched_tokens=100))
+    one_token_step = 0.01 + 1e-3
+    ours = [sim.run([r], "stream2llm", qps=1e6).ttft_final[0] for r in (queued, alone)]
+    assert ours[0] - ours[1] == pytest.approx(one_token_step)
+    stock = [sim.run([r], "vllm", qps=1e6).ttft_final[0] for r in (queued, alone)]
+    assert stock[0] == pytest.approx(stock[1])
 
 
 def test_memory_pressure_stock_stalls_where_eviction_does_not():
