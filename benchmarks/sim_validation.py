@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 from stream2llm.serving.cost_model import CostProfile, step_cycles
+from stream2llm.serving.step_log import read_step_log
 from stream2llm.workloads.replay import poisson_arrivals
 from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
@@ -60,9 +60,7 @@ def machine_speed(
     run's time, in windows of ``window_s``: logged busy time over what the profile charges for the
     same steps (windows with under a second of work take the run's whole ratio). These CPUs drift
     by 10-20% for stretches of a run; the profile, fitted to the whole bench, is their average."""
-    opener = gzip.open if steps_path.suffix == ".gz" else open
-    with opener(steps_path, "rt") as f:
-        steps = [json.loads(line) for line in f if line.strip()]
+    steps = read_step_log(steps_path)
     costs = profile.step_costs()
     busy: dict[str, dict[int, list[float]]] = {}
     starts = {_salt(run): _run_start(run, requests, measured["options"]) for run in measured["runs"]}

@@ -10,6 +10,7 @@ and a TTFT can be traced to the steps it waited for. One JSON object per line.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from pathlib import Path
@@ -48,5 +49,7 @@ class StepLog:
 
 
 def read_step_log(path: str | Path) -> list[dict[str, Any]]:
-    with open(path) as f:
+    """The logged steps, from the file the engine wrote or its gzipped copy (``.gz``)."""
+    opener = gzip.open if Path(path).suffix == ".gz" else open
+    with opener(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]

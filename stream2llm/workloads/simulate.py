@@ -285,7 +285,8 @@ class _Run:
             r.backlog.clear()
             r.core_queue.append(chunk)
             r.complete = r.complete or chunk.final
-            r.target = r.computed + 1  # the chunk in work is cut short
+            self._end_chunk_early(r)
+        # else: a non-final update stays held in the front end (r.backlog) until the chunk in work is done
 
     def _resubmit(self, r: _Req, chunk: _Chunk) -> None:
         """Stock vLLM's update: the request is aborted and the whole new prompt resubmitted, at the
@@ -333,11 +334,17 @@ class _Run:
         if r.core_queue[0].replaces:
             self._apply_chunk(r, r.core_queue.pop(0))
             if r.core_queue:
-                r.target = r.computed + 1
+                self._end_chunk_early(r)
         else:
             for chunk in r.core_queue:
                 self._apply_chunk(r, chunk)
             r.core_queue.clear()
+
+    @staticmethod
+    def _end_chunk_early(r: _Req) -> None:
+        """An update waits behind the chunk in work: the engine core ends that chunk after the
+        tokens already computed and the one it must sample (``vllm_compat.end_chunk_early``)."""
+        r.target = r.computed + 1
 
     def _apply_chunk(self, r: _Req, chunk: _Chunk) -> None:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,27 @@ def _logged_steps(
     return steps
 
 
+def _write_step_log(path: Path, steps: list) -> Path:
+    """``steps`` as ``StepLog`` writes them, one JSON object per line."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    return path
+
+
+def test_read_step_log_reads_the_log_or_its_gzipped_copy(tmp_path):
+    import gzip
+
+    from stream2llm.serving.step_log import read_step_log
+
+    steps = _logged_steps(0.004, 2e-6, 4e-9, 0.0)
+    log = _write_step_log(tmp_path / "steps.jsonl", steps)
+    packed = tmp_path / "steps.jsonl.gz"
+    packed.write_bytes(gzip.compress(log.read_bytes()))
+    assert read_step_log(log) == read_step_log(packed) == steps
+
+
 def test_fit_steps_recovers_the_step_cost_under_load():
     truth = (0.004, 2e-6, 4e-9, 5e-4, 6e-4, 3e-5)
     assert fit_steps(_logged_steps(*truth)) == pytest.approx(truth, rel=1e-3)
@@ -97,15 +119,12 @@ def test_fit_steps_keeps_the_logged_busy_time_when_steps_are_noisy():
 
 
 def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
-    import json
 
     from typer.testing import CliRunner
 
     from stream2llm.cli import app
 
-    log = tmp_path / "run" / "steps.jsonl"
-    log.parent.mkdir()
-    log.write_text("".join(json.dumps(s) + "\n" for s in _logged_steps(0.004, 2e-6, 4e-9, 0.0, 6e-4, 3e-5)))
+    log = _write_step_log(tmp_path / "run" / "steps.jsonl", _logged_steps(0.004, 2e-6, 4e-9, 0.0, 6e-4, 3e-5))
     out = tmp_path / "profile.json"
     cmd = ["calibrate", "--from-steps", str(log), "--max-batched-tokens", "512", "--out", str(out)]
     res = CliRunner().invoke(app, cmd)
@@ -124,9 +143,7 @@ def test_calibrate_with_the_bench_results_fits_the_front_end_and_names_the_bench
     from stream2llm.serving.calibrate import profile_from_steps
 
     steps = _logged_steps(0.004, 2e-6, 4e-9, 0.0)
-    log = tmp_path / "run" / "steps.jsonl"
-    log.parent.mkdir()
-    log.write_text("".join(json.dumps(s) + "\n" for s in steps))
+    log = _write_step_log(tmp_path / "run" / "steps.jsonl", steps)
     # r3's final is handed over while the engine idles before its step; r4's right as its step starts
     timeline = [
         ["r3", steps[3]["t0"] - 0.010, steps[3]["t0"] - 0.002, steps[3]["t2"] + 0.001],
