@@ -24,11 +24,11 @@ import statistics
 import time
 from pathlib import Path
 
-from stream2llm.connectors.layout import StableLayout, invalidated
-from stream2llm.connectors.prompt import DOC_SEPARATOR, PromptTemplate, TextTokenizer, common_prefix_len
+from stream2llm.context.layout import StableLayout, invalidated
+from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate, TextTokenizer, common_prefix_len
+from stream2llm.engine import models
 from stream2llm.retrievers.corpus import wiki_questions
 from stream2llm.retrievers.faiss_ann import AnnIndex, ProgressiveAnnRetriever, default_index_dir
-from stream2llm.serving import models
 from stream2llm.workloads.bench import machine
 
 
@@ -79,7 +79,7 @@ async def run(args: argparse.Namespace) -> dict:
         "machine": machine(),
         "index": {k: v for k, v in vars(index.meta).items() if k not in ("schema",)},
         "params": {"queries": len(questions), "k": args.k, "nprobe": args.nprobe, "stages": args.stages,
-                   "seed": args.seed, "tokenizer": "tiny (stream2llm.serving.models)"},
+                   "seed": args.seed, "tokenizer": "tiny (stream2llm.engine.models)"},
         "updates": n_updates,
         "updates_changing_top_k": updates_changed,
         "final_prompt_tokens": {"mean": statistics.mean(final_tokens), "p50": pct(final_tokens, 50)},

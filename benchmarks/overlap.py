@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 from pydoc_data.topics import topics
 
-from stream2llm.connectors.prompt import PromptTemplate
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
+from stream2llm.context.prompt import PromptTemplate
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.workloads.bench import machine
 
 QUESTION = "What does this documentation describe?"

@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from stream2llm.serving.policies import POLICIES, RequestView, make_policy
+from stream2llm.core.policies import POLICIES, RequestView, make_policy
 
 
 def views(n: int, seed: int = 0) -> list[RequestView]:

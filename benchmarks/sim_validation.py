@@ -15,10 +15,10 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from stream2llm.serving.cost_model import CostProfile, step_cycles
-from stream2llm.serving.step_log import read_step_log
-from stream2llm.workloads.replay import poisson_arrivals
-from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
+from stream2llm.core.step_log import read_step_log
+from stream2llm.workloads.arrivals import poisson_arrivals
+from stream2llm.workloads.simulate.cost_model import CostProfile, step_cycles
+from stream2llm.workloads.simulate.simulator import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
 from stream2llm.workloads.trace import TraceEvent, TraceRequest, read_trace, with_stable_layout
 

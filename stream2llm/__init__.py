@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-    from stream2llm.connectors.events import ContextEvent, Op
-    from stream2llm.serving.engine import EngineConfig, Session, StreamingEngine
+    from stream2llm.context.events import ContextEvent, Op
+    from stream2llm.engine.engine import EngineConfig, Session, StreamingEngine
 
 
 def __getattr__(name: str) -> Any:
@@ -24,11 +24,11 @@ def __getattr__(name: str) -> Any:
 
         return SamplingParams
     if name in ("ContextEvent", "Op"):
-        from stream2llm.connectors import events
+        from stream2llm.context import events
 
         return getattr(events, name)
     if name in ("EngineConfig", "Session", "StreamingEngine"):
-        from stream2llm.serving import engine
+        from stream2llm.engine import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'stream2llm' has no attribute {name!r}")

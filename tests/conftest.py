@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from stream2llm.serving import models
+    from stream2llm.engine import models
 
     return models.prepare("tiny")
 
@@ -33,7 +33,7 @@ EXACT_DTYPE = "float32"
 
 @pytest.fixture(scope="session")
 async def engine(tiny_model):
-    from stream2llm.serving.engine import EngineConfig, StreamingEngine
+    from stream2llm.engine.engine import EngineConfig, StreamingEngine
 
     eng = await StreamingEngine.start(
         EngineConfig(

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from stream2llm.connectors.events import ContextEvent, Op
-from stream2llm.connectors.stream import ContextAssembler, Layout, RetrieverFailed, SequenceCheck, merge
+from stream2llm.context.events import ContextEvent, Op
+from stream2llm.context.stream import ContextAssembler, Layout, RetrieverFailed, SequenceCheck, merge
+from stream2llm.engine.engine import Session, StreamingEngine
 from stream2llm.retrievers.base import StreamingRetriever
-from stream2llm.serving.engine import Session, StreamingEngine
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,6 @@ def _clipped(event: ContextEvent, max_chars: int) -> ContextEvent:
 
 def _default_layout() -> Layout:
     """Surviving documents keep their place, so an update invalidates as little KV as it can."""
-    from stream2llm.connectors.layout import stable_layout
+    from stream2llm.context.layout import stable_layout
 
     return stable_layout

@@ -14,7 +14,7 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from stream2llm.connectors.events import ContextEvent, Op
+from stream2llm.context.events import ContextEvent, Op
 
 
 @runtime_checkable

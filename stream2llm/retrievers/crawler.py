@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urldefrag, urlsplit
 
-from stream2llm.connectors.events import ContextEvent, Op
+from stream2llm.context.events import ContextEvent, Op
 from stream2llm.errors import StreamError
 from stream2llm.retrievers.base import EventNumberer
 

@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream2llm.connectors.events import ContextEvent, Op
-from stream2llm.connectors.layout import StableLayout
-from stream2llm.connectors.prompt import DOC_SEPARATOR
+from stream2llm.context.events import ContextEvent, Op
+from stream2llm.context.layout import StableLayout
+from stream2llm.context.prompt import DOC_SEPARATOR
 from stream2llm.errors import StreamError
 from stream2llm.retrievers.base import EventNumberer
 from stream2llm.retrievers.corpus import (

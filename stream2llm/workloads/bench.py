@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.workloads import plots
 from stream2llm.workloads.metrics import summarize_repeats
 from stream2llm.workloads.replay import BenchPlan, ReplayOptions, run_bench

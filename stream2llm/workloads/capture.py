@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stream2llm.connectors.events import ContextEvent, Op
+from stream2llm.context.events import ContextEvent, Op
 from stream2llm.retrievers.base import StreamingRetriever
 from stream2llm.workloads.trace import TraceError, TraceEvent, TraceRequest, write_trace
 

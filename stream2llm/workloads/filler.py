@@ -14,7 +14,7 @@ import random
 import re
 from functools import cached_property
 
-from stream2llm.connectors.prompt import TextTokenizer
+from stream2llm.context.prompt import TextTokenizer
 
 SENTENCE_WORDS = 12  # a period every so many words, so the text reads as text
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stream2llm.serving.engine import StreamingEngine
+from stream2llm.engine.engine import StreamingEngine
+from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.filler import FillerText
 from stream2llm.workloads.metrics import RequestRecord, RunResult
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
@@ -33,15 +33,6 @@ class ReplayOptions:
     max_tokens: int = 1  # the published runs generated one token
     seed: int = 42
     deadline_s: float | None = None  # after the last scheduled event: abort what has not answered
-
-
-def poisson_arrivals(n: int, qps: float, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(qps)
-    return out
 
 
 def mode_of(policy: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stream2llm.connectors.layout import StableLayout
+from stream2llm.context.layout import StableLayout
 
 SCHEMA = "stream2llm.trace/1"
 OPS = ("append", "update")

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from stream2llm.cli import app
-from stream2llm.serving.step_log import read_step_log
+from stream2llm.core.step_log import read_step_log
 from stream2llm.workloads.trace import read_trace
 
 

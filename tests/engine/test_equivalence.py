@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from stream2llm.connectors.prompt import PromptTemplate, common_prefix_len
+from stream2llm.context.prompt import PromptTemplate, common_prefix_len
 from tests.conftest import corpus_text
 from tests.engine.helpers import GREEDY, oneshot, split_at_random
 

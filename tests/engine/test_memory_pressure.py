@@ -23,7 +23,7 @@ SAMPLING = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 async def small_engine(tiny_model):
-    from stream2llm.serving.engine import EngineConfig, StreamingEngine
+    from stream2llm.engine.engine import EngineConfig, StreamingEngine
 
     # 6 MiB of KV: 12,288 tokens, 96 blocks; sixteen sessions of ~1,800 tokens need ~240
     eng = await StreamingEngine.start(

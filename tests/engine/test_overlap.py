@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from stream2llm.connectors.prompt import PromptTemplate
+from stream2llm.context.prompt import PromptTemplate
 from tests.conftest import corpus_text
 from tests.engine.helpers import GREEDY, oneshot, split_at_random
 

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from stream2llm.connectors.events import Op
-from stream2llm.connectors.prompt import DOC_SEPARATOR
+from stream2llm.context.events import Op
+from stream2llm.context.prompt import DOC_SEPARATOR
 from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
 from stream2llm.retrievers.base import EventNumberer
 from tests.conftest import corpus_text

@@ -8,7 +8,7 @@ import random
 import pytest
 from vllm import SamplingParams
 
-from stream2llm.connectors.events import ContextEvent, Op
+from stream2llm.context.events import ContextEvent, Op
 from stream2llm.errors import (
     ContextTooLong,
     InvalidEvent,

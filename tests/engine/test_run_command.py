@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
+from stream2llm.cli.show import show_events, timings_table
 from stream2llm.pipelines.pipeline import RagPipeline
-from stream2llm.pipelines.show import show_events, timings_table
 from stream2llm.pipelines.sources import SourceOptions, open_retrievers
 from tests.engine.helpers import GREEDY
 

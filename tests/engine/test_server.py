@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from vllm import SamplingParams
 
-from stream2llm.serving.server import ServerSettings, create_app, start_site
+from stream2llm.server.app import ServerSettings, create_app, start_site
 from tests.conftest import corpus_text
 from tests.engine.helpers import GREEDY, oneshot, split_at_random
 
@@ -443,7 +443,7 @@ def test_serve_command_wires_options_into_engine_and_server(monkeypatch):
     from typer.testing import CliRunner
 
     from stream2llm import cli
-    from stream2llm.serving import server as server_mod
+    from stream2llm.server import app as server_mod
 
     seen = {}
 
@@ -462,8 +462,8 @@ def test_serve_command_wires_options_into_engine_and_server(monkeypatch):
 
 
 async def test_serve_runs_the_app_until_cancelled_then_shuts_the_engine_down(engine, monkeypatch):
-    from stream2llm.serving import engine as engine_mod
-    from stream2llm.serving.server import serve
+    from stream2llm.engine import engine as engine_mod
+    from stream2llm.server.app import serve
 
     class Borrowed:  # the shared engine, with a shutdown that only records the call
         shut_down = False

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from stream2llm.connectors.events import Op
+from stream2llm.context.events import Op
 from stream2llm.retrievers.base import StreamingRetriever
 from stream2llm.retrievers.crawler import (
     AddressGuardMiddleware,

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from stream2llm.connectors.events import Op
-from stream2llm.connectors.prompt import DOC_SEPARATOR
+from stream2llm.context.events import Op
+from stream2llm.context.prompt import DOC_SEPARATOR
 from stream2llm.retrievers.base import StreamingRetriever
 from stream2llm.retrievers.faiss_ann import (
     AnnIndex,

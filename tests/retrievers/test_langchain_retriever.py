@@ -10,10 +10,14 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 
-from stream2llm.connectors.events import Op
+from stream2llm.context.events import Op
+from stream2llm.integrations.langchain.retriever import (
+    OneShotStream,
+    StreamingRetrieverAdapter,
+    as_langchain_retriever,
+)
 from stream2llm.retrievers.base import StreamingRetriever
 from stream2llm.retrievers.faiss_ann import ProgressiveAnnRetriever, ShardedAnnRetriever
-from stream2llm.retrievers.langchain import OneShotStream, StreamingRetrieverAdapter, as_langchain_retriever
 from tests.retrievers.helpers import NPROBE, small_index
 
 QUERY = "Which planet has the largest moons?"

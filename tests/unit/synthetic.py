@@ -18,7 +18,8 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from stream2llm.serving.scheduler import CONFIG_KEY, StreamScheduler
+from stream2llm.core.protocol import CONFIG_KEY
+from stream2llm.core.scheduler import StreamScheduler
 
 SAMPLED = 7
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from stream2llm.connectors.events import Op
+from stream2llm.context.events import Op
 from stream2llm.retrievers.base import EventNumberer
 from stream2llm.workloads.capture import capture, read_queries
 from stream2llm.workloads.trace import TraceError, read_trace

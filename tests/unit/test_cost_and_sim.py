@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from stream2llm.serving.cost_model import (
+from stream2llm.workloads.arrivals import poisson_arrivals
+from stream2llm.workloads.simulate.cost_model import (
     CostProfile,
     fit_frontend,
     fit_prefill,
     fit_steps,
     packaged_profiles,
 )
-from stream2llm.workloads.replay import poisson_arrivals
-from stream2llm.workloads.simulate import TEMPLATE_TOKENS, Simulator
+from stream2llm.workloads.simulate.simulator import TEMPLATE_TOKENS, Simulator
 from stream2llm.workloads.synth import filler_doc, synthesize
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
 
@@ -77,7 +77,7 @@ def _write_step_log(path: Path, steps: list) -> Path:
 def test_read_step_log_reads_the_log_or_its_gzipped_copy(tmp_path):
     import gzip
 
-    from stream2llm.serving.step_log import read_step_log
+    from stream2llm.core.step_log import read_step_log
 
     steps = _logged_steps(0.004, 2e-6, 4e-9, 0.0)
     log = _write_step_log(tmp_path / "steps.jsonl", steps)
@@ -140,7 +140,7 @@ def test_calibrate_from_steps_writes_a_profile_with_the_fitted_costs(tmp_path):
 def test_calibrate_with_the_bench_results_fits_the_front_end_and_names_the_bench_machine(tmp_path):
     import json
 
-    from stream2llm.serving.calibrate import profile_from_steps
+    from stream2llm.workloads.simulate.calibrate import profile_from_steps
 
     steps = _logged_steps(0.004, 2e-6, 4e-9, 0.0)
     log = _write_step_log(tmp_path / "run" / "steps.jsonl", steps)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream2llm.connectors.events import ContextEvent, Op
+from stream2llm.context.events import ContextEvent, Op
 from stream2llm.errors import InvalidEvent
 
 

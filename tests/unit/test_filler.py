@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream2llm.connectors.prompt import TextTokenizer
+from stream2llm.context.prompt import TextTokenizer
 from stream2llm.workloads.filler import FillerText
 
 

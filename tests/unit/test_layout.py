@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from stream2llm.connectors.layout import StableLayout, invalidated, stable_layout
-from stream2llm.connectors.prompt import common_prefix_len
+from stream2llm.context.layout import StableLayout, invalidated, stable_layout
+from stream2llm.context.prompt import common_prefix_len
 
 
 def test_survivors_keep_previous_order_and_newcomers_follow_by_rank():

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from stream2llm.serving import models
+from stream2llm.engine import models
 
 
 def test_tiny_is_cached_and_self_describing(tiny_model):

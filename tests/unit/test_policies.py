@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from stream2llm.serving.policies import (
+from stream2llm.core.policies import (
     OFFLOAD,
     RECOMPUTE,
     Costs,

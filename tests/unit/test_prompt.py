@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from stream2llm.connectors.prompt import PromptBuilder, TextTokenizer, common_prefix_len
+from stream2llm.context.prompt import PromptBuilder, TextTokenizer, common_prefix_len
 from stream2llm.errors import ContextTooLong
 from tests.conftest import corpus_text
 

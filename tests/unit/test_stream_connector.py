@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from stream2llm.connectors.events import ContextEvent, Op
-from stream2llm.connectors.prompt import DOC_SEPARATOR
-from stream2llm.connectors.stream import ContextAssembler, RetrieverFailed, SequenceCheck, merge
+from stream2llm.context.events import ContextEvent, Op
+from stream2llm.context.prompt import DOC_SEPARATOR
+from stream2llm.context.stream import ContextAssembler, RetrieverFailed, SequenceCheck, merge
 from stream2llm.errors import InvalidEvent, SequenceError
 
 

@@ -13,8 +13,8 @@ import vllm
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-from stream2llm.serving import vllm_compat
-from stream2llm.serving.stats_board import StatsBoard
+from stream2llm.core import vllm_compat
+from stream2llm.core.stats_board import StatsBoard
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
 BS = 16

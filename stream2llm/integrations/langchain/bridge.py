@@ -20,8 +20,8 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.errors import StreamError
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
 
 T = TypeVar("T")
 _DONE = object()  # marks the end of a bridged async iterator

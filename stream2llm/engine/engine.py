@@ -24,8 +24,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stream2llm.connectors.events import ContextEvent, Op
-from stream2llm.connectors.prompt import PromptBuilder, PromptTemplate, TextTokenizer
+from stream2llm.context.events import ContextEvent, Op
+from stream2llm.context.prompt import PromptBuilder, PromptTemplate, TextTokenizer
+from stream2llm.core.policies import POLICIES
+from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta
+from stream2llm.core.stats_board import EngineStats, StatsBoard
+from stream2llm.engine import models
 from stream2llm.errors import (
     AdmissionRejected,
     InvalidEvent,
@@ -35,14 +39,10 @@ from stream2llm.errors import (
     StreamError,
     UnknownSession,
 )
-from stream2llm.serving import models
-from stream2llm.serving.policies import POLICIES
-from stream2llm.serving.scheduler import CONFIG_KEY
-from stream2llm.serving.stats_board import EngineStats, StatsBoard
 
 Mode = Literal["stream", "vllm", "nonstream"]
 MODES: tuple[str, ...] = ("stream", "vllm", "nonstream")
-SCHEDULER_CLS = "stream2llm.serving.scheduler.StreamScheduler"
+SCHEDULER_CLS = "stream2llm.core.scheduler.StreamScheduler"
 
 
 def _vllm() -> Any:
@@ -126,7 +126,7 @@ class StreamingEngine:
         board = StatsBoard(board_path, create=True)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from stream2llm.serving import vllm_compat
+        from stream2llm.core import vllm_compat
 
         llm = vllm_compat.start_async_llm(_engine_args(config, model, board_path), fork=config.fast_start)
         return cls(config, llm, model, board)
@@ -494,8 +494,8 @@ class Session:
     def _chunk_params(self, op: str, final: bool) -> Any:
         base = self._sampling if final else _vllm().SamplingParams(temperature=0, max_tokens=1)
         params = base.clone()
-        meta = {"op": op, "final": final, "policy": self._policy}
-        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: meta}
+        meta = ChunkMeta(Op(op), final, self._policy)
+        params.extra_args = {**(params.extra_args or {}), **meta.as_extra_args()}
         if not final:
             params.output_kind = _vllm().sampling_params.RequestOutputKind.CUMULATIVE
         return params

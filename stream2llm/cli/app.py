@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from stream2llm.serving import models
+from stream2llm.engine import models
 
 app = typer.Typer(help="Streaming-aware RAG serving on vLLM.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Prepare and list the local models.", no_args_is_help=True)
@@ -131,7 +131,7 @@ def demo(
     """Answer real questions with streamed retrieval (a crawl of the local pygame docs, progressive
     ANN search over Wikipedia), showing context arriving and tokens streaming, and compare TTFT with
     sending the same context after retrieval (non-streaming) on the same engine."""
-    from stream2llm.pipelines.demo import run_demo
+    from stream2llm.cli.demo import run_demo
 
     _quiet_engine_logs()
 
@@ -261,7 +261,7 @@ def simulate(
 ):
     """Discrete-event model of the engine with the same policies, in seconds instead of hours;
     beside the published results where they exist (H200 profile, crawler or anns)."""
-    from stream2llm.workloads.simulate import simulate_command
+    from stream2llm.workloads.simulate.simulator import simulate_command
 
     try:
         report = simulate_command(
@@ -304,9 +304,9 @@ def calibrate(
     debug: DebugOpt = False,
 ):
     """Measure the engine at hand (prefill latency against prompt length) and write a cost profile."""
-    from stream2llm.serving.calibrate import calibrate as run_calibrate
-    from stream2llm.serving.calibrate import profile_from_steps
-    from stream2llm.serving.cost_model import CostProfile
+    from stream2llm.workloads.simulate.calibrate import calibrate as run_calibrate
+    from stream2llm.workloads.simulate.calibrate import profile_from_steps
+    from stream2llm.workloads.simulate.cost_model import CostProfile
 
     try:
         if from_steps is not None:
@@ -353,9 +353,9 @@ def serve(
     debug: DebugOpt = False,
 ):
     """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
-    from stream2llm.serving.engine import EngineConfig
-    from stream2llm.serving.server import ServerSettings
-    from stream2llm.serving.server import serve as run_server
+    from stream2llm.engine.engine import EngineConfig
+    from stream2llm.server.app import ServerSettings
+    from stream2llm.server.app import serve as run_server
 
     config = EngineConfig(
         model=model,
@@ -394,7 +394,7 @@ def run(
     debug: DebugOpt = False,
 ):
     """Answer one question: print context events as the retrievers find them, then the answer."""
-    from stream2llm.pipelines.show import run_question
+    from stream2llm.cli.show import run_question
 
     _quiet_engine_logs()
 

@@ -21,7 +21,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from stream2llm.connectors.events import ContextEvent, Op
+from stream2llm.context.events import ContextEvent, Op
 from stream2llm.retrievers.base import EventNumberer, StreamingRetriever
 
 T = TypeVar("T")

@@ -17,8 +17,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from stream2llm.connectors.events import ContextEvent, Op
-from stream2llm.connectors.prompt import DOC_SEPARATOR
+from stream2llm.context.events import ContextEvent, Op
+from stream2llm.context.prompt import DOC_SEPARATOR
 from stream2llm.errors import InvalidEvent, SequenceError
 
 # (previous documents in their current order, new documents in score order) -> new order

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stream2llm.serving.cost_model import CostProfile, fit_frontend, fit_prefill, fit_steps
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
-from stream2llm.serving.step_log import read_step_log
+from stream2llm.core.step_log import read_step_log
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
+from stream2llm.workloads.simulate.cost_model import CostProfile, fit_frontend, fit_prefill, fit_steps
 
 CPU_OFFLOAD_NOTE = (
     "vLLM's CPU backend has no KV offload path (the OffloadingConnector needs a GPU); "

@@ -21,10 +21,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from stream2llm.cli.show import describe_event
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
-from stream2llm.pipelines.show import describe_event
 from stream2llm.pipelines.sources import SourceOptions, open_retrievers
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ async def run_demo(
     """Answer ``questions`` of the demo questions; returns the summary as a dict (for --json)."""
     from vllm import SamplingParams
 
-    from stream2llm.serving import models
+    from stream2llm.engine import models
 
     chosen = [QUESTIONS[i % len(QUESTIONS)] for i in range(questions)]
     sampling = SamplingParams(temperature=0, max_tokens=max_tokens)

@@ -28,11 +28,11 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import Field, PrivateAttr
 
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
+from stream2llm.engine.models import DEFAULT_MODEL
+from stream2llm.integrations.langchain.bridge import EngineHandle, EngineRef, shared_engine
 from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
 from stream2llm.retrievers.base import StreamingRetriever
-from stream2llm.serving.background import EngineHandle, EngineRef, shared_engine
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
-from stream2llm.serving.models import DEFAULT_MODEL
 
 PROVIDER = "stream2llm"
 ROLE_NAMES = {"system": "System", "human": "User", "ai": "Assistant", "tool": "Tool", "function": "Function"}

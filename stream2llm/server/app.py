@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stream2llm.connectors.prompt import DOC_SEPARATOR, PromptTemplate
+from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate
 from stream2llm.errors import (
     AdmissionRejected,
     ContextTooLong,
@@ -48,7 +48,7 @@ from stream2llm.errors import (
 )
 
 if TYPE_CHECKING:
-    from stream2llm.serving.engine import EngineConfig, Session, SessionResult, StreamingEngine
+    from stream2llm.engine.engine import EngineConfig, Session, SessionResult, StreamingEngine
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -928,7 +928,7 @@ async def serve(
     config: EngineConfig, settings: ServerSettings, on_ready: Callable[[str], None] | None = None
 ) -> None:
     """Start an engine, serve HTTP until cancelled (Ctrl-C), then shut both down."""
-    from stream2llm.serving.engine import StreamingEngine
+    from stream2llm.engine.engine import StreamingEngine
 
     engine = await StreamingEngine.start(config)
     try:

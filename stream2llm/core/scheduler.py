@@ -17,53 +17,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from stream2llm.connectors.prompt import common_prefix_len
-from stream2llm.serving import vllm_compat as compat
-from stream2llm.serving.policies import Policy, RequestView, VllmPolicy, make_policy
-from stream2llm.serving.stats_board import EngineStats, StatsBoard
-from stream2llm.serving.step_log import PrefillItem, StepLog
+from stream2llm.context.events import Op
+from stream2llm.context.prompt import common_prefix_len
+from stream2llm.core import vllm_compat as compat
+from stream2llm.core.policies import Policy, RequestView, VllmPolicy, make_policy
+from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta, RequestCounters, UpdateRecord
+from stream2llm.core.stats_board import EngineStats, StatsBoard
+from stream2llm.core.step_log import PrefillItem, StepLog
 
 DEFAULT_GAP_S = 0.7  # expected gap to a session's next chunk before any is observed (crawler median)
-
-CONFIG_KEY = "stream2llm"  # in VllmConfig.additional_config and SamplingParams.extra_args
-
-
-@dataclass
-class UpdateRecord:
-    """One update as the engine applied it."""
-
-    old_len: int  # tokens the session held (computed) before
-    new_len: int
-    lcp: int  # longest common prefix of old and new token ids
-    kept: int  # tokens whose KV was kept (lcp, capped at new_len - 1 so one token yields logits)
-    recomputed: int  # new_len - kept
-    discarded: int  # old_len - kept: computed KV thrown away (the update's cost over one-shot)
-    tail: str  # the block holding the cut: private, unhashed, copied (on write) or aligned
-
-
-@dataclass
-class RequestCounters:
-    tokens_prefilled: int = 0
-    tokens_recomputed: int = 0
-    tokens_discarded: int = 0
-    updates: list[UpdateRecord] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "tokens_prefilled": self.tokens_prefilled,
-            "tokens_recomputed": self.tokens_recomputed,
-            "tokens_discarded": self.tokens_discarded,
-            "updates": [vars(u) for u in self.updates],
-        }
-
-
-def chunk_meta(sampling_params: Any) -> dict[str, Any]:
-    """What the front end says about a chunk: op ('append' or 'update'), final, policy."""
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    return extra.get(CONFIG_KEY) or {}
 
 
 @dataclass
@@ -111,29 +76,28 @@ class StreamScheduler(compat.HookedScheduler):
     # -- admission ------------------------------------------------------------------------------
 
     def add_request(self, request: compat.Request) -> None:
-        meta = chunk_meta(request.sampling_params)
-        if meta.get("policy"):
-            self.policy_name = meta["policy"]
+        meta = ChunkMeta.of(request.sampling_params)
+        if meta.policy:
+            self.policy_name = meta.policy
         now = time.monotonic()
         rid = request.request_id
         state = self._streams.get(rid)
         if state is not None and request.resumable:
             # a known stream's next chunk, seen on arrival (vLLM may queue it behind the chunk in
             # flight): from now on the ranking knows when it came and whether the stream is complete
-            state.on_chunk(now, bool(meta.get("final")))
+            state.on_chunk(now, meta.final)
         super().add_request(request)
         existing = self.requests.get(rid)
-        if state is not None and existing is not None and meta.get("op") == "update":
+        if state is not None and existing is not None and meta.op is Op.UPDATE:
             self._mark_if_superseded(existing)
         if rid not in self._streams and rid in self.requests:
-            final = bool(meta.get("final")) or not request.resumable
+            final = meta.final or not request.resumable
             self._streams[rid] = StreamState(now, now, final)
 
     # -- update mode ----------------------------------------------------------------------------
 
     def before_session_update(self, session: compat.Request, update: compat.StreamingUpdate):
-        meta = chunk_meta(update.sampling_params)
-        if meta.get("op", "append") != "update":
+        if ChunkMeta.of(update.sampling_params).op is not Op.UPDATE:
             if not compat.was_evicted(session):
                 return update
             # evicted while parked: resend the whole prompt; vLLM's prefix cache returns what survived
@@ -160,7 +124,7 @@ class StreamScheduler(compat.HookedScheduler):
         """An update queued behind the chunk a session is working on replaces that chunk's context:
         prefilling the rest of it would be thrown away (an ANN pipeline refines faster than a
         long update prefills), so the chunk is ended early at the next step."""
-        if any(chunk_meta(u.sampling_params).get("op") == "update" for u in compat.queued_chunks(request)):
+        if any(ChunkMeta.of(u.sampling_params).op is Op.UPDATE for u in compat.queued_chunks(request)):
             self._superseded.add(request.request_id)
 
     def _end_superseded_chunks(self) -> None:
@@ -171,7 +135,7 @@ class StreamScheduler(compat.HookedScheduler):
         self._superseded.clear()
 
     def is_last_chunk(self, request: compat.Request) -> bool:
-        return bool(chunk_meta(request.sampling_params).get("final"))
+        return ChunkMeta.of(request.sampling_params).final
 
     # -- counters and stats ---------------------------------------------------------------------
 

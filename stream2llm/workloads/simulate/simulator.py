@@ -30,10 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from stream2llm.serving.cost_model import CostProfile
-from stream2llm.serving.policies import Costs, RequestView, VllmPolicy, make_policy
+from stream2llm.core.policies import Costs, RequestView, VllmPolicy, make_policy
+from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.metrics import summary
-from stream2llm.workloads.replay import poisson_arrivals
+from stream2llm.workloads.simulate.cost_model import CostProfile
 from stream2llm.workloads.synth import FILLER_PREFIX
 from stream2llm.workloads.trace import TraceRequest
 

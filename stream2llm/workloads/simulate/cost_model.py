@@ -100,7 +100,7 @@ class CostProfile:
         """A packaged profile by name (``cpu-tiny``, ``h200-llama3.1-8b``...) or a JSON file."""
         path = Path(name_or_path)
         if not path.exists():
-            packaged = resources.files("stream2llm.serving").joinpath(f"profiles/{name_or_path}.json")
+            packaged = resources.files(__package__).joinpath(f"profiles/{name_or_path}.json")
             if not packaged.is_file():
                 raise ValueError(
                     f"no cost profile {name_or_path!r}; packaged: {', '.join(packaged_profiles())}"
@@ -110,7 +110,7 @@ class CostProfile:
 
 
 def packaged_profiles() -> list[str]:
-    folder = resources.files("stream2llm.serving").joinpath("profiles")
+    folder = resources.files(__package__).joinpath("profiles")
     return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
 
 

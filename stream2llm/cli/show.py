@@ -9,9 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
 from stream2llm.pipelines.sources import SourceOptions, open_retrievers
-from stream2llm.serving.engine import EngineConfig, StreamingEngine
 
 
 def describe_event(event: ContextArrived) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import TypeVar
 
-from stream2llm.connectors.prompt import common_prefix_len
+from stream2llm.context.prompt import common_prefix_len
 
 K = TypeVar("K", bound=Hashable)
 

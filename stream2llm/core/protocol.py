@@ -1,0 +1,66 @@
+"""What the front end and the engine core say to each other about a streamed request.
+
+Both processes import this module, so it imports nothing from vLLM: a chunk's metadata travels in
+``SamplingParams.extra_args[CONFIG_KEY]`` (front end to core), the engine's options in
+``VllmConfig.additional_config[CONFIG_KEY]``, and a request's counters come back in its final
+output's ``kv_transfer_params[CONFIG_KEY]`` (core to front end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream2llm.context.events import Op
+
+CONFIG_KEY = "stream2llm"  # in VllmConfig.additional_config, SamplingParams.extra_args, kv_transfer_params
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """What the front end says about one chunk: how it changes the context, whether it is the last."""
+
+    op: Op = Op.APPEND
+    final: bool = False
+    policy: str | None = None
+
+    def as_extra_args(self) -> dict[str, Any]:
+        return {CONFIG_KEY: {"op": self.op.value, "final": self.final, "policy": self.policy}}
+
+    @classmethod
+    def of(cls, sampling_params: Any) -> ChunkMeta:
+        """The metadata a chunk's sampling parameters carry (a plain request: an append)."""
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        raw = extra.get(CONFIG_KEY) or {}
+        return cls(Op(raw.get("op", Op.APPEND.value)), bool(raw.get("final")), raw.get("policy"))
+
+
+@dataclass
+class UpdateRecord:
+    """One update as the engine applied it."""
+
+    old_len: int  # tokens the session held (computed) before
+    new_len: int
+    lcp: int  # longest common prefix of old and new token ids
+    kept: int  # tokens whose KV was kept (lcp, capped at new_len - 1 so one token yields logits)
+    recomputed: int  # new_len - kept
+    discarded: int  # old_len - kept: computed KV thrown away (the update's cost over one-shot)
+    tail: str  # the block holding the cut: private, unhashed, copied (on write) or aligned
+
+
+@dataclass
+class RequestCounters:
+    """What the engine core counted for one request; returned with its final output."""
+
+    tokens_prefilled: int = 0
+    tokens_recomputed: int = 0
+    tokens_discarded: int = 0
+    updates: list[UpdateRecord] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_prefilled": self.tokens_prefilled,
+            "tokens_recomputed": self.tokens_recomputed,
+            "tokens_discarded": self.tokens_discarded,
+            "updates": [vars(u) for u in self.updates],
+        }
