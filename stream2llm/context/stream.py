@@ -39,7 +39,13 @@ class RetrieverFailed:
 
 
 class SequenceCheck:
-    """Puts one retriever's events in ``seq`` order; drops duplicates; rejects events after the final one."""
+    """One request's (or one retriever's) ``seq`` rule: events are numbered from 0, each once, and
+    none comes after the final one.
+
+    Two ways to apply it: ``accept`` puts events in order (late ones wait until the gap closes,
+    duplicates are dropped and counted): for retriever streams merged as they come. ``expect`` and
+    ``advance`` reject what is not the next event: for a caller that pushes events one by one and
+    must hear at once that it skipped or repeated one (``Session.push``)."""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -48,22 +54,41 @@ class SequenceCheck:
         self.finished = False
         self._held: dict[int, ContextEvent] = {}
 
-    def accept(self, event: ContextEvent) -> list[ContextEvent]:
-        """The events that are now in order (possibly none, possibly several held ones)."""
+    def _check(self, event: ContextEvent) -> bool:
+        """Whether ``event`` is new (else a duplicate); raises for another request or after the final."""
         if event.request_id != self.request_id:
             raise InvalidEvent(f"event for {event.request_id!r} in the stream of {self.request_id!r}")
         if self.finished:
             raise SequenceError(f"event {event.seq} for {self.request_id!r} after its final event")
-        if event.seq < self.next_seq or event.seq in self._held:
+        return event.seq >= self.next_seq and event.seq not in self._held
+
+    def accept(self, event: ContextEvent) -> list[ContextEvent]:
+        """The events that are now in order (possibly none, possibly several held ones)."""
+        if not self._check(event):
             self.duplicates += 1
             return []
         self._held[event.seq] = event
         ready = []
         while self.next_seq in self._held and not self.finished:
             ready.append(self._held.pop(self.next_seq))
-            self.next_seq += 1
-            self.finished = ready[-1].final
+            self.advance(ready[-1])
         return ready
+
+    def expect(self, event: ContextEvent) -> None:
+        """Raise SequenceError unless ``event`` is the next one; ``advance`` once it was applied."""
+        if not self._check(event):
+            raise SequenceError(
+                f"duplicate event {event.seq} for {self.request_id!r} (next is {self.next_seq})"
+            )
+        if event.seq > self.next_seq:
+            raise SequenceError(
+                f"out-of-order event {event.seq} for {self.request_id!r}: expected {self.next_seq}"
+            )
+
+    def advance(self, event: ContextEvent) -> None:
+        """``event``, the next one, was applied."""
+        self.next_seq = event.seq + 1
+        self.finished = event.final
 
     @property
     def waiting(self) -> int:

@@ -149,8 +149,17 @@ class _Run:
         )
 
     async def _fold(self, session: Session, name: str, event: ContextEvent) -> None:
-        if self.assembler.apply(name, _clipped(event, self.pipeline.max_doc_chars)) and self.assembler.body:
-            await session.update(self.assembler.body)
+        """Hand the context's change to the session with its op: text added at the end of the
+        context is an append; anything else (an update, or a page appended to a retriever's
+        section that another section follows) replaces the context."""
+        before = self.assembler.body
+        if not self.assembler.apply(name, _clipped(event, self.pipeline.max_doc_chars)):
+            return
+        body = self.assembler.body
+        if event.op is Op.APPEND and body.startswith(before) and len(body) > len(before):
+            await session.append(body[len(before) :])
+        elif body:
+            await session.update(body)
 
     async def answer(self, session: Session) -> RagAnswer:
         result = await session.result()

@@ -69,6 +69,8 @@ async def test_streamed_pipeline_answers_like_one_shot_on_the_same_context(engin
     ref = await oneshot(engine, "What does this say about classes?", DOC_SEPARATOR.join(pages))
     assert answer.text == ref.text
     assert answer.prompt_tokens == len(ref.prompt_token_ids)
+    # the pages went as appends: every prompt token was prefilled once, none recomputed
+    assert answer.tokens_recomputed == 0 and answer.tokens_prefilled == answer.prompt_tokens
     assert answer.sources == [f"http://site/{i}" for i in range(4)]
     assert answer.timings["retrieval_s"] >= 4 * 0.05
     assert answer.timings["ttft_query_s"] >= answer.timings["retrieval_s"] - 0.01

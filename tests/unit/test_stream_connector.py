@@ -30,6 +30,23 @@ def test_sequence_check_orders_holds_and_drops_duplicates():
         SequenceCheck("r").accept(ev(0, rid="other"))
 
 
+def test_sequence_check_expect_rejects_what_is_not_the_next_event():
+    check = SequenceCheck("r")
+    check.expect(ev(0))
+    check.advance(ev(0))
+    with pytest.raises(SequenceError, match=r"out-of-order event 2 for 'r': expected 1"):
+        check.expect(ev(2))
+    with pytest.raises(SequenceError, match=r"duplicate event 0 for 'r' \(next is 1\)"):
+        check.expect(ev(0))
+    check.expect(ev(1, final=True))
+    assert check.next_seq == 1  # not applied yet: a failing event does not use up its number
+    check.advance(ev(1, final=True))
+    with pytest.raises(SequenceError, match="after its final event"):
+        check.expect(ev(2))
+    with pytest.raises(InvalidEvent, match="'other'"):
+        SequenceCheck("r").expect(ev(0, rid="other"))
+
+
 async def _gen(events, delay: float = 0.0, fail_after: int | None = None):
     for i, e in enumerate(events):
         if fail_after is not None and i == fail_after:

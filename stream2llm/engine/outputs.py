@@ -1,0 +1,145 @@
+"""A session's outputs: the generated text as it comes, the result, and the engine core's counters.
+
+vLLM returns the final chunk's output cumulatively, after one throw-away token per intermediate
+chunk (vLLM has no prefill-only request); those never reach the caller. Text is pushed as deltas,
+holding back an incomplete UTF-8 character until the next token completes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from stream2llm.context.prompt import TextTokenizer
+from stream2llm.core.protocol import CONFIG_KEY
+from stream2llm.errors import StreamError
+
+
+@dataclass
+class ChunkTiming:
+    """When a chunk was handed to the engine and when its prefill was seen finished."""
+
+    sent: float
+    done: float | None = None
+    tokens: int = 0
+
+
+@dataclass
+class SessionResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    ttft_final_s: float  # from the hand-off of the final chunk to the first generated token
+    ttft_open_s: float  # from open() to the first generated token
+    tokens_prefilled: int  # prompt tokens the engine computed for this session
+    tokens_recomputed: int  # of those, prefilled after an update, past what it kept
+    tokens_discarded: int  # computed KV that updates threw away (the cost over a one-shot prefill)
+    updates: list[dict[str, int]]
+    chunks: list[ChunkTiming]
+    finish_reason: str | None
+    mode: str
+    # monotonic clock, shared with the engine's step log: the final event, its hand-off to vLLM
+    # (after the whole prompt was tokenized), the first generated token
+    final_event_at: float | None = None
+    final_handoff_at: float | None = None
+    first_token_at: float | None = None
+
+
+class SessionOutput:
+    """The caller's side of one session: text deltas, then the result (or the error that ended it)."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.token_ids: list[int] = []  # generated so far, throw-away tokens excluded
+        self.first_token_at: float | None = None
+        self._finish_reason: str | None = None
+        self._counters: dict[str, Any] = {}
+        self._emitted_chars = 0
+        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        self._done: asyncio.Future[SessionResult] = asyncio.get_running_loop().create_future()
+
+    @property
+    def done(self) -> bool:
+        return self._done.done()
+
+    def on_output(self, out: Any, n_throwaway: int, now: float) -> None:
+        """Take one cumulative output of the final chunk; its first ``n_throwaway`` tokens are the
+        intermediate chunks' throw-away tokens."""
+        ids = list(out.outputs[0].token_ids)
+        if len(ids) <= n_throwaway:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self._emit(ids[n_throwaway:])
+        if out.outputs[0].finish_reason is not None:
+            self._finish_reason = out.outputs[0].finish_reason
+        if out.kv_transfer_params and CONFIG_KEY in out.kv_transfer_params:
+            self._counters = out.kv_transfer_params[CONFIG_KEY]
+
+    def _emit(self, real: list[int]) -> None:
+        """Push the new part of the decoded text (holding back an incomplete UTF-8 character)."""
+        self.token_ids = real
+        text = self._tokenizer.decode(real)
+        if not text.endswith("\ufffd"):
+            self._push_text(text)
+
+    def _push_text(self, text: str) -> None:
+        if len(text) > self._emitted_chars:
+            self._deltas.put_nowait(text[self._emitted_chars :])
+            self._emitted_chars = len(text)
+
+    def complete(
+        self,
+        *,
+        prompt_ids: list[int],
+        chunks: list[ChunkTiming],
+        mode: str,
+        opened_at: float,
+        final_event_at: float | None,
+    ) -> None:
+        """Generation ended: push the rest of the text and settle the result."""
+        text = self._tokenizer.decode(self.token_ids)
+        self._push_text(text)
+        self._deltas.put_nowait(None)
+        t_first = self.first_token_at if self.first_token_at is not None else time.monotonic()
+        counters = self._counters
+        self._done.set_result(
+            SessionResult(
+                text=text,
+                token_ids=list(self.token_ids),
+                prompt_token_ids=list(prompt_ids),
+                ttft_final_s=t_first - (final_event_at or t_first),
+                ttft_open_s=t_first - opened_at,
+                tokens_prefilled=int(counters.get("tokens_prefilled", 0)),
+                tokens_recomputed=int(counters.get("tokens_recomputed", 0)),
+                tokens_discarded=int(counters.get("tokens_discarded", 0)),
+                updates=list(counters.get("updates", [])),
+                chunks=list(chunks),
+                finish_reason=self._finish_reason,
+                mode=mode,
+                final_event_at=final_event_at,
+                final_handoff_at=chunks[-1].sent if final_event_at and chunks else None,
+                first_token_at=self.first_token_at,
+            )
+        )
+
+    def fail(self, error: StreamError, *, expected: bool = False) -> None:
+        """End the stream with ``error``; ``expected`` (an abort, an expiry) is no unhandled error."""
+        self._deltas.put_nowait(None)
+        if not self._done.done():
+            self._done.set_exception(error)
+            if expected:
+                self._done.exception()  # mark retrieved
+
+    async def stream(self) -> AsyncIterator[str]:
+        while True:
+            delta = await self._deltas.get()
+            if delta is None:
+                return
+            yield delta
+
+    async def result(self) -> SessionResult:
+        return await asyncio.shield(self._done)

@@ -1,0 +1,54 @@
+"""Sampling parameters of a streamed session: what it accepts, and what each chunk carries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from stream2llm.core.protocol import ChunkMeta
+from stream2llm.errors import StreamError
+
+
+def _vllm() -> Any:
+    """vLLM's public API, imported lazily: `import vllm` costs seconds and most callers need none of it."""
+    import vllm
+
+    return vllm
+
+
+def default_sampling() -> Any:
+    """Greedy, 64 tokens: what a session gets when the caller names no sampling parameters."""
+    return _vllm().SamplingParams(temperature=0, max_tokens=64)
+
+
+def check_sampling(sampling: Any) -> None:
+    """Reject what vLLM's streaming sessions cannot do, before anything reaches the engine."""
+    if getattr(sampling, "n", 1) != 1:
+        raise StreamError("streamed sessions support n=1 only")
+    if getattr(sampling, "stop", None):
+        raise StreamError("streamed sessions do not support stop strings; use stop_token_ids")
+    if not sampling.max_tokens or sampling.max_tokens < 1:
+        raise StreamError("sampling.max_tokens must be at least 1")
+
+
+def with_eos_stop(sampling: Any, eos_token_ids: Sequence[int]) -> Any:
+    """vLLM runs without its tokenizer here, so it does not know the end-of-sequence token:
+    name it (unless ``ignore_eos``), or generation only stops at ``max_tokens``."""
+    eos = [t for t in eos_token_ids if t not in (sampling.stop_token_ids or ())]
+    if sampling.ignore_eos or not eos:
+        return sampling
+    sampling = sampling.clone()
+    sampling.stop_token_ids = [*(sampling.stop_token_ids or ()), *eos]
+    return sampling
+
+
+def chunk_params(final_sampling: Any, meta: ChunkMeta) -> Any:
+    """One chunk's sampling parameters. vLLM has no prefill-only request, so an intermediate chunk
+    samples one throw-away token (cumulative output, so the session can count them); the final
+    chunk samples with the caller's parameters. The chunk's metadata rides in ``extra_args``."""
+    base = final_sampling if meta.final else _vllm().SamplingParams(temperature=0, max_tokens=1)
+    params = base.clone()
+    params.extra_args = {**(params.extra_args or {}), **meta.as_extra_args()}
+    if not meta.final:
+        params.output_kind = _vllm().sampling_params.RequestOutputKind.CUMULATIVE
+    return params

@@ -1,0 +1,196 @@
+"""Session: one request whose context arrives in pieces; its public API and its state.
+
+Modes, all on the same engine:
+
+- ``stream`` (default): each piece is prefilled on arrival through vLLM's streaming-input sessions.
+  Intermediate chunks carry ``max_tokens=1`` (vLLM has no prefill-only request); their throw-away
+  tokens never reach the caller. ``update`` replaces the context: the chunk carries the whole new
+  prompt and the scheduler keeps KV up to the token-exact longest common prefix.
+- ``vllm``: stock behaviour for comparison: appends as above, an update aborts the request and
+  resubmits the whole prompt (vLLM's prefix cache reuses whole cached blocks).
+- ``nonstream``: nothing is sent before ``finish()``; then the whole prompt at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+from stream2llm.context.events import ContextEvent, Op
+from stream2llm.context.prompt import PromptBuilder
+from stream2llm.context.stream import SequenceCheck
+from stream2llm.engine.config import Mode
+from stream2llm.engine.handover import Handover
+from stream2llm.engine.host import SessionHost
+from stream2llm.engine.outputs import SessionOutput, SessionResult
+from stream2llm.errors import InvalidEvent, SessionClosed, SessionExpired, StreamError
+
+State = Literal["open", "finished", "aborted", "failed"]
+
+
+class Session:
+    """One request whose context arrives in pieces. Create it with ``StreamingEngine.open``."""
+
+    def __init__(
+        self,
+        host: SessionHost,
+        request_id: str,
+        builder: PromptBuilder,
+        sampling: Any,
+        mode: Mode,
+        cache_salt: str | None = None,
+        policy: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.mode = mode
+        self._host = host
+        self._builder = builder
+        self._sequence = SequenceCheck(request_id)
+        self._state: State = "open"
+        self._t_open = time.monotonic()
+        self._last_activity = self._t_open
+        self._t_final: float | None = None
+        self._output = SessionOutput(host.tokenizer)
+        self._handover = Handover(
+            host,
+            request_id,
+            mode,
+            sampling,
+            policy=policy,
+            cache_salt=cache_salt,
+            on_tokens=self._output.on_output,
+            on_end=self._complete,
+            on_error=self._fail,
+        )
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The token ids handed to the engine so far (a copy)."""
+        return list(self._handover.sent)
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    async def append(self, text: str, *, final: bool = False) -> None:
+        """Add text after the context sent so far; ``final`` also ends the context (one chunk)."""
+        self._check_open("append")
+        if not isinstance(text, str) or not text:
+            raise InvalidEvent(f"append to {self.request_id!r} needs non-empty text")
+        self._change(Op.APPEND, text, final)
+
+    async def update(self, docs: str | Sequence[str], *, final: bool = False) -> None:
+        """Replace the context; KV is kept up to the longest common prefix."""
+        self._check_open("update")
+        if isinstance(docs, str):
+            docs = [docs]
+        if not docs or not any(isinstance(d, str) and d.strip() for d in docs):
+            raise InvalidEvent(f"update of {self.request_id!r} needs at least one non-empty document")
+        self._change(Op.UPDATE, list(docs), final)
+
+    async def push(self, event: ContextEvent) -> None:
+        """Apply a retriever's event, which must be the next in sequence; ``final`` finishes the session."""
+        if event.request_id != self.request_id:
+            raise InvalidEvent(f"event for {event.request_id!r} pushed to session {self.request_id!r}")
+        self._check_open(f"event {event.seq}")
+        self._sequence.expect(event)
+        if event.op is Op.APPEND and event.text:
+            await self.append(event.text, final=event.final)
+        elif event.op is Op.UPDATE:
+            await self.update(event.docs, final=event.final)
+        elif event.final:
+            await self.finish()
+        self._sequence.advance(event)
+
+    async def finish(self) -> None:
+        """No more context: prefill the rest and start generating."""
+        self._check_open("finish")
+        self._change(None, None, final=True)
+
+    async def abort(self) -> None:
+        """Stop the session and free all of its KV. Safe to call at any time, more than once."""
+        await self._close(SessionClosed(f"session {self.request_id!r} was aborted"))
+
+    async def expire_if_idle(self, ttl_s: float, now: float) -> bool:
+        """Abort the session (SessionExpired) if it is open and got no event for ``ttl_s``."""
+        if not self.is_open or now - self._last_activity <= ttl_s:
+            return False
+        what = f"session {self.request_id!r} got no event for {ttl_s:g} s (session_ttl_s); aborted"
+        await self._close(SessionExpired(what))
+        return True
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Generated text as it is produced (never the throw-away tokens of intermediate chunks)."""
+        async for delta in self._output.stream():
+            yield delta
+
+    async def result(self) -> SessionResult:
+        return await self._output.result()
+
+    async def begin(self) -> None:
+        """Called once by ``StreamingEngine.open``: in stream and vllm modes the instructions and
+        the question start prefilling now."""
+        if self.mode != "nonstream":
+            self._apply(None, None, final=False)
+
+    # -- the context -----------------------------------------------------------------------------
+
+    def _check_open(self, what: str) -> None:
+        if self._state != "open":
+            raise SessionClosed(f"{what} on session {self.request_id!r}, which is already {self._state}")
+
+    def _change(self, op: Op | None, payload: Any, final: bool) -> None:
+        self._last_activity = time.monotonic()
+        if final:
+            self._t_final = time.monotonic()
+        self._apply(op, payload, final)
+        if final:
+            self._state = "finished"
+
+    def _apply(self, op: Op | None, payload: Any, final: bool) -> None:
+        """Change the context as ``op`` says (None: no change), then send what became safe to
+        prefill. A failing change leaves the session as it was."""
+        before = self._builder.body
+        if op is Op.APPEND:
+            self._builder.append(payload)
+        elif op is Op.UPDATE:
+            self._builder.replace(payload)
+        try:
+            target = self._builder.ids(final=final).ids
+        except StreamError:
+            self._builder.body = before
+            raise
+        if self.mode != "nonstream":
+            self._handover.send(target, final)
+        elif final:
+            self._handover.send_whole(target)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    async def _close(self, error: StreamError) -> None:
+        if self._state in ("aborted", "failed"):
+            return
+        self._state = "aborted"
+        self._host.closed(self.request_id)
+        await self._handover.stop()
+        self._output.fail(error, expected=True)
+
+    def _complete(self) -> None:
+        if self._output.done:
+            return
+        self._host.closed(self.request_id)
+        self._output.complete(
+            prompt_ids=self._handover.sent,
+            chunks=self._handover.chunks,
+            mode=self.mode,
+            opened_at=self._t_open,
+            final_event_at=self._t_final,
+        )
+
+    def _fail(self, exc: Exception) -> None:
+        self._state = "failed"
+        self._host.closed(self.request_id)
+        self._output.fail(StreamError(f"session {self.request_id!r} failed in the engine: {exc}"))
