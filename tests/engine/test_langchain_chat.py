@@ -15,10 +15,11 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from vllm import SamplingParams
 
+from stream2llm.context.chat import StopScanner
 from stream2llm.engine.engine import EngineConfig
 from stream2llm.errors import StreamError
+from stream2llm.integrations.langchain import ChatStream2LLM, render_messages
 from stream2llm.integrations.langchain import bridge as background
-from stream2llm.integrations.langchain.chat import ChatStream2LLM, StopScanner, render_messages
 
 ENGINE_CONFIG = {"kv_cache_bytes": 128 << 20, "max_model_len": 2048}
 TINY = {"model": "tiny", "temperature": 0, "engine_config": ENGINE_CONFIG}  # no max_tokens: tests set it

@@ -13,7 +13,7 @@ from langchain_core.runnables import RunnableLambda
 from vllm import SamplingParams
 
 from stream2llm.context.events import Op
-from stream2llm.integrations.langchain.chat import StreamingRAG, rag_question
+from stream2llm.integrations.langchain import StreamingRAG, rag_question
 from stream2llm.pipelines.pipeline import RagPipeline
 from stream2llm.retrievers.base import EventNumberer
 from tests.conftest import corpus_text

@@ -142,6 +142,49 @@ async def test_rag_context_extension_equals_a_session_on_the_same_documents(serv
     assert full["usage"]["prompt_tokens"] == len(reference.prompt_token_ids)
 
 
+async def test_stop_strings_cut_completions_and_chat_and_end_the_session(server, openai_client, engine):
+    """A stop string chosen from the un-stopped greedy answer: the text ends right before it, the
+    finish reason is "stop", and the session ends there (max_tokens would allow far more)."""
+    _, http, model = server
+    greedy = {"model": model, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    prompt = corpus_text(400, seed=37)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": corpus_text(300, seed=41)},
+    ]
+    for create, kwargs in [
+        (openai_client.completions.create, {"prompt": prompt}),
+        (openai_client.chat.completions.create, {"messages": messages}),
+    ]:
+        full = _text(await create(**kwargs, **greedy, max_tokens=24))
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        cut = full[: full.index(stop)]
+        stopped = await create(**kwargs, **greedy, max_tokens=1000, stop=[stop, "\u2603 never"])
+        assert _text(stopped) == cut
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.usage.completion_tokens < 24
+        stream = await create(**kwargs, **greedy, max_tokens=1000, stop=stop, stream=True)
+        chunks = [chunk async for chunk in stream]
+        texts = [_text(c) for c in chunks if c.choices]
+        assert "".join(texts) == cut and not any(stop in t for t in texts)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+            "stop"
+        ]
+        assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
+        for sid in (stopped.id, chunks[0].id):
+            async with http.get(f"/v1/sessions/{sid}") as r:
+                state = await r.json()
+            assert state["state"] == "stopped" and "error" not in state, state
+
+
+def _text(answer) -> str:
+    """The text of a completion or chat completion, or of one streamed chunk of either."""
+    choice = answer.choices[0]
+    if hasattr(choice, "text"):
+        return choice.text
+    return (choice.message if hasattr(choice, "message") else choice.delta).content or ""
+
+
 # -- session API ----------------------------------------------------------------------------------------
 
 
@@ -257,7 +300,12 @@ async def test_bad_requests_get_4xx_json_and_a_concurrent_session_completes(serv
         await expect_error(r, 404)
 
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    for name, value in [("n", 2), ("logprobs", True), ("stop", ["\n"]), ("tools", [{"type": "function"}])]:
+    for name, value in [
+        ("n", 2),
+        ("logprobs", True),
+        ("logit_bias", {"5": 1}),
+        ("tools", [{"type": "function"}]),
+    ]:
         async with http.post("/v1/chat/completions", json={**chat, name: value}) as r:
             assert (await expect_error(r, 400, repr(name)))["param"] == name
     async with http.post("/v1/chat/completions", json={**chat, "model": "gpt-9"}) as r:

@@ -1,41 +1,36 @@
-"""LangChain surfaces: a chat model over StreamingEngine and a streaming RAG Runnable.
+"""LangChain chat model over StreamingEngine: ``ChatStream2LLM``.
 
-``ChatStream2LLM`` is a ``BaseChatModel``: give it an engine you started (``engine=engine``, used on
-that engine's event loop) or a model name (``model="tiny"``: a shared engine on a background loop
-thread, one per configuration for the whole process). Sync and async calls, streaming included,
-work in both cases; sync calls on the engine's own loop are refused (they would block it).
-
-``StreamingRAG`` is a ``Runnable`` over the RAG pipeline: its stream is the answer's tokens, and
-context arrivals are reported as ``on_custom_event`` "context" events before the first token.
+Give it an engine you started (``engine=engine``, used on that engine's event loop) or a model name
+(``model="tiny"``: a shared engine on a background loop thread, one per configuration for the whole
+process). Sync and async calls, streaming included, work in both cases; sync calls on the engine's
+own loop are refused (they would block it). Messages become the prompt through the renderer every
+surface shares (``stream2llm.context.chat``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import Field, PrivateAttr
 
+from stream2llm.context.chat import StopScanner, Turn, render_chat
 from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.engine.models import DEFAULT_MODEL
 from stream2llm.integrations.langchain.bridge import EngineHandle, EngineRef, shared_engine
-from stream2llm.pipelines.pipeline import ContextArrived, RagAnswer, RagPipeline, TokenDelta
-from stream2llm.retrievers.base import StreamingRetriever
 
 PROVIDER = "stream2llm"
-ROLE_NAMES = {"system": "System", "human": "User", "ai": "Assistant", "tool": "Tool", "function": "Function"}
+# LangChain message types -> the shared renderer's roles (a "chat" message names its own role)
+ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "function"}
 
 # -- messages -> the engine's prompt ---------------------------------------------------------------
 
@@ -58,70 +53,20 @@ def message_text(message: BaseMessage) -> str:
 
 
 def render_messages(messages: Sequence[BaseMessage]) -> tuple[str, str]:
-    """(question, context) for the engine's prompt template.
-
-    The last human message is the question; every other message, in order, becomes the context as
-    ``Role: text`` (``Role (name): text`` when named) paragraphs. Deterministic, so a conversation
-    always maps to the same prompt (and prefix-cache hits across turns)."""
+    """(question, context) for the engine's prompt template, by the shared ``render_chat``: the
+    last human message is the question, every other message a ``Role: text`` paragraph."""
     if not messages:
         raise ValueError("ChatStream2LLM needs at least one message")
-    humans = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
-    last = humans[-1] if humans else len(messages) - 1
-    question = message_text(messages[last])
-    context = "\n\n".join(_render_turn(m) for i, m in enumerate(messages) if i != last)
-    return question, context
+    return render_chat([message_turn(m) for m in messages])
 
 
-def _render_turn(message: BaseMessage) -> str:
-    role = getattr(message, "role", None) if message.type == "chat" else ROLE_NAMES.get(message.type)
-    role = str(role or message.type.capitalize())
-    if message.name:
-        role = f"{role} ({message.name})"
-    return f"{role}: {message_text(message)}"
-
-
-# -- stop strings --------------------------------------------------------------------------------
-
-
-class StopScanner:
-    """Cuts streamed text at the first stop string.
-
-    The engine runs without a tokenizer in vLLM (stream2llm tokenizes), so vLLM cannot apply stop
-    strings; this does, on the decoded text. Text that could be the start of a stop string is held
-    back until the next delta decides, so no stop string (or part of one) is ever emitted."""
-
-    def __init__(self, stops: Sequence[str] | None) -> None:
-        self.stops = [s for s in (stops or ()) if s]
-        self.stopped = False
-        self.matched: str | None = None  # the stop string that ended the text
-        self._pending = ""
-
-    def feed(self, delta: str) -> str:
-        """The part of ``pending + delta`` that is safe to emit now."""
-        if self.stopped:
-            return ""
-        text = self._pending + delta
-        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
-        if hits:
-            at, self.matched = min(hits)
-            self.stopped, self._pending = True, ""
-            return text[:at]
-        hold = max((_overlap(text, s) for s in self.stops), default=0)
-        self._pending = text[len(text) - hold :]
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        """What was held back, once the stream ended without a stop string."""
-        rest, self._pending = self._pending, ""
-        return rest
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
+def message_turn(message: BaseMessage) -> Turn:
+    """A LangChain message as the renderer's turn."""
+    if message.type == "chat":
+        role = str(getattr(message, "role", None) or "Chat")
+    else:
+        role = ROLES.get(message.type, message.type.capitalize())
+    return Turn(role, message_text(message), message.name)
 
 
 # -- one chat request on the engine --------------------------------------------------------------
@@ -399,138 +344,3 @@ class ChatStream2LLM(BaseChatModel):
         usage, meta = self._metadata(item)
         last = AIMessageChunk(content="", usage_metadata=usage, response_metadata=meta, chunk_position="last")
         return ChatGenerationChunk(message=last, generation_info={"finish_reason": item.finish_reason})
-
-
-# -- the streaming RAG Runnable --------------------------------------------------------------------
-
-RagInput = str | dict[str, Any]
-
-
-class StreamingRAG(Runnable[RagInput, str]):
-    """The RAG pipeline as a LangChain Runnable: question in, answer tokens out, as they come.
-
-    Input: a question string or ``{"question": ...}``. ``astream``/``stream`` yield answer text
-    chunks, so ``StreamingRAG(...) | StrOutputParser()`` streams chunk by chunk. Every context
-    arrival is dispatched as a custom event ``"context"`` (``retriever, seq, op, sources, chars, t_s,
-    final``; ``t_s`` in seconds since the question arrived) before the first token, and a custom event
-    ``"rag_answer"`` (sources, timings, token counts, retriever errors) follows the last token; both
-    show in ``astream_events(version="v2")`` as ``on_custom_event``.
-
-    ``engine`` is a StreamingEngine the caller started (make the Runnable inside that engine's event
-    loop) or an EngineHandle (e.g. ``shared_engine(config)``). Async calls work on any loop; sync
-    calls work from any thread but the engine's loop thread.
-    """
-
-    def __init__(
-        self,
-        engine: StreamingEngine | EngineHandle,
-        retrievers: Sequence[StreamingRetriever],
-        *,
-        mode: str = "stream",
-        sampling: Any = None,
-        name: str | None = None,
-        **pipeline_kwargs: Any,
-    ) -> None:
-        self._ref = EngineRef(engine)
-        self.pipeline = RagPipeline(
-            self._ref.engine, retrievers, mode=mode, sampling=sampling, **pipeline_kwargs
-        )
-        self.name = name or "StreamingRAG"
-
-    @property
-    def InputType(self) -> Any:
-        return RagInput
-
-    @property
-    def OutputType(self) -> type[str]:
-        return str
-
-    # -- sync -------------------------------------------------------------------------------
-
-    def invoke(self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any) -> str:
-        return "".join(self.stream(input, config, **kwargs))
-
-    def stream(self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[str]:
-        yield from self.transform(iter([input]), config, **kwargs)
-
-    def transform(
-        self, input: Iterator[RagInput], config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[str]:
-        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
-
-    def _transform(self, inputs: Iterator[RagInput], config: RunnableConfig) -> Iterator[str]:
-        question = rag_question(list(inputs))
-        for item in self._ref.handle().iterate(lambda _e: self.pipeline.events(question)):
-            if isinstance(item, TokenDelta):
-                yield item.text
-            else:
-                dispatch_custom_event(*_custom_event(item), config=config)
-
-    # -- async ------------------------------------------------------------------------------
-
-    async def ainvoke(self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any) -> str:
-        return "".join([chunk async for chunk in self.astream(input, config, **kwargs)])
-
-    async def astream(
-        self, input: RagInput, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[str]:
-        async def one() -> AsyncIterator[RagInput]:
-            yield input
-
-        async for chunk in self.atransform(one(), config, **kwargs):
-            yield chunk
-
-    async def atransform(
-        self, input: AsyncIterator[RagInput], config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[str]:
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
-            yield chunk
-
-    async def _atransform(
-        self, inputs: AsyncIterator[RagInput], config: RunnableConfig
-    ) -> AsyncIterator[str]:
-        question = rag_question([item async for item in inputs])
-        async for item in self._ref.handle().aiterate(lambda _e: self.pipeline.events(question)):
-            if isinstance(item, TokenDelta):
-                yield item.text
-            else:
-                await adispatch_custom_event(*_custom_event(item), config=config)
-
-
-def rag_question(chunks: Sequence[Any]) -> str:
-    """The question from StreamingRAG's input (a string, or a dict with "question"; streamed input
-    arrives in chunks, which are joined)."""
-    if chunks and all(isinstance(c, str) for c in chunks):
-        question = "".join(chunks)
-    elif chunks and all(isinstance(c, dict) for c in chunks):
-        parts = [c["question"] for c in chunks if "question" in c]
-        if not parts or not all(isinstance(p, str) for p in parts):
-            keys = sorted({k for c in chunks for k in c})
-            raise ValueError(f"StreamingRAG input dict needs a 'question' string; got keys {keys}")
-        question = "".join(parts)
-    else:
-        kinds = sorted({type(c).__name__ for c in chunks}) or ["nothing"]
-        raise ValueError(
-            f"StreamingRAG takes a question string or {{'question': str}}; got {', '.join(kinds)}"
-        )
-    if not question.strip():
-        raise ValueError("StreamingRAG got an empty question")
-    return question
-
-
-def _custom_event(item: ContextArrived | RagAnswer) -> tuple[str, dict[str, Any]]:
-    if isinstance(item, ContextArrived):
-        data = dataclasses.asdict(item)
-        data["sources"] = list(item.sources)
-        return "context", data
-    return "rag_answer", {
-        "question": item.question,
-        "sources": list(item.sources),
-        "mode": item.mode,
-        "timings": dict(item.timings),
-        "prompt_tokens": item.prompt_tokens,
-        "tokens_prefilled": item.tokens_prefilled,
-        "tokens_recomputed": item.tokens_recomputed,
-        "events": item.events,
-        "errors": list(item.errors),
-    }

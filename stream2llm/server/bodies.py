@@ -1,0 +1,176 @@
+"""Request bodies: strict pydantic models, OpenAI parameters this server cannot honour, JSON reading.
+
+Every failure is a 400/413 that names what was wrong; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stream2llm.context.chat import Turn
+from stream2llm.server.errors import ApiError, too_large, validation_error
+from stream2llm.server.registry import SERVER
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Body(BaseModel):
+    """Strict JSON bodies: wrong types and unknown fields are errors, not guesses."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class OpenSessionBody(_Body):
+    question: str = Field(min_length=1)
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    ignore_eos: bool = False
+    mode: Literal["stream", "nonstream", "vllm"] = "stream"
+    truncate: bool = False
+    cache_salt: str | None = Field(None, min_length=1)
+    policy: str | None = None
+
+
+class AppendBody(_Body):
+    text: str = Field(min_length=1)
+    final: bool = False
+
+
+class UpdateBody(_Body):
+    docs: list[str] = Field(min_length=1)
+    final: bool = False
+
+
+class FinishBody(_Body):
+    pass
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class OpenAIBody(_Body):
+    """Fields both OpenAI endpoints share; ``context`` (documents for RAG) is stream2llm's extension."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stop: str | list[str] | None = None  # applied to the decoded text (see StopScanner)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension
+    cache_salt: str | None = Field(None, min_length=1)  # vLLM's extension
+    context: list[str] | None = None  # stream2llm's extension: retrieved documents
+
+    def stops(self) -> list[str]:
+        """The stop strings, as a list (OpenAI takes one string or several)."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionBody(OpenAIBody):
+    prompt: str | list[str]
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def turn(self) -> Turn:
+        """This message for the shared chat renderer."""
+        return Turn(self.role, self.text(), self.name)
+
+
+class ChatBody(OpenAIBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# OpenAI parameters this server cannot honour: accepted only at their neutral value.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+def reject_unsupported(data: dict[str, Any]) -> None:
+    """A 400 for an OpenAI parameter set to anything but its neutral value; neutral ones are dropped."""
+    for name, neutral in _NEUTRAL.items():
+        if name in data and not any(data[name] == value for value in neutral):
+            raise ApiError(
+                400, f"parameter {name!r} is not supported", code="unsupported_parameter", param=name
+            )
+        data.pop(name, None)
+
+
+async def read_json(request: web.Request, model: type[M], *, allow_empty: bool = False) -> M:
+    """Parse and validate a JSON body; every failure is a 400/413 that names what was wrong."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise too_large(request.app[SERVER].settings.max_body_bytes) from exc
+    if not raw.strip():
+        if allow_empty:
+            return model()
+        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # includes bad UTF-8
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    if issubclass(model, OpenAIBody):
+        reject_unsupported(data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def sampling(**kwargs: Any) -> Any:
+    """vLLM's SamplingParams; its own validation errors become 400s (the engine adds the model's
+    end-of-sequence ids to every request)."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError, VLLMClientError) as exc:
+        raise ApiError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from None

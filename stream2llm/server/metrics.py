@@ -1,0 +1,93 @@
+"""Prometheus metrics of one app, in its own registry (vLLM fills the global one), and the engine's
+state read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from stream2llm.engine.engine import SessionResult
+    from stream2llm.server.registry import SessionRegistry
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    """Request and session counters and TTFT histograms of one app."""
+
+    def __init__(self, server: SessionRegistry) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "stream2llm_http_requests",
+            "HTTP requests by route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.sessions = Counter(
+            "stream2llm_sessions_ended",
+            "Sessions ended, by API and outcome.",
+            ["api", "outcome"],
+            registry=self.registry,
+        )
+        self.generated = Counter(
+            "stream2llm_generation_tokens", "Tokens generated for HTTP sessions.", registry=self.registry
+        )
+        self.ttft_final = Histogram(
+            "stream2llm_ttft_final_seconds",
+            "Time from the final context chunk to the first generated token.",
+            ["api"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft_open = Histogram(
+            "stream2llm_ttft_open_seconds",
+            "Time from opening a session to its first generated token.",
+            ["api"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(server))
+
+    def record_end(self, api: str, outcome: str, result: SessionResult | None) -> None:
+        """One session ended: its outcome, and its tokens and TTFTs when it has a result."""
+        self.sessions.labels(api, outcome).inc()
+        if result is not None:
+            self.generated.inc(len(result.token_ids))
+            if result.token_ids:
+                self.ttft_final.labels(api).observe(result.ttft_final_s)
+                self.ttft_open.labels(api).observe(result.ttft_open_s)
+
+
+class EngineCollector:
+    """Engine state read at scrape time (the scheduler's live stats board)."""
+
+    def __init__(self, server: SessionRegistry) -> None:
+        self._server = server
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        engine = self._server.engine
+        stats = engine.stats()
+        gauges = {
+            "stream2llm_open_sessions": ("Sessions open on the engine.", len(engine.open_sessions())),
+            "stream2llm_http_open_sessions": ("Sessions opened over HTTP, running.", self._server.running()),
+            "stream2llm_kv_usage_ratio": ("Fraction of KV cache blocks in use (0..1).", stats.kv_usage),
+            "stream2llm_requests_running": ("Requests the scheduler is running.", stats.running),
+            "stream2llm_requests_waiting": ("Requests waiting for prefill or decode.", stats.waiting),
+            "stream2llm_requests_parked": ("Sessions waiting for their next chunk.", stats.parked),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "stream2llm_prompt_tokens_prefilled": ("Prompt tokens computed.", stats.tokens_prefilled),
+            "stream2llm_prompt_tokens_recomputed": ("Recomputed after updates.", stats.tokens_recomputed),
+            "stream2llm_preemptions": ("Requests preempted or evicted.", stats.preemptions),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)

@@ -1,0 +1,155 @@
+"""The session API: context arrives over several requests while the engine prefills it.
+
+POST   /v1/sessions                {question, max_tokens, temperature, mode, truncate, ...} -> {id, ...}
+POST   /v1/sessions/{id}/append    {text, final?}
+POST   /v1/sessions/{id}/update    {docs: [...], final?}
+POST   /v1/sessions/{id}/finish
+GET    /v1/sessions/{id}/stream    SSE: {"type": "delta", "text"} ..., {"type": "result", ...}, [DONE]
+GET    /v1/sessions/{id}           state, and the result once there is one
+DELETE /v1/sessions/{id}           abort, KV freed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from stream2llm.server.bodies import AppendBody, FinishBody, OpenSessionBody, UpdateBody, read_json, sampling
+from stream2llm.server.errors import ApiError
+from stream2llm.server.registry import SERVER, Entry
+from stream2llm.server.sse import abort_if_dropped, deltas, sse, start_sse
+
+
+def result_json(entry: Entry) -> dict[str, Any]:
+    r = entry.result
+    assert r is not None
+    return {
+        "text": r.text,
+        "token_ids": r.token_ids,
+        "prompt_tokens": len(r.prompt_token_ids),
+        "completion_tokens": len(r.token_ids),
+        "finish_reason": r.finish_reason,
+        "ttft_final_s": r.ttft_final_s,
+        "ttft_open_s": r.ttft_open_s,
+        "tokens_prefilled": r.tokens_prefilled,
+        "tokens_recomputed": r.tokens_recomputed,
+        "updates": r.updates,
+        "chunks": [asdict(c) for c in r.chunks],
+        "mode": r.mode,
+    }
+
+
+def state_json(entry: Entry) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": entry.session.request_id,
+        "object": "stream2llm.session",
+        "created": entry.created,
+        "mode": entry.session.mode,
+        "state": entry.current_state(),
+        "prompt_tokens_sent": len(entry.session.prompt_ids),
+    }
+    if entry.result is not None:
+        body["result"] = result_json(entry)
+    if entry.error is not None:
+        body["error"] = entry.error.body()["error"]
+    return body
+
+
+async def open_session(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    body = await read_json(request, OpenSessionBody)
+    params = sampling(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=body.max_tokens,
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+    )
+    entry = await server.open(
+        "sessions",
+        body.question,
+        params,
+        mode=body.mode,
+        request_id=f"sess-{uuid.uuid4().hex}",
+        truncate=body.truncate,
+        cache_salt=body.cache_salt,
+        policy=body.policy,
+    )
+    return web.json_response(state_json(entry), status=201)
+
+
+async def append(request: web.Request) -> web.Response:
+    entry = request.app[SERVER].entry(request.match_info["id"])
+    body = await read_json(request, AppendBody)
+    await entry.session.append(body.text, final=body.final)
+    return web.json_response(state_json(entry))
+
+
+async def update(request: web.Request) -> web.Response:
+    entry = request.app[SERVER].entry(request.match_info["id"])
+    body = await read_json(request, UpdateBody)
+    await entry.session.update(body.docs, final=body.final)
+    return web.json_response(state_json(entry))
+
+
+async def finish(request: web.Request) -> web.Response:
+    entry = request.app[SERVER].entry(request.match_info["id"])
+    await read_json(request, FinishBody, allow_empty=True)
+    await entry.session.finish()
+    return web.json_response(state_json(entry))
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(state_json(request.app[SERVER].entry(request.match_info["id"])))
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    entry = server.entry(request.match_info["id"])
+    await entry.session.abort()
+    if entry.watcher is not None:
+        await asyncio.shield(entry.watcher)
+    return web.json_response(state_json(entry))
+
+
+async def stream_session(request: web.Request) -> web.StreamResponse:
+    """SSE of the generated text; the client leaving aborts the session."""
+    server = request.app[SERVER]
+    entry = server.entry(request.match_info["id"])
+    if entry.streaming:
+        raise ApiError(
+            409, f"session {entry.session.request_id!r} is already being streamed", code="conflict"
+        )
+    entry.streaming = True
+    response = await start_sse(request)
+
+    async def heartbeat() -> None:
+        await response.write(b": keep-alive\n\n")
+
+    async with abort_if_dropped(entry):
+        async for delta in deltas(request, entry.session, heartbeat):
+            await response.write(sse({"type": "delta", "text": delta}))
+        try:
+            await server.outcome(entry)
+            await response.write(
+                sse({"type": "result", "id": entry.session.request_id, **result_json(entry)})
+            )
+        except ApiError as exc:
+            await response.write(sse({"type": "error", **exc.body()}))
+        await response.write(sse("[DONE]"))
+    await response.write_eof()
+    return response
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/v1/sessions", open_session)
+    router.add_get("/v1/sessions/{id}", get_session)
+    router.add_delete("/v1/sessions/{id}", delete_session)
+    router.add_post("/v1/sessions/{id}/append", append)
+    router.add_post("/v1/sessions/{id}/update", update)
+    router.add_post("/v1/sessions/{id}/finish", finish)
+    router.add_get("/v1/sessions/{id}/stream", stream_session)
