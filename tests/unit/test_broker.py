@@ -3,6 +3,9 @@ resume after eviction, update after eviction, and stock vLLM's stall for contras
 
 from __future__ import annotations
 
+import math
+
+from stream2llm.core.streams import DEFAULT_GAP_S, StreamTracker
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
 BS = 16
@@ -172,3 +175,19 @@ def test_the_broker_sees_chunks_queued_behind_the_one_in_work(tiny_model):
     (view,) = [scheduler.broker.view(r, 0.0) for r in scheduler.requests.values()]
     assert view.complete and view.tokens_queued == 10
     assert view.tokens_pending == 600 - 104  # the chunk in work
+
+
+def test_stream_tracker_expects_the_next_chunk_after_the_smoothed_gap():
+    streams = StreamTracker()
+    assert not streams.chunk_arrived("s", 10.0, final=False, is_stream_chunk=True)  # a new stream
+    streams.admitted("s", 10.0, complete=False)
+    assert streams.get("s").next_chunk_eta() == 10.0 + DEFAULT_GAP_S  # no gap observed yet
+    assert streams.chunk_arrived("s", 11.0, final=False, is_stream_chunk=True)
+    assert streams.chunk_arrived("s", 14.0, final=False, is_stream_chunk=True)
+    assert streams.get("s").next_chunk_eta() == 14.0 + (0.5 * 1.0 + 0.5 * 3.0)
+    streams.admitted("s", 20.0, complete=True)  # already known: its arrival stays
+    assert streams.get("s").arrival == 10.0 and not streams.is_complete("s")
+    streams.chunk_arrived("s", 15.0, final=True, is_stream_chunk=True)
+    assert streams.is_complete("s") and streams.get("s").next_chunk_eta() == math.inf
+    streams.forget("s")
+    assert streams.get("s") is None and not streams.is_complete("s")
