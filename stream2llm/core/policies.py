@@ -1,7 +1,7 @@
 """Scheduling policies: pure functions from request views to a decision. No vLLM imports here.
 
 A policy ranks the requests that want compute (best first) and, when KV memory is short, names
-victims with a preemption mode. The broker in ``scheduler.py`` applies the decision through vLLM's
+victims with a preemption mode. The broker in ``broker.py`` applies the decision through vLLM's
 own levers (order of the running list and of the waiting queues, eviction of parked sessions);
 vLLM's allocator then preempts from the end of the ranked running list if it still runs short.
 
@@ -93,8 +93,8 @@ def _victims_in_reverse_rank(
 
 
 class Policy:
-    name = "base"
-    evicts_parked = True
+    """Ranks the requests that want compute and names victims when KV is short; side-effect free,
+    so the engine's broker and the simulator apply the same decisions."""
 
     def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         raise NotImplementedError
@@ -112,44 +112,35 @@ class Policy:
 
 
 class VllmPolicy(Policy):
-    name = "vllm"
-    evicts_parked = False
-
-    def rank(self, views):
+    def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         return list(views)  # keep vLLM's own order
 
-    def victims(self, ranked, views, blocks_needed, now):
+    def victims(
+        self, ranked: Sequence[RequestView], views: Sequence[RequestView], blocks_needed: int, now: float
+    ) -> list[tuple[str, str]]:
         return []  # stock vLLM never preempts a parked session
 
 
 class FcfsPolicy(Policy):
-    name = "fcfs"
-
-    def rank(self, views):
+    def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         return sorted(views, key=lambda v: (not v.complete, v.arrival))
 
 
 class LcasPolicy(Policy):
-    name = "lcas"
-
-    def rank(self, views):
+    def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         return sorted(views, key=lambda v: (not v.complete, v.last_chunk_arrival))
 
 
 class McpsPolicy(Policy):
-    name = "mcps"
-
-    def rank(self, views):
+    def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         return sorted(views, key=lambda v: (-v.tokens_computed, v.arrival))
 
 
 class Stream2llmPolicy(Policy):
-    name = "stream2llm"
-
     def __init__(self, costs: Costs | None = None) -> None:
         self.costs = costs or Costs()
 
-    def rank(self, views):
+    def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         return sorted(
             views,
             key=lambda v: (
@@ -159,7 +150,9 @@ class Stream2llmPolicy(Policy):
             ),
         )
 
-    def victims(self, ranked, views, blocks_needed, now):
+    def victims(
+        self, ranked: Sequence[RequestView], views: Sequence[RequestView], blocks_needed: int, now: float
+    ) -> list[tuple[str, str]]:
         parked = [v for v in views if v.parked and v.blocks_held > 0]
         # furthest next chunk first; then the most blocks (fewest victims)
         parked.sort(key=lambda v: (-(v.next_chunk_eta - now), -v.blocks_held))

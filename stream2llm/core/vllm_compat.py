@@ -2,8 +2,12 @@
 
 The rest of stream2llm talks to vLLM through its public surface (AsyncLLM, SamplingParams,
 StreamingInput, ``scheduler_cls``, ``additional_config``) and through the small named functions and
-hooks below. ``tests/unit/test_vllm_compat_contract.py`` checks each assumption made here, so a vLLM
-upgrade that breaks one fails loudly in one place instead of corrupting KV somewhere else.
+hooks below: scheduler and request state with no public accessor is read here too (``requests``,
+``running``, ``num_computed_tokens``, ``SchedulerOutput.num_scheduled_tokens``, ...). Only a
+request's ``request_id`` and ``sampling_params`` (what it was submitted with) and a streaming
+chunk's ``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py``
+checks each assumption made here, so a vLLM upgrade that breaks one fails loudly in one place
+instead of corrupting KV somewhere else.
 """
 
 from __future__ import annotations
@@ -25,11 +29,42 @@ __all__ = [
     "HookedScheduler",
     "Request",
     "RequestStatus",
+    "Scheduler",
     "StreamingUpdate",
+    "additional_config",
+    "block_size",
+    "blocks_held",
+    "chunk_ids",
     "computed_token_ids",
+    "computed_tokens",
     "cut_session_kv",
+    "defer_running_prefill",
+    "end_chunk_early",
+    "evict_waiting_kv",
+    "external_request_id",
+    "find_request",
+    "free_block_count",
+    "is_parked",
+    "is_prefilling",
+    "is_stream_chunk",
+    "kv_usage",
+    "live_requests",
+    "num_requests",
+    "parked_count",
+    "prompt_ids",
+    "prompt_length",
+    "queued_chunks",
+    "request_counts",
+    "running_ids",
+    "running_requests",
+    "scheduled_tokens",
+    "sort_queues",
     "start_async_llm",
+    "token_budget",
+    "tokens_to_compute",
+    "total_block_count",
     "truncate_session_prompt",
+    "was_evicted",
     "with_prompt",
 ]
 
@@ -121,13 +156,99 @@ class HookedScheduler(Scheduler):
         kv_params, ec_params = super()._free_request(request, delay_free_blocks)
         return self.on_request_freed(request, kv_params), ec_params
 
-    # -- read-only views of internal state ---------------------------------------------------
 
-    def num_parked_sessions(self) -> int:
-        return self.num_waiting_for_streaming_input
+# ---------------------------------------------------------------------------------------------
+# Reading scheduler, request and step state (attributes with no public accessor in vLLM)
+# ---------------------------------------------------------------------------------------------
 
-    def kv_usage(self) -> float:
-        return self.kv_cache_manager.usage
+
+def additional_config(scheduler: Scheduler) -> dict[str, Any]:
+    """The engine's ``additional_config`` (where stream2llm's options travel to the core)."""
+    return scheduler.vllm_config.additional_config or {}
+
+
+def find_request(scheduler: Scheduler, request_id: str) -> Request | None:
+    """The request the scheduler holds under ``request_id`` (finished ones leave at once)."""
+    return scheduler.requests.get(request_id)
+
+
+def num_requests(scheduler: Scheduler) -> int:
+    """Every request the scheduler holds: running, waiting, or parked between chunks."""
+    return len(scheduler.requests)
+
+
+def live_requests(scheduler: Scheduler) -> list[Request]:
+    """The requests the scheduler holds that have not finished."""
+    return [r for r in scheduler.requests.values() if not r.is_finished()]
+
+
+def running_requests(scheduler: Scheduler) -> list[Request]:
+    """A copy of the running list, in vLLM's order (it preempts from the end)."""
+    return list(scheduler.running)
+
+
+def running_ids(scheduler: Scheduler) -> set[str]:
+    return {r.request_id for r in scheduler.running}
+
+
+def token_budget(scheduler: Scheduler) -> int:
+    """The tokens one step may schedule."""
+    return scheduler.max_num_scheduled_tokens
+
+
+def block_size(scheduler: Scheduler) -> int:
+    """Tokens per KV block (the block size the scheduler was built with)."""
+    return scheduler.block_size
+
+
+def request_counts(scheduler: Scheduler) -> tuple[int, int]:
+    """(running, waiting); waiting counts parked sessions too."""
+    return scheduler.get_request_counts()
+
+
+def parked_count(scheduler: Scheduler) -> int:
+    """Streaming sessions waiting for their next chunk."""
+    return scheduler.num_waiting_for_streaming_input
+
+
+def kv_usage(scheduler: Scheduler) -> float:
+    """Fraction of KV blocks in use, 0..1."""
+    return scheduler.get_kv_cache_usage()
+
+
+def computed_tokens(request: Request) -> int:
+    """Tokens whose KV the request holds (after ``schedule``: including the step just scheduled)."""
+    return request.num_computed_tokens
+
+
+def prompt_length(request: Request) -> int:
+    """Tokens of the request's prompt (a session's: every chunk taken so far)."""
+    return request.num_prompt_tokens
+
+
+def tokens_to_compute(request: Request) -> int:
+    """Tokens the request holds but has not computed yet (prompt or the last sample)."""
+    return request.num_tokens - request.num_computed_tokens
+
+
+def is_stream_chunk(request: Request) -> bool:
+    """Whether the request is a streaming session's chunk (more may follow), not a plain request."""
+    return request.resumable
+
+
+def prompt_ids(request: Request) -> list[int]:
+    """A copy of the request's prompt token ids."""
+    return list(request.prompt_token_ids)
+
+
+def chunk_ids(update: StreamingUpdate) -> list[int]:
+    """A copy of the token ids a streaming chunk carries."""
+    return list(update.prompt_token_ids or ())
+
+
+def scheduled_tokens(output: Any) -> dict[str, int]:
+    """Tokens a step's ``SchedulerOutput`` scheduled, per request id."""
+    return output.num_scheduled_tokens
 
 
 def external_request_id(request_id: str) -> str:

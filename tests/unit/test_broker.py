@@ -3,6 +3,9 @@ resume after eviction, update after eviction, and stock vLLM's stall for contras
 
 from __future__ import annotations
 
+import math
+
+from stream2llm.core.streams import DEFAULT_GAP_S, StreamTracker
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
 BS = 16
@@ -42,7 +45,7 @@ def test_stream2llm_evicts_parked_session_and_admits_new_work(tiny_model):
     assert out.num_scheduled_tokens.get("c") == 100
     evicted = [r for r in (a, b) if r.num_computed_tokens == 0]
     assert len(evicted) == 1 and not blocks_of(scheduler, evicted[0].request_id)
-    assert scheduler.evictions == 1
+    assert scheduler.broker.evictions == 1
     run_until_idle(scheduler)
     assert c.is_finished()
 
@@ -66,7 +69,7 @@ def test_update_after_eviction_keeps_nothing_and_recomputes_everything(tiny_mode
     (victim,) = [r for r in (a, b) if r.num_computed_tokens == 0]
     new = list(victim.prompt_token_ids[:40]) + [5] * 20
     scheduler.add_request(make_request(scheduler, victim.request_id, new, op="update"))
-    record = scheduler.counters(victim.request_id).updates[-1]
+    record = scheduler.accounting.counters(victim.request_id).updates[-1]
     assert (record.old_len, record.kept, record.recomputed) == (0, 0, 60)
     run_until_idle(scheduler)
     assert list(victim.prompt_token_ids) == new and victim.num_computed_tokens == 60
@@ -87,7 +90,7 @@ def test_a_final_chunk_outranks_a_running_partial_prefill(tiny_model):
     scheduler.add_request(make_request(scheduler, "final", list(range(40)), final=True))
     out = step(scheduler)
     assert out.num_scheduled_tokens.get("final") == 40  # the final chunk first
-    assert scheduler.deferrals >= 1
+    assert scheduler.broker.deferrals >= 1
     held = blocks_of(scheduler, "partial")
     assert held  # the deferred prefill kept its KV
     run_until_idle(scheduler)
@@ -119,10 +122,10 @@ def test_parked_sessions_are_capped_to_their_share_of_kv(tiny_model):
     park(scheduler, "a", list(range(1000, 1150)), "stream2llm")  # 10 blocks, over the cap of 5
     step(scheduler)
     held = len(blocks_of(scheduler, "a"))
-    assert held == 0 and scheduler.evictions == 1
+    assert held == 0 and scheduler.broker.evictions == 1
     small = park(scheduler, "b", list(range(2000, 2060)), "stream2llm")  # 4 blocks: under the cap
     step(scheduler)
-    assert small.num_computed_tokens == 60 and scheduler.evictions == 1
+    assert small.num_computed_tokens == 60 and scheduler.broker.evictions == 1
 
 
 def prefilling_update(tiny_model, policy="stream2llm"):
@@ -147,21 +150,21 @@ def test_an_update_queued_behind_a_prefilling_update_ends_it_early(tiny_model):
     scheduler.add_request(make_request(scheduler, "s", second, op="update"))
     out = step(scheduler)
     assert out.num_scheduled_tokens.get("s") == 1  # the last token of the shortened chunk
-    assert scheduler.chunks_ended_early == 1
+    assert scheduler.updates.chunks_ended_early == 1
     run_until_idle(scheduler)
     assert list(session.prompt_token_ids) == second and session.num_computed_tokens == len(second)
-    first, applied = scheduler.counters("s").updates
+    first, applied = scheduler.accounting.counters("s").updates
     assert (first.old_len, first.kept, first.discarded) == (50, 40, 10)
     assert (applied.old_len, applied.kept, applied.discarded) == (105, 105, 0)  # all of it stays
     # 50 parked + 64 + 1 of the first update + the 85 the second adds; 660 without the cut
-    assert scheduler.counters("s").tokens_prefilled == 50 + 65 + 85
+    assert scheduler.accounting.counters("s").tokens_prefilled == 50 + 65 + 85
 
 
 def test_an_append_queued_behind_a_prefilling_chunk_waits_for_all_of_it(tiny_model):
     scheduler, session = prefilling_update(tiny_model)
     scheduler.add_request(make_request(scheduler, "s", [9] * 10))
     out = step(scheduler)
-    assert out.num_scheduled_tokens.get("s") == 64 and scheduler.chunks_ended_early == 0
+    assert out.num_scheduled_tokens.get("s") == 64 and scheduler.updates.chunks_ended_early == 0
     run_until_idle(scheduler)
     assert session.num_computed_tokens == 600 + 10
 
@@ -169,6 +172,22 @@ def test_an_append_queued_behind_a_prefilling_chunk_waits_for_all_of_it(tiny_mod
 def test_the_broker_sees_chunks_queued_behind_the_one_in_work(tiny_model):
     scheduler, _ = prefilling_update(tiny_model)
     scheduler.add_request(make_request(scheduler, "s", [9] * 10, final=True))
-    (view,) = [scheduler._view(r, 0.0) for r in scheduler.requests.values()]
+    (view,) = [scheduler.broker.view(r, 0.0) for r in scheduler.requests.values()]
     assert view.complete and view.tokens_queued == 10
     assert view.tokens_pending == 600 - 104  # the chunk in work
+
+
+def test_stream_tracker_expects_the_next_chunk_after_the_smoothed_gap():
+    streams = StreamTracker()
+    assert not streams.chunk_arrived("s", 10.0, final=False, is_stream_chunk=True)  # a new stream
+    streams.admitted("s", 10.0, complete=False)
+    assert streams.get("s").next_chunk_eta() == 10.0 + DEFAULT_GAP_S  # no gap observed yet
+    assert streams.chunk_arrived("s", 11.0, final=False, is_stream_chunk=True)
+    assert streams.chunk_arrived("s", 14.0, final=False, is_stream_chunk=True)
+    assert streams.get("s").next_chunk_eta() == 14.0 + (0.5 * 1.0 + 0.5 * 3.0)
+    streams.admitted("s", 20.0, complete=True)  # already known: its arrival stays
+    assert streams.get("s").arrival == 10.0 and not streams.is_complete("s")
+    streams.chunk_arrived("s", 15.0, final=True, is_stream_chunk=True)
+    assert streams.is_complete("s") and streams.get("s").next_chunk_eta() == math.inf
+    streams.forget("s")
+    assert streams.get("s") is None and not streams.is_complete("s")

@@ -1,4 +1,4 @@
-"""Contract tests for every vLLM internal that stream2llm relies on (serving/vllm_compat.py).
+"""Contract tests for every vLLM internal that stream2llm relies on (core/vllm_compat.py).
 
 They run vLLM's real scheduler and KV block manager on a synthetic setup (no model), so a vLLM
 upgrade that moves or changes one of these internals fails here, by name, not as corrupt KV.
@@ -6,6 +6,7 @@ upgrade that moves or changes one of these internals fails here, by name, not as
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -14,6 +15,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from stream2llm.core import vllm_compat
+from stream2llm.core.protocol import CONFIG_KEY
+from stream2llm.core.scheduler import StreamScheduler
 from stream2llm.core.stats_board import StatsBoard
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
@@ -88,7 +91,7 @@ def test_update_cut_inside_hashed_block_drops_hash_and_frees_tail(scheduler):
     assert len(blocks_of(scheduler, "a")) == 4  # cdiv(50, 16)
     assert pool.get_num_free_blocks() == free_before + 3
     assert cut_block.block_hash is None and pool.is_block_writable(cut_block)
-    record = scheduler.counters("a").updates[-1]
+    record = scheduler.accounting.counters("a").updates[-1]
     assert (record.lcp, record.kept, record.recomputed, record.tail) == (50, 50, 30, "unhashed")
 
     outputs = run_until_idle(scheduler)
@@ -107,7 +110,7 @@ def test_update_cut_inside_shared_block_copies_on_write(scheduler):
     assert shared.ref_cnt == 2
 
     scheduler.add_request(make_request(scheduler, "a", old[:40] + [2] * 8, op="update"))
-    assert scheduler.counters("a").updates[-1].tail == "copied"
+    assert scheduler.accounting.counters("a").updates[-1].tail == "copied"
     copy = blocks_of(scheduler, "a")[40 // BS]
     assert copy is not shared and shared.block_hash is not None  # the shared block stays intact
     out = step(scheduler)
@@ -120,7 +123,7 @@ def test_update_on_block_boundary_is_aligned(scheduler):
     old = list(range(500, 600))
     request = park(scheduler, "a", old)
     scheduler.add_request(make_request(scheduler, "a", old[:48] + [3] * 5, op="update"))
-    assert scheduler.counters("a").updates[-1].tail == "aligned"
+    assert scheduler.accounting.counters("a").updates[-1].tail == "aligned"
     assert request.num_computed_tokens == 48 and len(blocks_of(scheduler, "a")) == 3
 
 
@@ -128,7 +131,7 @@ def test_new_context_that_is_a_prefix_keeps_all_but_one_token(scheduler):
     old = list(range(700, 800))
     request = park(scheduler, "a", old)
     scheduler.add_request(make_request(scheduler, "a", old[:60], op="update"))
-    record = scheduler.counters("a").updates[-1]
+    record = scheduler.accounting.counters("a").updates[-1]
     assert (record.lcp, record.kept, record.recomputed) == (60, 59, 1)
     assert request.num_computed_tokens == 59
 
@@ -168,6 +171,7 @@ def test_end_chunk_early_cuts_a_prefilling_request_one_token_past_what_was_sched
     assert request.status.name == "RUNNING" and request.num_computed_tokens == 64
     scheduler.add_request(make_request(scheduler, "r", [5, 6], op="update"))
     assert [list(u.prompt_token_ids) for u in vllm_compat.queued_chunks(request)] == [[5, 6]]
+    assert [vllm_compat.chunk_ids(u) for u in vllm_compat.queued_chunks(request)] == [[5, 6]]
 
     assert vllm_compat.end_chunk_early(scheduler, request)
     assert request.status.name == "WAITING" and request not in scheduler.running  # its KV stays
@@ -195,3 +199,120 @@ def test_waiting_queues_drain_kv_holders_first_and_sort_queues_merges_them(sched
     assert new.is_finished() and "new" not in scheduler.requests
     assert [r.request_id for r in scheduler.kv_holding_waiting] == ["held"]  # parked again
     assert vllm_compat.is_parked(scheduler.requests["held"])
+
+
+def test_public_override_points_and_request_fields_exist():
+    """StreamScheduler overrides these Scheduler methods and calls them through super(); a
+    request's id and sampling parameters, and a chunk's, are read directly."""
+    for name, params in {
+        "add_request": ["self", "request"],
+        "schedule": ["self", "throttle_prefills"],
+        "update_from_output": ["self", "scheduler_output", "model_runner_output"],
+        "finish_requests": ["self", "request_ids", "finished_status"],
+    }.items():
+        assert list(inspect.signature(getattr(Scheduler, name)).parameters) == params, name
+    source = inspect.getsource(Scheduler)
+    for ours in ("streams", "accounting", "broker", "updates"):  # StreamScheduler's own attributes
+        assert f"self.{ours} " not in source and f"self.{ours}:" not in source, f"vLLM now uses {ours}"
+    fields = {f.name for f in dataclasses.fields(vllm_compat.StreamingUpdate)}
+    assert {"prompt_token_ids", "sampling_params"} <= fields
+    assert "request_id" in inspect.signature(vllm_compat.Request).parameters
+
+
+def test_additional_config_carries_the_engines_options(tiny_model):
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, policy="fcfs", parked_kv_cap=0.5)
+    assert vllm_compat.additional_config(scheduler)[CONFIG_KEY] == {"policy": "fcfs", "parked_kv_cap": 0.5}
+    assert scheduler.broker.policy_name == "fcfs" and scheduler.broker.parked_kv_cap == 0.5
+
+
+def test_scheduler_size_readers(tiny_model):
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, max_num_batched_tokens=64)
+    assert isinstance(scheduler, StreamScheduler)
+    assert vllm_compat.token_budget(scheduler) == 64
+    assert vllm_compat.block_size(scheduler) == BS
+
+
+def prefilling_and_parked(tiny_model):
+    """ "a" parked with 50 tokens; "b" (a plain request of 100) one 64-token step into its prefill."""
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, max_num_batched_tokens=64)
+    a = park(scheduler, "a", list(range(100, 150)))
+    b = make_request(scheduler, "b", list(range(900, 1000)), max_tokens=3, resumable=False)
+    scheduler.add_request(b)
+    return scheduler, a, b, step(scheduler)
+
+
+def test_request_lookup_and_counts(tiny_model):
+    scheduler, _, b, _ = prefilling_and_parked(tiny_model)
+    assert vllm_compat.find_request(scheduler, "b") is b and vllm_compat.find_request(scheduler, "x") is None
+    assert vllm_compat.num_requests(scheduler) == 2
+    assert {r.request_id for r in vllm_compat.live_requests(scheduler)} == {"a", "b"}
+    assert vllm_compat.running_ids(scheduler) == {"b"}
+    running = vllm_compat.running_requests(scheduler)
+    assert running == [b] and running is not scheduler.running  # a copy: safe to change the list
+    assert vllm_compat.request_counts(scheduler) == (1, 1)  # the parked session counts as waiting
+    assert vllm_compat.parked_count(scheduler) == 1
+    run_until_idle(scheduler)
+    assert vllm_compat.find_request(scheduler, "b") is None and b.is_finished()
+    assert [r.request_id for r in vllm_compat.live_requests(scheduler)] == ["a"]
+    assert vllm_compat.request_counts(scheduler) == (0, 1)
+
+
+def test_kv_usage_is_the_fraction_of_blocks_in_use(tiny_model):
+    scheduler, *_ = prefilling_and_parked(tiny_model)
+    used = len(blocks_of(scheduler, "a")) + len(blocks_of(scheduler, "b"))
+    assert used == 4 + 4
+    assert vllm_compat.kv_usage(scheduler) == pytest.approx(used / vllm_compat.total_block_count(scheduler))
+    assert vllm_compat.free_block_count(scheduler) == vllm_compat.total_block_count(scheduler) - used
+
+
+def test_request_token_readers(tiny_model):
+    scheduler, a, b, out = prefilling_and_parked(tiny_model)
+    assert vllm_compat.scheduled_tokens(out) == {"b": 64}
+    assert vllm_compat.computed_tokens(b) == 64  # schedule() already counts the step it scheduled
+    assert vllm_compat.prompt_length(b) == 100 and vllm_compat.tokens_to_compute(b) == 36
+    # a parked session holds its chunk's throw-away sample, whose KV is never computed
+    assert vllm_compat.tokens_to_compute(a) == 1 and vllm_compat.prompt_length(a) == 50
+    assert vllm_compat.is_stream_chunk(a) and not vllm_compat.is_stream_chunk(b)
+    ids = vllm_compat.prompt_ids(a)
+    assert ids == list(range(100, 150))
+    ids.append(1)
+    assert vllm_compat.prompt_length(a) == 50 and len(a.prompt_token_ids) == 50  # a copy
+    run_until_idle(scheduler)
+    assert vllm_compat.computed_tokens(b) == 102 and vllm_compat.tokens_to_compute(b) == 1  # last sample
+
+
+def test_evicting_a_parked_session_frees_its_kv_and_marks_it_evicted(scheduler):
+    request = park(scheduler, "a", list(range(100, 150)))
+    assert vllm_compat.is_parked(request) and not vllm_compat.was_evicted(request)
+    assert vllm_compat.blocks_held(scheduler, "a") == len(blocks_of(scheduler, "a")) == 4
+    free = vllm_compat.free_block_count(scheduler)
+    assert vllm_compat.evict_waiting_kv(scheduler, request) == 4
+    assert (
+        vllm_compat.blocks_held(scheduler, "a") == 0 and vllm_compat.free_block_count(scheduler) == free + 4
+    )
+    assert vllm_compat.was_evicted(request) and vllm_compat.computed_tokens(request) == 0
+    assert vllm_compat.is_parked(request)  # still waiting for its next chunk
+
+
+def test_deferring_a_running_prefill_keeps_its_kv(tiny_model):
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, max_num_batched_tokens=64)
+    request = make_request(scheduler, "r", list(range(1000, 1200)))
+    scheduler.add_request(request)
+    step(scheduler)
+    assert vllm_compat.is_prefilling(request)
+    vllm_compat.defer_running_prefill(scheduler, request)
+    assert not vllm_compat.is_prefilling(request) and request.status.name == "WAITING"
+    assert vllm_compat.running_ids(scheduler) == set() and len(blocks_of(scheduler, "r")) == 4
+    out = step(scheduler)
+    assert vllm_compat.scheduled_tokens(out) == {"r": 64}  # resumed where it stopped
+    assert vllm_compat.computed_tokens(request) == 128
+
+
+def test_computed_token_ids_and_with_prompt(scheduler):
+    request = park(scheduler, "a", list(range(100, 130)))
+    assert request.num_tokens == 31  # the chunk's throw-away sample is held, its KV never computed
+    assert vllm_compat.computed_token_ids(request) == list(range(100, 130))
+    update = vllm_compat.StreamingUpdate.from_request(make_request(scheduler, "a", [1, 2, 3]))
+    rewritten = vllm_compat.with_prompt(update, [9, 9])
+    assert rewritten.prompt_token_ids == [9, 9] and vllm_compat.chunk_ids(update) == [1, 2, 3]
+    assert rewritten.sampling_params is update.sampling_params

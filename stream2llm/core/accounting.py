@@ -1,0 +1,93 @@
+"""What the engine core counts and reports: tokens prefilled, recomputed and discarded per request
+(returned to the front end with the request's final output), engine-wide totals and live state on
+the shared-memory stats board, and the optional per-step log.
+
+vLLM reports none of this per request, and its scheduler stats only travel with outputs; the board
+lets the front end read the state at any time (after the last abort too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stream2llm.core import vllm_compat as compat
+from stream2llm.core.protocol import RequestCounters, UpdateRecord
+from stream2llm.core.stats_board import EngineStats, StatsBoard
+from stream2llm.core.step_log import PrefillItem, StepLog
+
+
+class Accounting:
+    """Counters per live request and in total, published on the board and in the step log."""
+
+    def __init__(self, scheduler: compat.Scheduler, stats_path: str | None, step_log: str | None) -> None:
+        self._scheduler = scheduler
+        self._board = StatsBoard(stats_path) if stats_path else None
+        self._step_log = StepLog(step_log) if step_log else None
+        self._counters: dict[str, RequestCounters] = {}
+        self._totals = RequestCounters()
+
+    def counters(self, request_id: str) -> RequestCounters | None:
+        """What was counted so far for a live request (None once it is freed)."""
+        return self._counters.get(request_id)
+
+    def _counters_for(self, request_id: str) -> RequestCounters:
+        return self._counters.setdefault(request_id, RequestCounters())
+
+    def record_update(self, request_id: str, record: UpdateRecord) -> None:
+        """An update was applied to a session: its tokens past the kept prefix are recomputed."""
+        counters = self._counters_for(request_id)
+        counters.updates.append(record)
+        counters.tokens_recomputed += record.recomputed
+        counters.tokens_discarded += record.discarded
+        self._totals.tokens_recomputed += record.recomputed
+
+    def step_scheduled(self, output: Any, t0: float, policy: str, is_complete: Callable[[str], bool]) -> None:
+        """Count the prompt tokens a step scheduled (not decodes) and log the step."""
+        logged: list[PrefillItem] = []
+        scheduled = compat.scheduled_tokens(output)
+        for request_id, n in scheduled.items():
+            request = compat.find_request(self._scheduler, request_id)
+            if request is None:
+                continue
+            computed_before = compat.computed_tokens(request) - n
+            prompt_part = max(0, min(n, compat.prompt_length(request) - computed_before))
+            if prompt_part:
+                self._counters_for(request_id).tokens_prefilled += prompt_part
+                self._totals.tokens_prefilled += prompt_part
+                if self._step_log is not None:
+                    submitted_as = compat.external_request_id(request_id)
+                    logged.append((prompt_part, computed_before, is_complete(request_id), submitted_as))
+        if self._step_log is not None:
+            decodes = len(scheduled) - len(logged)  # requests past their prompt
+            self._step_log.scheduled(policy, logged, decodes, compat.num_requests(self._scheduler), t0)
+
+    def step_done(self) -> None:
+        """The step's output came back."""
+        if self._step_log is not None:
+            self._step_log.finished()
+
+    def release(self, request_id: str) -> dict[str, Any] | None:
+        """Stop counting for a freed request; return what goes back to the front end."""
+        counters = self._counters.pop(request_id, None)
+        return None if counters is None else counters.as_dict()
+
+    def publish(self, preemptions: int) -> None:
+        """Write the engine's live state on the board, if there is one."""
+        if self._board is None:
+            return
+        scheduler = self._scheduler
+        running, waiting = compat.request_counts(scheduler)
+        parked = compat.parked_count(scheduler)
+        self._board.publish(
+            EngineStats(
+                kv_usage=compat.kv_usage(scheduler),
+                running=running,
+                waiting=max(waiting - parked, 0),
+                parked=parked,
+                requests=compat.num_requests(scheduler),
+                tokens_prefilled=self._totals.tokens_prefilled,
+                tokens_recomputed=self._totals.tokens_recomputed,
+                preemptions=preemptions,
+            )
+        )

@@ -1,0 +1,141 @@
+"""The broker: applies a policy's decision through vLLM's own levers before each step.
+
+A policy (``policies.py``, pure) ranks the requests that want compute and, when KV is short, names
+victims. The broker builds the policy's view of each request, orders vLLM's running list and
+waiting queues by the ranking, evicts the KV of waiting victims (parked sessions first), and defers
+a partial stream's running prefill that ranks below a waiting complete stream. ``super().schedule()``
+then allocates as usual; vLLM's allocator preempts from the end of the ranked running list if it
+still runs short.
+"""
+
+from __future__ import annotations
+
+import time
+
+from stream2llm.core import vllm_compat as compat
+from stream2llm.core.policies import Policy, RequestView, VllmPolicy, make_policy
+from stream2llm.core.streams import StreamState, StreamTracker
+
+
+class Broker:
+    """Applies the current policy to the scheduler it serves; counts what it did."""
+
+    def __init__(
+        self, scheduler: compat.Scheduler, streams: StreamTracker, policy: str, parked_kv_cap: float
+    ) -> None:
+        self._scheduler = scheduler
+        self._streams = streams
+        self.policy_name = policy
+        self.parked_kv_cap = parked_kv_cap  # fraction of KV blocks parked sessions may hold
+        self._policies: dict[str, Policy] = {}
+        self.evictions = 0
+        self.deferrals = 0
+
+    def follow_chunk_policy(self, name: str | None) -> None:
+        """The front end names a policy in each chunk's metadata (``ChunkMeta.policy``) and the
+        engine's one global policy switches to it. Kept as it is for now: the policy belongs in
+        the engine's configuration, not in every chunk."""
+        if name:
+            self.policy_name = name
+
+    def policy(self) -> Policy:
+        name = self.policy_name
+        if name not in self._policies:
+            try:
+                self._policies[name] = make_policy(name)
+            except ValueError:  # never take the engine down over a name; the front end validates
+                self._policies[name] = VllmPolicy()
+        return self._policies[name]
+
+    def view(self, request: compat.Request, now: float) -> RequestView:
+        """What the policy may know about one request."""
+        rid = request.request_id
+        state = self._streams.get(rid) or StreamState(now, now, True)
+        parked = compat.is_parked(request)
+        pending = 0 if parked else max(compat.tokens_to_compute(request), 1)
+        return RequestView(
+            rid,
+            state.arrival,
+            state.last_chunk,
+            state.complete,
+            parked,
+            compat.computed_tokens(request),
+            pending,
+            compat.blocks_held(self._scheduler, rid),
+            state.next_chunk_eta(),
+            sum(len(compat.chunk_ids(u)) for u in compat.queued_chunks(request)),
+        )
+
+    def apply(self) -> None:
+        """Before a step: rank, reorder vLLM's queues, defer and evict as the policy decides."""
+        scheduler = self._scheduler
+        policy = self.policy()
+        if isinstance(policy, VllmPolicy) or not compat.num_requests(scheduler):
+            return
+        now = time.monotonic()
+        views = [self.view(r, now) for r in compat.live_requests(scheduler)]
+        order = policy.rank([v for v in views if not v.parked])
+        ranked_ids = [v.request_id for v in order]
+        short = self._blocks_short(views, ranked_ids)
+        victims = policy.victims(order, views, short, now) if short > 0 else []
+        rank = {rid: i for i, rid in enumerate(ranked_ids)}
+        last = len(rank)
+        self._defer_outranked_prefills(rank)
+        compat.sort_queues(scheduler, key=lambda r: rank.get(r.request_id, last))
+        self._evict_waiting(victims, ranked_ids[0] if ranked_ids else None)
+
+    def _evict_waiting(self, victims: list[tuple[str, str]], first: str | None) -> None:
+        """Free the KV of victims that are not running. CPU: vLLM cannot offload here, so every
+        mode recomputes; running victims are left to vLLM's allocator, which preempts from the end
+        of the ranked list. The top-ranked request is never a victim."""
+        running = compat.running_ids(self._scheduler)
+        for rid, _mode in victims:
+            request = compat.find_request(self._scheduler, rid)
+            if request is None or rid in running or rid == first:
+                continue
+            compat.evict_waiting_kv(self._scheduler, request)
+            self.evictions += 1
+
+    def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:
+        """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
+        excess of parked KV over its cap, whichever is larger."""
+        scheduler = self._scheduler
+        by_id = {v.request_id: v for v in views}
+        running = compat.running_ids(scheduler)
+        budget, want = compat.token_budget(scheduler), 0
+        block_size = compat.block_size(scheduler)
+        for rid in order:
+            v = by_id[rid]
+            if rid in running or budget <= 0:
+                continue
+            take = min(v.tokens_pending, budget)
+            budget -= take
+            want += max(-(-(v.tokens_computed + take) // block_size) - v.blocks_held, 0)
+        short = want - compat.free_block_count(scheduler)
+        parked_blocks = sum(v.blocks_held for v in views if v.parked)
+        over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))
+        return max(short, over_cap, 0)
+
+    def _defer_outranked_prefills(self, rank: dict[str, int]) -> None:
+        """vLLM gives this step's tokens to running requests before waiting ones; a partial
+        stream's prefill that ranks below a waiting complete stream (a final chunk on the TTFT
+        clock) waits a step instead. Complete streams are not preempted for one another: the
+        churn (deferring and resuming) cost more at the median than reordering them gained."""
+        running = compat.running_ids(self._scheduler)
+        top_waiting = min(
+            (rank[rid] for rid in rank if rid not in running and self._wants_tokens(rid)), default=None
+        )
+        if top_waiting is None or not self._streams.is_complete(
+            next(r for r in rank if rank[r] == top_waiting)
+        ):
+            return
+        for request in compat.running_requests(self._scheduler):
+            if self._streams.is_complete(request.request_id):
+                continue
+            if compat.is_prefilling(request) and rank.get(request.request_id, 0) > top_waiting:
+                compat.defer_running_prefill(self._scheduler, request)
+                self.deferrals += 1
+
+    def _wants_tokens(self, request_id: str) -> bool:
+        request = compat.find_request(self._scheduler, request_id)
+        return request is not None and not compat.is_parked(request) and compat.tokens_to_compute(request) > 0
