@@ -27,8 +27,9 @@ from pathlib import Path
 from stream2llm.context.layout import StableLayout, invalidated
 from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate, TextTokenizer, common_prefix_len
 from stream2llm.engine import models
+from stream2llm.retrievers.ann_index import AnnIndex, default_index_dir
 from stream2llm.retrievers.corpus import wiki_questions
-from stream2llm.retrievers.faiss_ann import AnnIndex, ProgressiveAnnRetriever, default_index_dir
+from stream2llm.retrievers.faiss_ann import ProgressiveAnnRetriever
 from stream2llm.workloads.bench import machine
 
 

@@ -193,6 +193,6 @@ def _clipped(event: ContextEvent, max_chars: int) -> ContextEvent:
 
 def _default_layout() -> Layout:
     """Surviving documents keep their place, so an update invalidates as little KV as it can."""
-    from stream2llm.context.layout import stable_layout
+    from stream2llm.context.layout import DEFAULT_LAYOUT, layout_named
 
-    return stable_layout
+    return layout_named(DEFAULT_LAYOUT)

@@ -44,23 +44,23 @@ def parse_retrievers(spec: str | Sequence[str]) -> list[str]:
 
 
 def index_name(options: SourceOptions) -> str:
-    from stream2llm.retrievers.faiss_ann import DEFAULT_INDEX
+    from stream2llm.retrievers.ann_index import DEFAULT_INDEX
 
     return DEFAULT_INDEX if options.index_docs is None else f"{DEFAULT_INDEX}-{options.index_docs}"
 
 
 def load_index(options: SourceOptions, *, progress: bool = True):
     """The index named by the options; the packaged one is built (and cached) on first use."""
-    from stream2llm.retrievers import faiss_ann
+    from stream2llm.retrievers import ann_index
 
     if options.index:
-        return faiss_ann.AnnIndex.load(options.index)
+        return ann_index.AnnIndex.load(options.index)
     name = index_name(options)
-    path = faiss_ann.default_index_dir(name)
+    path = ann_index.default_index_dir(name)
     if (path / "meta.json").is_file():
-        return faiss_ann.AnnIndex.load(path)
+        return ann_index.AnnIndex.load(path)
     # IVF even when small: its probe lists are what the progressive search streams over
-    index = faiss_ann.build_wiki_index(options.index_docs, kind="ivf", name=name, progress=progress)
+    index = ann_index.build_wiki_index(options.index_docs, kind="ivf", name=name, progress=progress)
     index.save(path)
     return index
 

@@ -34,14 +34,17 @@ class EventNumberer:
         self.request_id = request_id
         self._seq = itertools.count()
 
-    def append(self, text: str, *, final: bool = False, source: str = "") -> ContextEvent:
+    def append(
+        self, text: str, *, final: bool = False, source: str = "", sources: tuple[str, ...] = ()
+    ) -> ContextEvent:
+        """An append of ``text``: from one ``source`` (a page) or several ``sources`` (a shard's hits)."""
         return ContextEvent(
             self.request_id,
             next(self._seq),
             Op.APPEND,
             text,
             final=final,
-            sources=(source,) if source else (),
+            sources=((source,) if source else ()) + tuple(sources),
         )
 
     def update(

@@ -13,14 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from stream2llm.context.layout import layout_named
 from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.workloads import plots
+from stream2llm.workloads.bench_policies import check_policies
 from stream2llm.workloads.metrics import summarize_repeats
 from stream2llm.workloads.replay import BenchPlan, ReplayOptions, run_bench
-from stream2llm.workloads.trace import read_trace, with_stable_layout
-
-KNOWN_POLICIES = ("nonstream", "vllm", "fcfs", "lcas", "mcps", "stream2llm")
-LAYOUTS = ("score", "stable")  # update documents: the trace's (score) order, or the connector's
+from stream2llm.workloads.trace import TraceRequest, read_trace, with_stable_layout
 
 
 def parse_bytes(text: str | None, default: int) -> int:
@@ -111,14 +110,9 @@ async def run_bench_command(
     layout: str = "score",
     step_log: bool = False,
 ) -> dict[str, Any]:
-    unknown = [p for p in policies if p not in KNOWN_POLICIES]
-    if unknown:
-        raise ValueError(f"unknown policies {unknown}; known: {', '.join(KNOWN_POLICIES)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    requests = read_trace(traces)[:limit]
-    if layout == "stable":  # every policy, nonstream included, gets the same laid-out documents
-        requests = with_stable_layout(requests)
+    """Every (policy, qps, repeat) on one engine: results.json and plots in ``out``, tables on the console."""
+    check_policies(policies)
+    requests = load_requests(traces, limit, layout)
     if scale != 1.0:
         console.print(
             f"[yellow]token counts scaled by {scale:g} so that this machine's load matches "
@@ -133,11 +127,43 @@ async def run_bench_command(
         max_num_batched_tokens=max_batched_tokens,
         max_num_seqs=max_num_seqs,
     )
-    with console.status(f"starting the engine ({model}) ..."):
-        engine = await StreamingEngine.start(config)
     options = ReplayOptions(
         delay_multiplier=delay_multiplier, scale=scale, max_tokens=max_tokens, deadline_s=deadline
     )
+    plan = BenchPlan(tuple(policies), tuple(qps), repeat)
+    result = await _replay(config, requests, plan, options, console)
+    result["summary"] = summarize_repeats(result["runs"])
+    result["machine"] = machine()
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["trace"] = str(traces)
+    result["options"]["layout"] = layout
+    write_results(result, out, max(qps))
+    console.print(ratio_table(result))
+    if repeat > 1:
+        console.print(repeats_table(result["summary"]))
+    console.print(f"results: {out / 'results.json'}")
+    return result
+
+
+def load_requests(traces: Path, limit: int | None, layout: str) -> list[TraceRequest]:
+    """The trace's first ``limit`` requests, their update documents in the named layout."""
+    layout_named(layout)  # validates
+    requests = read_trace(traces)[:limit]
+    if layout == "stable":  # every policy, nonstream included, gets the same laid-out documents
+        requests = with_stable_layout(requests)
+    return requests
+
+
+async def _replay(
+    config: EngineConfig,
+    requests: list[TraceRequest],
+    plan: BenchPlan,
+    options: ReplayOptions,
+    console: Console,
+) -> dict[str, Any]:
+    """Start the engine, run the plan with a progress bar per run, and shut the engine down."""
+    with console.status(f"starting the engine ({config.model}) ..."):
+        engine = await StreamingEngine.start(config)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -152,32 +178,25 @@ async def run_bench_command(
 
     try:
         with progress:
-            result = await run_bench(
-                engine, requests, BenchPlan(tuple(policies), tuple(qps), repeat), options, track
-            )
+            return await run_bench(engine, requests, plan, options, track)
     finally:
         await engine.shutdown()
-    result["summary"] = summarize_repeats(result["runs"])
-    result["machine"] = machine()
-    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    result["trace"] = str(traces)
-    result["options"]["layout"] = layout
+
+
+def write_results(result: dict[str, Any], out: Path, top_qps: float) -> None:
+    """results.json and the plots (the CCDF at the highest rate)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     plots.plot_ttft_vs_qps(result, out / "ttft_final_vs_qps.png")
     plots.plot_ttft_vs_qps(result, out / "ttft_query_vs_qps.png", metric="ttft_query_s")
     plots.plot_completion(result, out / "completion.png")
-    top = max(qps)
     samples = {
         r["policy"]: r["samples"]["ttft_final_s"]
         for r in result["runs"]
-        if r["qps"] == top and r["repeat"] == 0
+        if r["qps"] == top_qps and r["repeat"] == 0
     }
     plots.plot_ccdf(
-        samples, out / f"ttft_final_ccdf_qps{top:g}.png", f"TTFT after the final chunk, {top:g} qps"
+        samples,
+        out / f"ttft_final_ccdf_qps{top_qps:g}.png",
+        f"TTFT after the final chunk, {top_qps:g} qps",
     )
-    console.print(ratio_table(result))
-    if repeat > 1:
-        console.print(repeats_table(result["summary"]))
-    console.print(f"results: {out / 'results.json'}")
-    return result

@@ -18,6 +18,7 @@ from typing import Any
 
 from stream2llm.engine.engine import StreamingEngine
 from stream2llm.workloads.arrivals import poisson_arrivals
+from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.filler import FillerText
 from stream2llm.workloads.metrics import RequestRecord, RunResult
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
@@ -33,10 +34,6 @@ class ReplayOptions:
     max_tokens: int = 1  # the published runs generated one token
     seed: int = 42
     deadline_s: float | None = None  # after the last scheduled event: abort what has not answered
-
-
-def mode_of(policy: str) -> str:
-    return {"nonstream": "nonstream", "vllm": "vllm"}.get(policy, "stream")
 
 
 class EventText:
@@ -93,14 +90,14 @@ async def _replay_one(
     loop = asyncio.get_running_loop()
     arrival = start + record.arrival_s
     await asyncio.sleep(max(0.0, arrival - loop.time()))
-    engine_policy = "vllm" if policy == "nonstream" else policy  # the published baseline: stock vLLM
+    spec = bench_policy(policy)
     session = await engine.open(
         request.query,
         sampling,
-        mode=mode_of(policy),
+        mode=spec.mode,
         request_id=f"{request.id}@{salt[:8]}",  # the trace's id, in the engine's step log too
         cache_salt=salt,
-        policy=engine_policy,
+        policy=spec.scheduler,
     )
     last = len(request.events) - 1
     try:

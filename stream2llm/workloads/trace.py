@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stream2llm.context.layout import StableLayout
+from stream2llm.context.layout import UpdateLayout
 
 SCHEMA = "stream2llm.trace/1"
 OPS = ("append", "update")
@@ -219,12 +219,12 @@ def import_ann_traces(trace_map: str | Path, corpus_parts: Iterable[str | Path])
 
 
 def with_stable_layout(requests: Iterable[TraceRequest]) -> list[TraceRequest]:
-    """The same requests with every update's documents laid out as the connector lays them out
-    (``connectors/layout.py``: survivors keep their place, newcomers follow), instead of in the
+    """The same requests with every update's documents laid out as the context assembler lays them
+    out (``context/layout.py``: survivors keep their place, newcomers follow), instead of in the
     retriever's score order."""
     out = []
     for request in requests:
-        layout = StableLayout()
+        layout = UpdateLayout("stable")
         events = tuple(
             replace(e, docs=tuple(layout.arrange(e.docs))) if e.op == "update" and e.docs else e
             for e in request.events

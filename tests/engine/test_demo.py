@@ -9,7 +9,7 @@ from rich.console import Console
 
 from stream2llm.cli.demo import run_demo
 from stream2llm.pipelines.sources import SourceOptions
-from stream2llm.retrievers.faiss_ann import default_index_dir
+from stream2llm.retrievers.ann_index import default_index_dir
 from tests.retrievers import helpers
 
 pytestmark = pytest.mark.engine

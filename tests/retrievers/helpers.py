@@ -12,8 +12,8 @@ from pathlib import Path
 
 import faiss
 
-from stream2llm.retrievers import corpus, faiss_ann
-from stream2llm.retrievers.faiss_ann import AnnIndex, AnnIndexError, build_wiki_index, default_index_dir
+from stream2llm.retrievers import ann_index, corpus
+from stream2llm.retrievers.ann_index import AnnIndex, AnnIndexError, build_wiki_index, default_index_dir
 
 ARTICLES = 600  # spread over the 10,033 articles
 NLIST = 12  # ~50 vectors a list, so nprobe 8 in 4 stages (1, 2, 4, 8 lists) really refines
@@ -24,7 +24,7 @@ def _cache_key() -> str:
     embedder = corpus.default_embedder()
     h = hashlib.sha256(f"{ARTICLES}:{NLIST}:{embedder.fingerprint}:{faiss.__version__}".encode())
     h.update(Path(corpus.__file__).read_bytes())
-    for builder in (faiss_ann.AnnIndex.build, faiss_ann.build_wiki_index, faiss_ann._make_index):
+    for builder in (ann_index.AnnIndex.build, ann_index.build_wiki_index, ann_index._make_index):
         h.update(inspect.getsource(builder).encode())
     return h.hexdigest()[:16]
 

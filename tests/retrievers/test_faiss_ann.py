@@ -10,16 +10,9 @@ import pytest
 
 from stream2llm.context.events import Op
 from stream2llm.context.prompt import DOC_SEPARATOR
+from stream2llm.retrievers.ann_index import AnnIndex, AnnIndexError, EmbedderMismatch, IndexNotFound
 from stream2llm.retrievers.base import StreamingRetriever
-from stream2llm.retrievers.faiss_ann import (
-    AnnIndex,
-    AnnIndexError,
-    EmbedderMismatch,
-    IndexNotFound,
-    ProgressiveAnnRetriever,
-    ShardedAnnRetriever,
-    stage_bounds,
-)
+from stream2llm.retrievers.faiss_ann import ProgressiveAnnRetriever, ShardedAnnRetriever, stage_bounds
 from tests.retrievers.helpers import NPROBE
 
 QUERIES = [
@@ -195,7 +188,7 @@ def test_build_embeds_unit_vectors_into_flat_or_ivf(ann_index):
 def test_auto_switches_to_ivf_above_the_threshold():
     import numpy as np
 
-    from stream2llm.retrievers.faiss_ann import IVF_MIN_VECTORS, _make_index, default_nlist
+    from stream2llm.retrievers.ann_index import IVF_MIN_VECTORS, _make_index, default_nlist
 
     vectors = np.random.default_rng(0).standard_normal((IVF_MIN_VECTORS + 1, 16)).astype("float32")
     assert _make_index(vectors[:-1], "auto", None).ntotal == IVF_MIN_VECTORS

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from stream2llm.cli import app
-from stream2llm.retrievers.faiss_ann import AnnIndex
+from stream2llm.retrievers.ann_index import AnnIndex
 
 
 def test_index_build_then_info(tmp_path):

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from stream2llm.core.policies import Costs, RequestView, VllmPolicy, make_policy
 from stream2llm.workloads.arrivals import poisson_arrivals
+from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.metrics import summary
 from stream2llm.workloads.simulate.cost_model import CostProfile
 from stream2llm.workloads.synth import FILLER_PREFIX
@@ -187,7 +188,7 @@ class Simulator:
             )
             for r, a in zip(requests, arrivals)
         ]
-        if policy == "nonstream":  # the whole prompt once the last event is in
+        if bench_policy(policy).mode == "nonstream":  # the whole prompt once the last event is in
             for r in reqs:
                 r.chunks = [r.chunks[-1]]
         return _Run(self, reqs, policy, SimResult(policy, qps)).run()
@@ -208,12 +209,12 @@ class _Run:
     def __init__(self, sim: Simulator, reqs: list[_Req], policy: str, result: SimResult) -> None:
         self.reqs, self.result = reqs, result
         self.profile, self.block_size, self.speed = sim.profile, sim.block_size, sim.speed
-        nonstream = policy == "nonstream"
+        spec = bench_policy(policy)
         # stock vLLM applies a session's queued chunks one per round; our sessions merge them
-        self.one_chunk_a_round = policy == "vllm"
-        self.held = not nonstream and not self.one_chunk_a_round and sim.hold_in_flight
+        self.one_chunk_a_round = spec.mode == "vllm"
+        self.held = spec.mode == "stream" and sim.hold_in_flight
         self.policy = make_policy(
-            "vllm" if nonstream else policy,
+            spec.scheduler,
             Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
         )
         self.events = [(r.chunks[0].at, i, False) for i, r in enumerate(reqs)]  # (time, request, release)
@@ -470,76 +471,3 @@ class _Run:
             self.free += r.blocks
             r.blocks = 0
             self.done += 1
-
-
-def simulate_command(
-    traces,
-    *,
-    workload: str,
-    n: int,
-    profile: str,
-    qps: list[float],
-    policies: list[str],
-    delay_multiplier: float,
-    scale: float,
-    block_size: int,
-    console,
-) -> dict:
-    """Run the model for every (policy, qps); print it beside the published results where they exist."""
-    from rich.table import Table
-
-    from stream2llm.workloads.synth import published_stats, synthesize
-    from stream2llm.workloads.trace import read_trace
-
-    requests = read_trace(traces) if traces else synthesize(workload, n, seed=42)
-    if requests and traces:
-        workload = requests[0].workload
-    cost = CostProfile.load(profile)
-    sim = Simulator(cost, block_size=block_size)
-    runs = [
-        sim.run(requests, p, q, scale=scale, delay_multiplier=delay_multiplier).to_json()
-        for q in qps
-        for p in policies
-    ]
-    published = published_stats()["results_h200"].get(f"{workload}_ttft_s", {})
-    table = Table(
-        "qps",
-        "policy",
-        "p50",
-        "p95",
-        "p99",
-        "published p50/p95/p99",
-        "speedup p50/p95/p99 vs nonstream",
-        "published fcfs speedup",
-        title=f"simulated ttft_final (s): {workload}, profile {cost.name}",
-    )
-    by_key = {(r["qps"], r["policy"]): r for r in runs}
-    for (q, p), run in by_key.items():
-        s = run["ttft_final_s"]
-        key = f"{q:g}"
-        pub = {"nonstream": published.get("nonstream", {}), "vllm": published.get("vllm_stream", {})}.get(
-            p, {}
-        )
-        base = by_key.get((q, "nonstream"))
-        speed = (
-            "/".join(f"{base['ttft_final_s'][k] / s[k]:.2f}" for k in ("p50", "p95", "p99")) if base else "-"
-        )
-        pub_speed = published.get("fcfs_speedup_vs_nonstream", {}).get(key) if p == "fcfs" else None
-        table.add_row(
-            key,
-            p,
-            f"{s['p50']:.3f}",
-            f"{s['p95']:.3f}",
-            f"{s['p99']:.3f}",
-            "/".join(f"{v:.3f}" for v in pub[key]) if key in pub else "",
-            speed,
-            "/".join(f"{v:.2f}" for v in pub_speed) if pub_speed else "",
-        )
-    console.print(table)
-    return {
-        "profile": cost.name,
-        "workload": workload,
-        "requests": len(requests),
-        "runs": runs,
-        "published": published,
-    }

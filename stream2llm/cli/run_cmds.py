@@ -1,0 +1,132 @@
+"""``stream2llm demo|run|serve``: answer questions on a live engine, or serve the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from stream2llm.cli.common import (
+    AllowPrivateOpt,
+    DebugOpt,
+    IndexDocsOpt,
+    JsonOpt,
+    MaxPagesOpt,
+    ModelOpt,
+    RetrieverOpt,
+    SeedOpt,
+    console,
+    fail,
+    quiet_engine_logs,
+    run_async,
+    source_options,
+    write_json,
+)
+from stream2llm.engine import models
+
+
+def demo(
+    model: ModelOpt = models.DEFAULT_MODEL,
+    questions: Annotated[int, typer.Option(help="Demo questions to answer (crawl and ANN alternate).")] = 4,
+    max_pages: MaxPagesOpt = 6,
+    index_docs: Annotated[
+        int | None, typer.Option(help="Articles in the demo's ANN index (built once, ~1 min; all: 10,033).")
+    ] = 2500,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per answer.")] = 48,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+):
+    """Answer real questions with streamed retrieval (a crawl of the local pygame docs, progressive
+    ANN search over Wikipedia), showing context arriving and tokens streaming, and compare TTFT with
+    sending the same context after retrieval (non-streaming) on the same engine."""
+    from stream2llm.cli.demo import run_demo
+
+    quiet_engine_logs()
+
+    # paced like real retrieval: a polite crawler (one page a second from one site), an ANN
+    # pipeline that refines its answer over ~4 s (the published workloads' time scales)
+    options = source_options(None, False, max_pages, index_docs, min_stage_s=1.0, crawl_delay_s=1.0)
+    try:
+        report = run_async(
+            run_demo(model, questions=questions, options=options, max_tokens=max_tokens, console=console)
+        )
+    except Exception as exc:
+        fail(exc, debug)
+    write_json(json_out, report)
+
+
+def serve(
+    model: ModelOpt = models.DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="STREAM2LLM_TOKEN", help="Require this bearer token (not on /health)."),
+    ] = None,
+    max_sessions: Annotated[int, typer.Option(help="Running sessions admitted at once (more: 429).")] = 256,
+    kv_cache_gb: Annotated[float, typer.Option(help="KV cache size in GiB.")] = 1.0,
+    max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
+    policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "stream2llm",
+    debug: DebugOpt = False,
+):
+    """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
+    from stream2llm.engine.engine import EngineConfig
+    from stream2llm.server.app import ServerSettings
+    from stream2llm.server.app import serve as run_server
+
+    config = EngineConfig(
+        model=model,
+        policy=policy,
+        kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
+        max_model_len=max_model_len,
+        max_sessions=max(max_sessions, 1),
+    )
+    settings = ServerSettings(host=host, port=port, token=token, max_sessions=max_sessions)
+
+    def ready(url: str) -> None:
+        console.print(f"serving [bold]{model}[/bold] at [green]{url}[/green] (OpenAI base URL: {url}/v1)")
+
+    try:
+        console.print(f"starting the engine ({model}) ...")
+        run_async(run_server(config, settings, on_ready=ready))
+    except KeyboardInterrupt:
+        console.print("stopped")
+    except Exception as exc:
+        fail(exc, debug)
+
+
+def run(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    retriever: RetrieverOpt = "ann",
+    seed_url: SeedOpt = None,
+    allow_private: AllowPrivateOpt = False,
+    max_pages: MaxPagesOpt = 8,
+    index_docs: IndexDocsOpt = None,
+    mode: Annotated[str, typer.Option(help="stream, nonstream or vllm.")] = "stream",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    max_model_len: Annotated[int, typer.Option(help="Context window (older context is dropped).")] = 8192,
+    model: ModelOpt = models.DEFAULT_MODEL,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+):
+    """Answer one question: print context events as the retrievers find them, then the answer."""
+    from stream2llm.cli.show import run_question
+
+    quiet_engine_logs()
+
+    try:
+        report = run_async(
+            run_question(
+                question,
+                retriever.split(","),
+                source_options(seed_url, allow_private, max_pages, index_docs),
+                model=model,
+                mode=mode,
+                max_tokens=max_tokens,
+                max_model_len=max_model_len,
+                console=console,
+            )
+        )
+    except Exception as exc:
+        fail(exc, debug)
+    write_json(json_out, report)
