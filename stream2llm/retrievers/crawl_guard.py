@@ -31,6 +31,9 @@ HostKey = tuple[str, int]
 
 SCHEMES = frozenset({"http", "https"})
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are IPv4
+# IETF protocol assignments: not globally reachable (RFC 6890) but for two anycast addresses
+_IETF_V4 = ipaddress.ip_network("192.0.0.0/24")
+_IETF_V4_GLOBAL = frozenset(ipaddress.ip_address(a) for a in ("192.0.0.9", "192.0.0.10"))
 _REASONS = ("loopback", "link_local", "site_local", "private", "multicast", "unspecified", "reserved")
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,8 @@ def blocked_reason(address: str | IPAddress) -> str | None:
     for reason in _REASONS:
         if getattr(ip, f"is_{reason}", False):
             return reason.replace("_", "-")
+    if ip in _IETF_V4 and ip not in _IETF_V4_GLOBAL:  # the stdlib misses part of it (3.11)
+        return "non-global"
     return None if ip.is_global else "non-global"
 
 
