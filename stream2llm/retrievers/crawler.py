@@ -7,9 +7,12 @@ and yields one APPEND event per page the moment scrapy scrapes it: the page titl
 append marks the end of the crawl. Pages come once (scrapy's request fingerprints, plus a hash of the
 text); limits bound pages, depth, bytes per page and in total, and time.
 
-Safety: robots.txt is obeyed by default, and hosts that resolve to private, loopback, link-local or
-otherwise non-global addresses are refused unless ``allow_private=True`` (seeds get a clear error; every
-request and redirect is checked by a downloader middleware, and every response's peer address again).
+Safety (``crawl_guard``, ``crawl_download``): only http(s) URLs are fetched (scrapy's file, data, s3
+and ftp handlers are off); each host is resolved once per crawl and the downloader connects only to
+the addresses checked then; private, loopback, link-local and other non-global addresses are refused
+unless ``allow_private=True`` or the exact ``(host, port)`` is in ``allowed_private_hosts``; every hop
+(redirects, meta refreshes, robots.txt) is checked before it is sent; proxy environment variables
+are ignored. Links per page, requests, bytes per page and bytes per crawl are capped.
 
 Scrapy runs without a Twisted reactor (``TWISTED_REACTOR_ENABLED=False``), so any number of crawls can
 run one after another, or at once, in one asyncio process.
@@ -21,10 +24,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import ipaddress
+import heapq
 import logging
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +34,31 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urldefrag, urlsplit
 
 from stream2llm.context.events import ContextEvent, Op
-from stream2llm.errors import StreamError
 from stream2llm.retrievers.base import EventNumberer
+from stream2llm.retrievers.crawl_guard import (
+    SCHEMES,
+    AddressGuard,
+    BlockedURL,
+    HostKey,
+    Resolve,
+    blocked_reason,
+    check_url,
+)
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
+
+__all__ = [  # the guard's names stay importable from here
+    "BlockedURL",
+    "CrawlConfig",
+    "CrawlRetriever",
+    "Page",
+    "blocked_reason",
+    "check_url",
+    "extract_page",
+    "link_score",
+    "query_terms",
+]
 
 SearchHook = Callable[[str], Awaitable[Sequence[str]]]
 """A search provider: query -> seed URLs (e.g. a web search API); awaited once per ``stream``."""
@@ -59,18 +81,9 @@ _BLOCK_TAGS = frozenset(
     "address article blockquote br dd div dl dt figcaption figure h1 h2 h3 h4 h5 h6 hr li main ol p pre "  # noqa: SIM905
     "section table tr ul".split()
 )
-_CRAWL_DONE, _TIME_UP = object(), object()  # queue sentinels: the crawl task ended; crawl_timeout passed
+# queue sentinels: the crawl task ended; crawl_timeout passed; max_total_bytes received
+_CRAWL_DONE, _TIME_UP, _BUDGET_SPENT = object(), object(), object()
 _BACKGROUND: set[asyncio.Task[Any]] = set()  # stops still finishing after their stream was closed
-
-
-class BlockedURL(StreamError):
-    """A URL's host resolves to an address the crawler may not contact (SSRF guard)."""
-
-    def __init__(self, url: str, reason: str) -> None:
-        self.url, self.reason = url, reason
-        super().__init__(
-            f"refusing to crawl {url}: {reason} (pass allow_private=True to crawl local or private hosts)"
-        )
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,9 @@ class CrawlConfig:
     max_pages: int = 20  # pages emitted, at most
     max_depth: int = 3  # link hops from a seed (0: the seeds only)
     max_page_bytes: int = 2 << 20  # a larger response is cancelled (scrapy DOWNLOAD_MAXSIZE)
-    max_total_bytes: int = 32 << 20  # the crawl closes once its responses add up to this
+    max_total_bytes: int = 32 << 20  # the crawl ends once all its response bodies add up to this
+    max_links_per_page: int = 200  # links followed from one page (the best-scored ones)
+    max_requests: int = 1000  # requests the crawl sends (redirects and robots.txt included)
     download_timeout: float = 10.0  # per request, seconds
     crawl_timeout: float | None = 60.0  # the whole crawl, seconds; None: no limit
     download_delay: float = 0.0  # politeness: seconds between requests to one domain
@@ -89,12 +104,14 @@ class CrawlConfig:
     concurrency_per_domain: int = 8
     retries: int = 0  # a retry would multiply the wait on a slow page; off by default
     obey_robots: bool = True
-    allow_private: bool = False  # allow private/loopback/link-local hosts (local sites, tests)
+    allow_private: bool = False  # allow private/loopback/link-local addresses (never other schemes)
+    allowed_private_hosts: frozenset[HostKey] = frozenset()  # (host, port) allowed to be private
     same_domain: bool = True  # follow links only within the seeds' domains
     stop_grace: float = 1.0  # seconds a closed stream waits for in-flight requests before leaving them
     search_timeout: float = 10.0  # seconds the search hook may take
     user_agent: str = "stream2llm-crawler/0.1"
     log_level: int | str = logging.ERROR  # scrapy's loggers; raise to INFO/DEBUG to watch it work
+    resolve: Resolve | None = None  # host, port -> addresses; the system resolver when None
     settings: Mapping[str, Any] = field(default_factory=dict)  # extra scrapy settings, applied last
 
     def __post_init__(self) -> None:
@@ -102,6 +119,8 @@ class CrawlConfig:
             "max_pages",
             "max_page_bytes",
             "max_total_bytes",
+            "max_links_per_page",
+            "max_requests",
             "concurrency",
             "concurrency_per_domain",
         ):
@@ -116,16 +135,27 @@ class CrawlConfig:
             or (self.crawl_timeout is not None and self.crawl_timeout <= 0)
         ):
             raise ValueError("CrawlConfig timeouts must be positive")
+        hosts = frozenset((str(h).lower(), int(p)) for h, p in self.allowed_private_hosts)
+        object.__setattr__(self, "allowed_private_hosts", hosts)
 
-    def scrapy_settings(self) -> dict[str, Any]:
+    def guard(self) -> AddressGuard:
+        """A fresh address guard for one crawl (its DNS answers are pinned for that crawl only)."""
+        return AddressGuard(
+            allow_private=self.allow_private,
+            allowed_private_hosts=self.allowed_private_hosts,
+            resolve=self.resolve,
+        )
+
+    def scrapy_settings(self, guard: AddressGuard | None = None) -> dict[str, Any]:
         """The scrapy settings that implement this config (reactorless, quiet, guarded)."""
+        handler = "stream2llm.retrievers.crawl_download.GuardedDownloadHandler"
         return {
             "TWISTED_REACTOR_ENABLED": False,
             "ROBOTSTXT_OBEY": self.obey_robots,
             "USER_AGENT": self.user_agent,
             "DOWNLOAD_TIMEOUT": self.download_timeout,
             "DOWNLOAD_MAXSIZE": self.max_page_bytes,
-            "DOWNLOAD_WARNSIZE": 0,
+            "DOWNLOAD_WARNSIZE": self.max_page_bytes // 2,
             "DOWNLOAD_DELAY": self.download_delay,
             "AUTOTHROTTLE_ENABLED": self.autothrottle,
             "AUTOTHROTTLE_START_DELAY": max(self.download_delay, 0.5),  # scrapy's default is 5 s
@@ -134,13 +164,19 @@ class CrawlConfig:
             "CONCURRENT_REQUESTS_PER_DOMAIN": self.concurrency_per_domain,
             "RETRY_ENABLED": self.retries > 0,
             "RETRY_TIMES": self.retries,
+            "REDIRECT_MAX_TIMES": 5,
             "COOKIES_ENABLED": False,
+            "HTTPPROXY_ENABLED": False,  # http(s)_proxy variables would bypass the address checks
             "REMOTE_CONTROL_ENABLED": False,  # scrapy 2.19 otherwise opens a code-executing HTTP endpoint
             "TELNETCONSOLE_ENABLED": False,
             "DEPTH_LIMIT": self.max_depth + 1,  # belt and braces; the spider stops following at max_depth
             "LOG_LEVEL": self.log_level,
-            "DOWNLOADER_MIDDLEWARES": {f"{__name__}.AddressGuardMiddleware": 10},
-            "STREAM2LLM_ALLOW_PRIVATE": self.allow_private,
+            "DOWNLOAD_HANDLERS": {"http": handler, "https": handler, "file": None, "data": None}
+            | {"s3": None, "ftp": None},
+            # last before the download, first after it: sees every request and every 3xx response
+            "DOWNLOADER_MIDDLEWARES": {"stream2llm.retrievers.crawl_download.AddressGuardMiddleware": 950},
+            "STREAM2LLM_GUARD": guard or self.guard(),
+            "STREAM2LLM_MAX_REQUESTS": self.max_requests,
             **dict(self.settings),
         }
 
@@ -191,8 +227,6 @@ class CrawlRetriever:
         seeds = list(dict.fromkeys(urldefrag(s.strip())[0] for s in seeds if s and s.strip()))
         if not seeds:
             raise ValueError("the crawl has no seed URL: give seeds or a search hook that returns some")
-        for url in seeds:
-            await check_url(url, allow_private=self.config.allow_private)
         return seeds
 
 
@@ -209,21 +243,27 @@ class _Crawl:
 
     def __init__(self, config: CrawlConfig, seeds: list[str], terms: frozenset[str]) -> None:
         self.config, self.seeds, self.terms = config, seeds, terms
+        self.guard = config.guard()
+        self.total_bytes = 0
         self.queue: asyncio.Queue[Page | object] = asyncio.Queue()
         self.crawler: Crawler | None = None
         self.task: asyncio.Task[None] | None = None
         self.t_start = time.monotonic()
 
     async def start(self) -> None:
+        """Check the seeds (a clear BlockedURL for a refused one; their addresses pinned), then crawl."""
         from scrapy import signals
         from scrapy.crawler import AsyncCrawlerRunner
 
+        for url in self.seeds:
+            await self.guard.check(url)
         _quiet_scrapy(self.config.log_level)
-        runner = AsyncCrawlerRunner(self.config.scrapy_settings())
+        runner = AsyncCrawlerRunner(self.config.scrapy_settings(self.guard))
         self.crawler = runner.create_crawler(spider_class())
         # Signal receivers are weak references: bound methods of self stay alive as long as self does.
         self.crawler.signals.connect(self._on_item, signal=signals.item_scraped)
         self.crawler.signals.connect(self._on_headers, signal=signals.headers_received)
+        self.crawler.signals.connect(self._on_bytes, signal=signals.bytes_received)
         self.task = runner.crawl(self.crawler, seeds=self.seeds, terms=self.terms, config=self.config)
         self.task.add_done_callback(lambda _t: self.queue.put_nowait(_CRAWL_DONE))
 
@@ -238,6 +278,18 @@ class _Crawl:
             return  # robots.txt is text/plain on purpose; a redirect's own body does not matter
         ctype = (headers.get(b"Content-Type") or b"").decode("latin-1").lower()
         if ctype and "html" not in ctype:
+            raise StopDownload(fail=True)
+
+    def _on_bytes(self, data: bytes, **_: Any) -> None:
+        """Count every body byte (any type, redirects and robots.txt too); past the budget, cancel
+        this download and end the stream."""
+        from scrapy.exceptions import StopDownload
+
+        over = self.total_bytes > self.config.max_total_bytes
+        self.total_bytes += len(data)
+        if self.total_bytes > self.config.max_total_bytes:
+            if not over:
+                self.queue.put_nowait(_BUDGET_SPENT)
             raise StopDownload(fail=True)
 
     async def pages(self) -> AsyncIterator[Page]:
@@ -258,7 +310,7 @@ class _Crawl:
                 if page is _CRAWL_DONE:
                     self._raise_if_failed()
                     return
-                if page is _TIME_UP or not isinstance(page, Page):
+                if not isinstance(page, Page):  # _TIME_UP or _BUDGET_SPENT
                     return
                 digest = hashlib.sha1(page.text.encode()).hexdigest()
                 if digest not in seen_text:
@@ -289,7 +341,6 @@ class _Crawl:
 def spider_class() -> type:
     """Build the spider class lazily: scrapy is imported only when a crawl starts."""
     import scrapy
-    from scrapy.exceptions import CloseSpider
     from scrapy.http import HtmlResponse
     from scrapy.linkextractors import LinkExtractor
 
@@ -302,7 +353,7 @@ def spider_class() -> type:
             # scrapy matches allowed domains against the netloc, port included
             domains = [urlsplit(s).netloc.rsplit("@", 1)[-1] for s in seeds] if config.same_domain else []
             self.links = LinkExtractor(allow_domains=domains, unique=True)
-            self.total_bytes = 0
+            self.requested: set[str] = set(seeds)  # at most max_requests URLs
             self.n_pages = 0
 
         async def start(self) -> AsyncIterator[Any]:
@@ -311,10 +362,7 @@ def spider_class() -> type:
 
         def parse(self, response: Any) -> Iterable[Any]:
             if not isinstance(response, HtmlResponse):
-                return
-            self.total_bytes += len(response.body)
-            if self.total_bytes > self.config.max_total_bytes:
-                raise CloseSpider("max_total_bytes")
+                return  # its bytes were counted as they came (_Crawl._on_bytes)
             page = extract_page(response)
             if page.text.strip():
                 self.n_pages += 1
@@ -324,9 +372,16 @@ def spider_class() -> type:
                 yield from self.follow(response, depth)
 
         def follow(self, response: Any, depth: int) -> Iterable[Any]:
+            """The page's best-scored new http(s) links, at most ``max_links_per_page``, while the
+            crawl has requests left (``max_requests``)."""
+            scores: dict[str, int] = {}
             for link in self.links.extract_links(response):
                 url = urldefrag(link.url)[0]
-                score = link_score(self.terms, link.text, url)
+                if urlsplit(url).scheme in SCHEMES and url not in self.requested and url not in scores:
+                    scores[url] = link_score(self.terms, link.text, url)
+            room = min(self.config.max_links_per_page, self.config.max_requests - len(self.requested))
+            for url, score in heapq.nlargest(max(room, 0), scores.items(), key=lambda kv: kv[1]):
+                self.requested.add(url)
                 yield scrapy.Request(
                     url, callback=self.parse, errback=self.failed, priority=score * 100 - depth
                 )
@@ -337,88 +392,6 @@ def spider_class() -> type:
             self.logger.info("skipped %s: %s", getattr(request, "url", "?"), failure.value)
 
     return _FocusedSpider
-
-
-class AddressGuardMiddleware:
-    """Downloader middleware: refuse requests (seeds, links, redirects, robots.txt) to non-global hosts.
-
-    Checks the host's resolved addresses before the request and the peer address of the response, so a
-    name that re-resolves to a private address between the two is still caught.
-    """
-
-    def __init__(self, allow_private: bool) -> None:
-        self.allow_private = allow_private
-        self._verdicts: dict[str, str | None] = {}
-
-    @classmethod
-    def from_crawler(cls, crawler: Crawler) -> AddressGuardMiddleware:
-        return cls(crawler.settings.getbool("STREAM2LLM_ALLOW_PRIVATE"))
-
-    async def process_request(self, request: Any) -> None:
-        if not self.allow_private and (why := await self.host_refusal(request.url)):
-            from scrapy.exceptions import IgnoreRequest
-
-            raise IgnoreRequest(f"refusing to crawl {request.url}: {why}")
-
-    def process_response(self, request: Any, response: Any) -> Any:
-        if self.allow_private or request.meta.get("proxy"):  # behind a proxy the peer is the proxy
-            return response
-        ip = getattr(response, "ip_address", None)
-        if ip is not None and (reason := self.peer_refusal(ip)):
-            from scrapy.exceptions import IgnoreRequest
-
-            raise IgnoreRequest(f"{request.url} was served from {ip}, a {reason} address")
-        return response
-
-    async def host_refusal(self, url: str) -> str | None:
-        """Why ``url``'s host may not be contacted, or None; resolved once per host and crawl."""
-        host = urlsplit(url).hostname or ""
-        if host not in self._verdicts:
-            try:
-                await check_url(url, allow_private=False)
-                self._verdicts[host] = None
-            except BlockedURL as e:
-                self._verdicts[host] = e.reason
-            except ValueError as e:
-                self._verdicts[host] = str(e)
-        return self._verdicts[host]
-
-    def peer_refusal(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-        return blocked_reason(ip)
-
-
-def blocked_reason(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why the crawler must not contact ``address`` (e.g. "loopback"), or None for a public address."""
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for reason in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
-        if getattr(ip, f"is_{reason}"):
-            return reason.replace("_", "-")
-    if not ip.is_global:
-        return "non-global"
-    return None
-
-
-async def check_url(url: str, *, allow_private: bool = False) -> list[str]:
-    """Resolve ``url``'s host; raise BlockedURL naming URL and address if any address is not public.
-
-    Returns the resolved addresses. Raises ValueError for a URL that is not http(s) or has no host.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL with a host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ValueError(f"cannot resolve the host of {url!r}: {e}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
-    if not allow_private:
-        for address in addresses:
-            if reason := blocked_reason(address):
-                raise BlockedURL(url, f"{parts.hostname} resolves to {address}, a {reason} address")
-    return addresses
 
 
 def query_terms(query: str) -> frozenset[str]:

@@ -20,8 +20,9 @@ from aiohttp import web
 
 from stream2llm.context.events import Op
 from stream2llm.retrievers.base import StreamingRetriever
+from stream2llm.retrievers.crawl_download import AddressGuardMiddleware
+from stream2llm.retrievers.crawl_guard import AddressGuard
 from stream2llm.retrievers.crawler import (
-    AddressGuardMiddleware,
     BlockedURL,
     CrawlConfig,
     CrawlRetriever,
@@ -346,26 +347,13 @@ async def test_loopback_seed_is_refused_without_allow_private(site):
     assert event.sources == (url,)
 
 
-class NumericLoopbackIsPublic(AddressGuardMiddleware):
-    """The real guard, except that the test site's 127.0.0.1 counts as public (name 'localhost' does
-    not): lets a live crawl show that a redirect to a refused host is caught."""
-
-    async def host_refusal(self, url: str) -> str | None:
-        return None if urlsplit(url).hostname == "127.0.0.1" else await super().host_refusal(url)
-
-    def peer_refusal(self, ip) -> str | None:
-        return None if str(ip) == "127.0.0.1" else super().peer_refusal(ip)
-
-
 async def test_redirect_to_a_refused_host_is_caught_in_a_live_crawl(site):
-    guard = f"{__name__}.NumericLoopbackIsPublic"
-    settings = {
-        "STREAM2LLM_ALLOW_PRIVATE": False,  # the guard on, though the seeds were let through
-        "DOWNLOADER_MIDDLEWARES": {guard: 10, "stream2llm.retrievers.crawler.AddressGuardMiddleware": None},
-    }
+    # only the test site's own (host, port) may be loopback: 'localhost' on the same port may not
+    port = urlsplit(site.base).port
+    only_own = {"allowed_private_hosts": {("127.0.0.1", port)}, "allow_private": False}
     before = site.hits.get("/index.html", 0)
     timed, _ = await _collect(
-        CrawlRetriever([site.base + "to-localhost"], config=_config(max_depth=0, settings=settings))
+        CrawlRetriever([site.base + "to-localhost"], config=_config(max_depth=0, **only_own))
     )
     assert site.hits.get("/to-localhost", 0) >= 1  # the seed was fetched ...
     assert len(timed) == 1 and timed[0][1].final  # ... and its redirect refused
@@ -414,7 +402,7 @@ async def test_guard_middleware_checks_requests_and_peers():
     from scrapy.exceptions import IgnoreRequest
     from scrapy.http import HtmlResponse
 
-    guard = AddressGuardMiddleware(allow_private=False)
+    guard = AddressGuardMiddleware(AddressGuard())
     with pytest.raises(IgnoreRequest, match=r"169\.254\.169\.254, a link-local"):
         await guard.process_request(Request("http://169.254.169.254/latest/meta-data/"))  # e.g. a redirect
     assert await guard.process_request(Request("http://8.8.8.8/")) is None
@@ -423,7 +411,8 @@ async def test_guard_middleware_checks_requests_and_peers():
     )
     with pytest.raises(IgnoreRequest, match=r"served from 10\.0\.0\.5"):
         guard.process_response(Request("http://8.8.8.8/"), served)
-    assert AddressGuardMiddleware(allow_private=True).process_response(Request("http://x/"), served) is served
+    open_guard = AddressGuardMiddleware(AddressGuard(allow_private=True))
+    assert open_guard.process_response(Request("http://x/"), served) is served
 
 
 def test_generic_page_keeps_main_text_only():
