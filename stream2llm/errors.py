@@ -43,3 +43,8 @@ class ContextTooLong(StreamError):
 
 class AdmissionRejected(StreamError):
     """The engine is at its limit of open sessions."""
+
+
+class EngineDied(StreamError):
+    """The vLLM engine core died: every session on the engine failed and no new one is admitted.
+    Nothing on this engine can run again; the process should exit so that it is restarted."""

@@ -4,7 +4,6 @@ imports them), so the CLI has no import cycle."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Coroutine
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+
+from stream2llm.cli.lifecycle import Stopped
 
 T = TypeVar("T")
 
@@ -54,18 +55,11 @@ def source_options(
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, with SIGTERM turned into KeyboardInterrupt so that ``finally`` blocks shut the
-    engine down (otherwise vLLM's engine-core and worker processes outlive a killed command)."""
-    import signal
+    """Run a command's async work so that SIGINT, SIGTERM and the engine's death stop it cleanly
+    (``cli.lifecycle``: sessions aborted, engine shut down, then ``Stopped`` with the exit status)."""
+    from stream2llm.cli.lifecycle import run
 
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        return asyncio.run(coro)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run(coro)
 
 
 def quiet_engine_logs() -> None:
@@ -84,6 +78,9 @@ def fail(exc: BaseException, debug: bool) -> NoReturn:
     if isinstance(exc, KeyboardInterrupt):
         errors.print("interrupted")
         raise typer.Exit(130)
+    if isinstance(exc, Stopped):
+        errors.print(f"stream2llm: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.code)
     message = " ".join(str(exc).split()) or type(exc).__name__
     errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -22,6 +23,7 @@ from stream2llm.cli.common import (
     source_options,
     write_json,
 )
+from stream2llm.cli.lifecycle import Stopped
 from stream2llm.engine import models
 
 
@@ -89,8 +91,10 @@ def serve(
     try:
         console.print(f"starting the engine ({model}) ...")
         run_async(run_server(config, settings, on_ready=ready))
-    except KeyboardInterrupt:
-        console.print("stopped")
+    except Stopped as stop:
+        if stop.signal != signal.SIGTERM:
+            fail(stop, debug)
+        console.print("stopped")  # a requested shutdown: status 0, as vLLM's own server
     except Exception as exc:
         fail(exc, debug)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import tempfile
 import time
@@ -23,11 +24,15 @@ from stream2llm.core.stats_board import EngineStats, StatsBoard
 from stream2llm.engine import models
 from stream2llm.engine.config import MODES, EngineConfig, Mode, engine_args
 from stream2llm.engine.handover import tokens_prompt
+from stream2llm.engine.health import Watchdog, start_off_loop
 from stream2llm.engine.host import SessionHost
 from stream2llm.engine.outputs import SessionResult
 from stream2llm.engine.sampling import check_sampling, default_sampling, with_eos_stop
 from stream2llm.engine.session import Session
-from stream2llm.errors import AdmissionRejected, StreamError, UnknownSession
+from stream2llm.errors import AdmissionRejected, EngineDied, StreamError, UnknownSession
+
+log = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT_S = 10.0  # session aborts, then vLLM's own shutdown, half each
 
 __all__ = ["EngineConfig", "Session", "SessionResult", "StreamingEngine"]
 
@@ -45,8 +50,16 @@ class StreamingEngine:
         self._sessions: dict[str, Session] = {}
         self._ids = itertools.count()
         self._reaper: asyncio.Task | None = None
+        self._policy = config.policy
+        self._watchdog = Watchdog(llm, self._fail_all)
+        self._shutdown: asyncio.Task | None = None
         self._host = SessionHost(
-            generate=llm.generate, abort=llm.abort, closed=self._forget, tokenizer=self.tokenizer
+            generate=llm.generate,
+            abort=llm.abort,
+            closed=self._forget,
+            tokenizer=self.tokenizer,
+            engine_died=self._watchdog.check,
+            policy=lambda: self._policy,
         )
 
     @classmethod
@@ -60,8 +73,18 @@ class StreamingEngine:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from stream2llm.core import vllm_compat
 
-        llm = vllm_compat.start_async_llm(engine_args(config, model, board_path), fork=config.fast_start)
-        return cls(config, llm, model, board)
+        args = engine_args(config, model, board_path)
+        try:
+            llm = await start_off_loop(
+                lambda: vllm_compat.start_async_llm(args, fork=config.fast_start), vllm_compat.shut_down
+            )
+        except BaseException:
+            board.close()
+            os.unlink(board_path)
+            raise
+        engine = cls(config, llm, model, board)
+        engine._watchdog.start()
+        return engine
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -75,14 +98,12 @@ class StreamingEngine:
         truncate: bool = False,
         template: PromptTemplate | None = None,
         cache_salt: str | None = None,
-        policy: str | None = None,
     ) -> Session:
         """Open a session; in ``stream`` mode the instructions and question start prefilling now.
 
         ``cache_salt`` isolates the session's prefix-cache entries (per tenant, or for references
-        that must not reuse another request's KV). ``policy`` names the scheduling policy the
-        engine should apply while this session runs (default: the engine's)."""
-        request_id = self._admit(mode, policy, request_id)
+        that must not reuse another request's KV). Raises EngineDied once the engine core died."""
+        request_id = self._admit(mode, request_id)
         sampling = sampling if sampling is not None else default_sampling()
         check_sampling(sampling)
         sampling = self.with_eos_stop(sampling)
@@ -93,8 +114,7 @@ class StreamingEngine:
             max_prompt_tokens=self.config.max_model_len - (sampling.max_tokens or 0),
             truncate=truncate,
         )
-        policy = policy or self.config.policy
-        session = Session(self._host, request_id, builder, sampling, mode, cache_salt, policy)
+        session = Session(self._host, request_id, builder, sampling, mode, cache_salt)
         self._sessions[request_id] = session
         self._ensure_reaper()
         try:
@@ -104,12 +124,14 @@ class StreamingEngine:
             raise
         return session
 
-    def _admit(self, mode: str, policy: str | None, request_id: str | None) -> str:
-        """Check a session's options and the session limit; the session's id."""
+    def _admit(self, mode: str, request_id: str | None) -> str:
+        """Check a session's options, the engine's health and the session limit; the session's id."""
+        if (died := self._watchdog.check()) is not None:
+            raise died
+        if self._shutdown is not None:
+            raise StreamError("the engine is shutting down")
         if mode not in MODES:
             raise StreamError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        if policy is not None and policy not in POLICIES:
-            raise StreamError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         if len(self._sessions) >= self.config.max_sessions:
             raise AdmissionRejected(
                 f"engine has {len(self._sessions)} open sessions (max_sessions={self.config.max_sessions})"
@@ -129,13 +151,17 @@ class StreamingEngine:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
 
     async def _reap_expired(self) -> None:
-        """Abort sessions whose next event never came: a stalled retriever must not hold KV forever."""
+        """Abort sessions whose next event never came: a stalled retriever must not hold KV forever.
+        One session's failing abort is logged and the others are still reaped."""
         while self._sessions and self.config.session_ttl_s:
             ttl = self.config.session_ttl_s
             await asyncio.sleep(min(ttl / 4, 1.0))
             now = time.monotonic()
             for session in list(self._sessions.values()):
-                await session.expire_if_idle(ttl, now)
+                try:
+                    await session.expire_if_idle(ttl, now)
+                except Exception:
+                    log.exception("expiring session %s failed; the reaper goes on", session.request_id)
 
     def session(self, request_id: str) -> Session:
         """The open session with this id (UnknownSession otherwise)."""
@@ -154,6 +180,31 @@ class StreamingEngine:
 
     # -- the engine ----------------------------------------------------------------------------
 
+    @property
+    def policy(self) -> str:
+        """The scheduling policy the engine core applies to every request."""
+        return self._policy
+
+    def set_policy(self, name: str) -> None:
+        """Switch the engine's scheduling policy (for the chunks sent from now on). The engine's
+        owner decides it, for every session at once: no session or HTTP client can."""
+        if name not in POLICIES:
+            raise StreamError(f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
+        self._policy = name
+
+    @property
+    def died(self) -> EngineDied | None:
+        """Why the engine core died, or None while it lives."""
+        return self._watchdog.check()
+
+    async def wait_died(self) -> EngineDied:
+        """Wait until the engine core dies (forever, if it does not); returns why."""
+        return await self._watchdog.wait()
+
+    def _fail_all(self, error: EngineDied) -> None:
+        for session in list(self._sessions.values()):
+            session.engine_died(error)
+
     def stats(self) -> EngineStats:
         return self._board.read()
 
@@ -169,13 +220,23 @@ class StreamingEngine:
             final = out
         return list(final.outputs[0].token_ids) if final is not None else []
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Abort every session, then stop vLLM, in bounded time. Idempotent, and safe to cancel:
+        the shutdown goes on to its end (a second call waits for the first)."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.get_running_loop().create_task(self._shut_down(timeout_s))
+        await asyncio.shield(self._shutdown)
+
+    async def _shut_down(self, timeout_s: float) -> None:
+        from stream2llm.core import vllm_compat
+
+        self._watchdog.stop()
         if self._reaper is not None:
             self._reaper.cancel()
-        for session in list(self._sessions.values()):
-            with contextlib.suppress(Exception):
-                await session.abort()
-        self._llm.shutdown()
+        aborts = [session.abort() for session in list(self._sessions.values())]
+        if aborts:
+            await asyncio.wait([asyncio.ensure_future(a) for a in aborts], timeout=timeout_s / 2)
+        vllm_compat.shut_down(self._llm, timeout_s / 2)
         self._board.close()
         with contextlib.suppress(OSError):
             os.unlink(self._board.path)

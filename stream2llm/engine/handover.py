@@ -77,19 +77,20 @@ class Handover:
         mode: Mode,
         sampling: Any,
         *,
-        policy: str | None,
         cache_salt: str | None,
         on_tokens: Callable[[Any, int, float], None],
         on_end: Callable[[], None],
         on_error: Callable[[Exception], None],
     ) -> None:
         self._host, self._request_id, self._mode = host, request_id, mode
-        self._sampling, self._policy, self._cache_salt = sampling, policy, cache_salt
+        self._sampling, self._cache_salt = sampling, cache_salt
         self._on_tokens, self._on_end, self._on_error = on_tokens, on_end, on_error
         self.sent: list[int] = []  # the prompt the engine holds (or will, once queued chunks run)
         self.chunks: list[ChunkTiming] = []
         self._inputs: asyncio.Queue[Any] = asyncio.Queue()
         self._runner: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None
+        self._aborts: set[asyncio.Task] = set()  # aborts of superseded requests (vllm mode), kept alive
         self._attempt = 0
         self._internal_id: str | None = None  # vLLM's request id (changes when vllm mode resubmits)
         self._chunks_before = 0  # chunks sent before the current vLLM request started
@@ -156,7 +157,7 @@ class Handover:
         from vllm.engine.protocol import StreamingInput
 
         prompt = tokens_prompt(chunk.ids, self._cache_salt)
-        params = chunk_params(self._sampling, ChunkMeta(chunk.op, chunk.final, self._policy))
+        params = chunk_params(self._sampling, ChunkMeta(chunk.op, chunk.final, self._host.policy()))
         self._inputs.put_nowait(StreamingInput(prompt, params))
         self.chunks.append(ChunkTiming(sent=time.monotonic(), tokens=len(chunk.ids)))
         if chunk.final:
@@ -185,14 +186,16 @@ class Handover:
         self._runner = None
         if old_runner is not None:
             old_runner.cancel()
-        asyncio.get_running_loop().create_task(self._host.abort(old_id))  # type: ignore[arg-type]
+        abort = asyncio.get_running_loop().create_task(self._host.abort(old_id))  # type: ignore[arg-type]
+        self._aborts.add(abort)
+        abort.add_done_callback(self._aborts.discard)
         self._launch_stream(target, final)
 
     def _start_runner(self, prompt: Any, internal_id: str) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run(prompt, internal_id))
 
     async def _run(self, prompt: Any, internal_id: str) -> None:
-        final_sampling = chunk_params(self._sampling, ChunkMeta(Op.APPEND, True, self._policy))
+        final_sampling = chunk_params(self._sampling, ChunkMeta(Op.APPEND, True, self._host.policy()))
         try:
             async for out in self._host.generate(prompt, final_sampling, request_id=internal_id):
                 now = time.monotonic()
@@ -220,11 +223,24 @@ class Handover:
         return n_throwaway
 
     async def stop(self) -> None:
-        """Cancel the runner and abort the vLLM request (its KV is freed)."""
+        """Cancel the runner and abort the vLLM request (its KV is freed). Idempotent and
+        cancellation-safe: the first call starts the stop, every call waits for it, and a caller
+        that is cancelled leaves it running to its end."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None and not runner.done():
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
-        if self._internal_id is not None:
+        if self._internal_id is not None and self._host.engine_died() is None:
             await self._host.abort(self._internal_id)
+
+    def drop(self) -> None:
+        """The engine is gone: cancel the runner, abort nothing."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()

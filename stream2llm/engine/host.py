@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream2llm.context.prompt import TextTokenizer
+from stream2llm.errors import EngineDied
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,5 @@ class SessionHost:
     abort: Callable[[str], Awaitable[None]]  # vLLM's abort(request_id): frees the request's KV
     closed: Callable[[str], None]  # the session with this id ended: it holds no slot any more
     tokenizer: TextTokenizer  # decodes the generated tokens
+    engine_died: Callable[[], EngineDied | None]  # the engine's death, if it died (checked now)
+    policy: Callable[[], str]  # the engine's scheduling policy, stamped on every chunk

@@ -24,7 +24,7 @@ from stream2llm.engine.config import Mode
 from stream2llm.engine.handover import Handover
 from stream2llm.engine.host import SessionHost
 from stream2llm.engine.outputs import SessionOutput, SessionResult
-from stream2llm.errors import InvalidEvent, SessionClosed, SessionExpired, StreamError
+from stream2llm.errors import EngineDied, InvalidEvent, SessionClosed, SessionExpired, StreamError
 
 State = Literal["open", "finished", "aborted", "failed"]
 
@@ -40,7 +40,6 @@ class Session:
         sampling: Any,
         mode: Mode,
         cache_salt: str | None = None,
-        policy: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.mode = mode
@@ -57,7 +56,6 @@ class Session:
             request_id,
             mode,
             sampling,
-            policy=policy,
             cache_salt=cache_salt,
             on_tokens=self._output.on_output,
             on_end=self._complete,
@@ -171,12 +169,25 @@ class Session:
     # -- the end ---------------------------------------------------------------------------------
 
     async def _close(self, error: StreamError) -> None:
+        """End the session with ``error``: the result resolves at once, then the vLLM request is
+        aborted. Cancelling this (a client hanging up mid-DELETE, a shutdown) leaves the abort
+        running to its end: it is shielded, so KV is freed whatever happens to the caller."""
         if self._state in ("aborted", "failed"):
+            await self._handover.stop()
             return
         self._state = "aborted"
         self._host.closed(self.request_id)
-        await self._handover.stop()
         self._output.fail(error, expected=True)
+        await self._handover.stop()
+
+    def engine_died(self, error: EngineDied) -> None:
+        """The engine core died: fail now (a parked session has no request that would tell it)."""
+        if self._state in ("aborted", "failed") or self._output.done:
+            return
+        self._state = "failed"
+        self._host.closed(self.request_id)
+        self._output.fail(error)
+        self._handover.drop()
 
     def _complete(self) -> None:
         if self._output.done:
@@ -193,4 +204,5 @@ class Session:
     def _fail(self, exc: Exception) -> None:
         self._state = "failed"
         self._host.closed(self.request_id)
-        self._output.fail(StreamError(f"session {self.request_id!r} failed in the engine: {exc}"))
+        died = self._host.engine_died()
+        self._output.fail(died or StreamError(f"session {self.request_id!r} failed in the engine: {exc}"))

@@ -65,6 +65,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _checked(request: web.Request, handler: Handler, server: SessionRegistry) -> web.StreamResponse:
+    if (died := server.engine.died) is not None and request.path not in ("/health", "/metrics"):
+        raise died  # 503: no new work on a dead engine
     token = server.settings.token
     if token and request.path != "/health":
         given = request.headers.get("Authorization", "")
@@ -83,7 +85,12 @@ async def _checked(request: web.Request, handler: Handler, server: SessionRegist
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while the engine lives; 503 at once when its engine core died (a supervisor restarts)."""
     server = request.app[SERVER]
+    if (died := server.engine.died) is not None:
+        return web.json_response(
+            {"status": "engine_dead", "model": server.model_name, "error": str(died)}, status=503
+        )
     return web.json_response({"status": "ok", "model": server.model_name, "open_sessions": server.running()})
 
 
@@ -124,7 +131,8 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
 async def serve(
     config: EngineConfig, settings: ServerSettings, on_ready: Callable[[str], None] | None = None
 ) -> None:
-    """Start an engine, serve HTTP until cancelled (Ctrl-C), then shut both down."""
+    """Start an engine, serve HTTP until cancelled (a signal), then shut both down. Raises
+    EngineDied when the engine core dies: the server must not outlive its engine."""
     from stream2llm.engine.engine import StreamingEngine
 
     engine = await StreamingEngine.start(config)
@@ -133,7 +141,7 @@ async def serve(
         try:
             if on_ready is not None:
                 on_ready(url)
-            await asyncio.Event().wait()
+            raise await engine.wait_died()
         finally:
             await runner.cleanup()
     finally:

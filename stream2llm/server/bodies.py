@@ -34,7 +34,6 @@ class OpenSessionBody(_Body):
     mode: Literal["stream", "nonstream", "vllm"] = "stream"
     truncate: bool = False
     cache_salt: str | None = Field(None, min_length=1)
-    policy: str | None = None
 
 
 class AppendBody(_Body):

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from stream2llm.errors import (
     AdmissionRejected,
     ContextTooLong,
+    EngineDied,
     InvalidEvent,
     SequenceError,
     SessionClosed,
@@ -35,7 +36,7 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 
     def response(self) -> web.Response:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return web.json_response(self.body(), status=self.status, headers=headers)
 
     def body(self) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class ApiError(Exception):
 
 # Most specific first: SessionExpired is a SessionClosed, everything is a StreamError.
 _ERROR_MAP: list[tuple[type[StreamError], int, str, str]] = [
+    (EngineDied, 503, "server_error", "engine_dead"),
     (UnknownSession, 404, "not_found_error", "session_not_found"),
     (SessionExpired, 410, "invalid_request_error", "session_expired"),
     (SessionClosed, 409, "invalid_request_error", "session_closed"),

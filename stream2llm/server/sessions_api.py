@@ -77,7 +77,6 @@ async def open_session(request: web.Request) -> web.Response:
         request_id=f"sess-{uuid.uuid4().hex}",
         truncate=body.truncate,
         cache_salt=body.cache_salt,
-        policy=body.policy,
     )
     return web.json_response(state_json(entry), status=201)
 

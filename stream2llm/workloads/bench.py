@@ -131,7 +131,7 @@ async def run_bench_command(
         delay_multiplier=delay_multiplier, scale=scale, max_tokens=max_tokens, deadline_s=deadline
     )
     plan = BenchPlan(tuple(policies), tuple(qps), repeat)
-    result = await _replay(config, requests, plan, options, console)
+    result = await _replay(config, requests, plan, options, console, out)
     result["summary"] = summarize_repeats(result["runs"])
     result["machine"] = machine()
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -160,8 +160,10 @@ async def _replay(
     plan: BenchPlan,
     options: ReplayOptions,
     console: Console,
+    out: Path,
 ) -> dict[str, Any]:
-    """Start the engine, run the plan with a progress bar per run, and shut the engine down."""
+    """Start the engine, run the plan with a progress bar per run (each finished run goes to
+    ``out/results.json`` at once, marked incomplete), and shut the engine down."""
     with console.status(f"starting the engine ({config.model}) ..."):
         engine = await StreamingEngine.start(config)
     progress = Progress(
@@ -178,15 +180,22 @@ async def _replay(
 
     try:
         with progress:
-            return await run_bench(engine, requests, plan, options, track)
+            return await run_bench(engine, requests, plan, options, track, lambda doc: write_json(doc, out))
     finally:
         await engine.shutdown()
 
 
+def write_json(result: dict[str, Any], out: Path) -> None:
+    """results.json, replaced whole (written beside it, then renamed): never half a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.json.part"
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(out / "results.json")
+
+
 def write_results(result: dict[str, Any], out: Path, top_qps: float) -> None:
     """results.json and the plots (the CCDF at the highest rate)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, out)
     plots.plot_ttft_vs_qps(result, out / "ttft_final_vs_qps.png")
     plots.plot_ttft_vs_qps(result, out / "ttft_query_vs_qps.png", metric="ttft_query_s")
     plots.plot_completion(result, out / "completion.png")

@@ -97,7 +97,6 @@ async def _replay_one(
         mode=spec.mode,
         request_id=f"{request.id}@{salt[:8]}",  # the trace's id, in the engine's step log too
         cache_salt=salt,
-        policy=spec.scheduler,
     )
     last = len(request.events) - 1
     try:
@@ -137,6 +136,7 @@ async def run_once(
     from vllm import SamplingParams
 
     sampling = SamplingParams(temperature=0, max_tokens=options.max_tokens, ignore_eos=True)
+    engine.set_policy(bench_policy(policy).scheduler)
     texts = EventText(engine, options)
     payloads = [texts.payloads(r) for r in requests]
     arrivals = poisson_arrivals(len(requests), qps, options.seed + repeat)
@@ -146,10 +146,14 @@ async def run_once(
     loop = asyncio.get_running_loop()
     start = loop.time()
 
+    past_deadline: list[bool] = []
+
     async def guarded(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
         try:
             await _replay_one(engine, request, record, policy, start, events, sampling, options, salt)
         except asyncio.CancelledError:
+            if not past_deadline:
+                raise  # the bench itself was stopped
             record.error = f"stalled: no first token {options.deadline_s:g} s after the last event"
         except Exception as exc:  # one failing request must not stop the run
             record.error = f"{type(exc).__name__}: {exc}"
@@ -158,14 +162,13 @@ async def run_once(
                 on_done()
 
     tasks = [asyncio.create_task(guarded(*job)) for job in zip(requests, records, payloads)]
-    timeout = None
-    if options.deadline_s is not None:
-        last_event = max(a + r.duration_s * options.delay_multiplier for r, a in zip(requests, arrivals))
-        timeout = last_event + options.deadline_s
-    _, pending = await asyncio.wait(tasks, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    try:
+        await asyncio.wait(tasks, timeout=_run_deadline(requests, arrivals, options))
+    finally:  # stopped from outside: stop every request too (their sessions abort)
+        past_deadline.append(True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     done = [r.done_s for r in records if r.done_s is not None]
     after = engine.stats()
     await wait_idle(engine)
@@ -177,6 +180,16 @@ async def run_once(
         completion_s=max(done) if done else 0.0,
         preemptions={"recompute": after.preemptions - before.preemptions},
     )
+
+
+def _run_deadline(
+    requests: Sequence[TraceRequest], arrivals: list[float], options: ReplayOptions
+) -> float | None:
+    """Seconds after the start by which every request must have answered (None: no deadline)."""
+    if options.deadline_s is None:
+        return None
+    last_event = max(a + r.duration_s * options.delay_multiplier for r, a in zip(requests, arrivals))
+    return last_event + options.deadline_s
 
 
 async def wait_idle(engine: StreamingEngine, timeout_s: float = 30.0) -> None:
@@ -238,12 +251,13 @@ async def run_bench(
     plan: BenchPlan,
     options: ReplayOptions,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every (policy, qps, repeat) on the same engine; returns a ``stream2llm.bench/1`` document."""
-    from stream2llm.workloads.metrics import BENCH_SCHEMA
-
+    """Every (policy, qps, repeat) on the same engine; returns a ``stream2llm.bench/1`` document.
+    ``checkpoint`` gets the document after each finished run (``complete`` false until the last),
+    so an interrupted bench keeps what it measured."""
     lower_bound = await LowerBound.measure(engine, options.max_tokens)
-    runs = []
+    document = _bench_document(engine, requests, options, lower_bound)
     for qps in plan.qps:
         for repeat in range(plan.repeat):
             for policy in plan.policies:
@@ -252,9 +266,21 @@ async def run_bench(
                 for record in result.records:
                     if record.error is None:
                         record.lower_bound_s = lower_bound(record.final_chunk_tokens)
-                runs.append(result.to_json())
+                document["runs"].append(result.to_json())
+                if checkpoint is not None:
+                    checkpoint(document)
+    document["complete"] = True
+    return document
+
+
+def _bench_document(
+    engine: StreamingEngine, requests: Sequence[TraceRequest], options: ReplayOptions, lower_bound: LowerBound
+) -> dict[str, Any]:
+    from stream2llm.workloads.metrics import BENCH_SCHEMA
+
     return {
         "schema": BENCH_SCHEMA,
+        "complete": False,
         "engine": {
             "model": engine.config.model,
             "max_model_len": engine.config.max_model_len,
@@ -264,5 +290,5 @@ async def run_bench(
         },
         "options": vars(options) | {"requests": len(requests)},
         "lower_bound_profile": {"tokens": lower_bound.sizes, "seconds": lower_bound.seconds},
-        "runs": runs,
+        "runs": [],
     }

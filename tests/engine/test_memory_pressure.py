@@ -41,7 +41,7 @@ def contexts() -> list[str]:
 
 async def one_session(engine, i: int, context: str, policy: str):
     await asyncio.sleep(0.05 * i)
-    session = await engine.open(QUESTION, SAMPLING, policy=policy, cache_salt=f"{policy}-{i}")
+    session = await engine.open(QUESTION, SAMPLING, cache_salt=f"{policy}-{i}")
     size = -(-len(context) // PIECES)
     for k in range(PIECES):
         await asyncio.sleep(GAP_S)
@@ -57,6 +57,7 @@ async def test_stock_policy_stalls_and_stream2llm_completes_every_session_exactl
         await s.append(text, final=True)
         references.append(await s.result())
 
+    small_engine.set_policy("vllm")
     stock = [asyncio.create_task(one_session(small_engine, i, t, "vllm")) for i, t in enumerate(texts)]
     _, pending = await asyncio.wait(stock, timeout=8 * GAP_S * PIECES + 10)
     assert pending, "stock vLLM was expected to stall with parked sessions holding the KV"
@@ -73,6 +74,7 @@ async def test_stock_policy_stalls_and_stream2llm_completes_every_session_exactl
             break
         await asyncio.sleep(0.05)
 
+    small_engine.set_policy("stream2llm")
     before = small_engine.stats().preemptions
     results = await asyncio.wait_for(
         asyncio.gather(*(one_session(small_engine, i, t, "stream2llm") for i, t in enumerate(texts))),

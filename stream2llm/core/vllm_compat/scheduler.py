@@ -1,19 +1,8 @@
-"""Every use of a vLLM private member or internal structure lives here (pinned: vLLM 0.32).
-
-The rest of stream2llm talks to vLLM through its public surface (AsyncLLM, SamplingParams,
-StreamingInput, ``scheduler_cls``, ``additional_config``) and through the small named functions and
-hooks below: scheduler and request state with no public accessor is read here too (``requests``,
-``running``, ``num_computed_tokens``, ``SchedulerOutput.num_scheduled_tokens``, ...). Only a
-request's ``request_id`` and ``sampling_params`` (what it was submitted with) and a streaming
-chunk's ``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py``
-checks each assumption made here, so a vLLM upgrade that breaks one fails loudly in one place
-instead of corrupting KV somewhere else.
-"""
+"""The engine-core side of the compat layer: scheduler hooks, scheduler and request state, KV cuts."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +11,6 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.request import Request, RequestStatus, StreamingUpdate
-
-VLLM_API = "0.32"
 
 __all__ = [
     "HookedScheduler",
@@ -59,7 +46,6 @@ __all__ = [
     "running_requests",
     "scheduled_tokens",
     "sort_queues",
-    "start_async_llm",
     "token_budget",
     "tokens_to_compute",
     "total_block_count",
@@ -67,34 +53,6 @@ __all__ = [
     "was_evicted",
     "with_prompt",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine start-up
-# ---------------------------------------------------------------------------------------------
-
-
-def start_async_llm(engine_args: Any, fork: bool) -> Any:
-    """Start an AsyncLLM; ``fork`` forks the engine-core and worker processes (~4 s, tests only).
-
-    The CPU platform forces ``spawn`` while the config is built; the launcher reads the variable
-    later, so setting it in between takes effect. Forked workers are not pinned to cores the way
-    spawned ones are, so per-step speed is lower: never benchmark a forked engine.
-    """
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    if not fork:
-        return AsyncLLM.from_engine_args(engine_args)
-    vllm_config = engine_args.create_engine_config()
-    previous = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
-    try:
-        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=engine_args.disable_log_stats)
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
-        else:
-            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = previous
 
 
 # ---------------------------------------------------------------------------------------------
