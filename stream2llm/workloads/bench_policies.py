@@ -1,7 +1,12 @@
 """What a bench or simulator "policy" name means: how the session hands over its context (mode) and
 which scheduling policy the engine core runs it under. ``nonstream`` and ``vllm`` are the published
 baselines (the whole prompt after retrieval, stock vLLM streaming sessions), both on vLLM's own
-scheduling; every other name streams context through our sessions under that scheduling policy."""
+scheduling; every other name streams context through our sessions under that scheduling policy.
+
+``nonstream-ranked`` is the whole prompt after retrieval under stream2llm's ranking: against it,
+stream2llm's gain is the gain of streaming alone (against ``nonstream`` it is streaming plus
+shortest-first ranking over vLLM's FIFO). The engine core sees a one-shot request as a complete
+stream from its first chunk, so the ranking serves the shortest whole prompts first."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ class BenchPolicy:
 
 BENCH_POLICIES: dict[str, BenchPolicy] = {
     "nonstream": BenchPolicy("nonstream", "vllm"),
+    "nonstream-ranked": BenchPolicy("nonstream", "stream2llm"),
     "vllm": BenchPolicy("vllm", "vllm"),
     **{name: BenchPolicy("stream", name) for name in POLICIES if name != "vllm"},
 }

@@ -10,6 +10,9 @@ from typing import Any
 
 BENCH_SCHEMA = "stream2llm.bench/1"
 PERCENTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99, "p999": 0.999}
+# TTFT on three clocks: from the session's final event (its hand-off to the engine), from when the
+# trace says that event was due (the replay may be late), and from the query's arrival
+TTFT_METRICS = ("ttft_final_s", "ttft_due_s", "ttft_query_s")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -34,8 +37,9 @@ class RequestRecord:
 
     id: str
     arrival_s: float  # from the run's start
-    ttft_final_s: float | None = None
-    ttft_query_s: float | None = None
+    ttft_final_s: float | None = None  # first token - the session's final event (its hand-off)
+    ttft_due_s: float | None = None  # first token - when the trace says the final event was due
+    ttft_query_s: float | None = None  # first token - the session's open (the query's arrival)
     done_s: float | None = None  # completion, from the run's start
     prompt_tokens: int = 0
     final_chunk_tokens: int = 0
@@ -56,16 +60,18 @@ class RunResult:
     records: list[RequestRecord] = field(default_factory=list)
     completion_s: float = 0.0
     preemptions: dict[str, int] = field(default_factory=dict)
+    position: int = 0  # where the run came in its repeat (policies rotate from repeat to repeat)
 
     def to_json(self) -> dict[str, Any]:
         ok = [r for r in self.records if r.error is None]
+        ttfts = {m: [getattr(r, m) for r in ok if getattr(r, m) is not None] for m in TTFT_METRICS}
         return {
             "policy": self.policy,
             "qps": self.qps,
             "repeat": self.repeat,
+            "position": self.position,
             "requests": len(self.records),
-            "ttft_final_s": summary([r.ttft_final_s for r in ok if r.ttft_final_s is not None]),
-            "ttft_query_s": summary([r.ttft_query_s for r in ok if r.ttft_query_s is not None]),
+            **{metric: summary(values) for metric, values in ttfts.items()},
             "lower_bound_s": summary([r.lower_bound_s for r in ok if r.lower_bound_s is not None]),
             "completion_s": self.completion_s,
             "tokens_prefilled": sum(r.tokens_prefilled for r in ok),
@@ -75,7 +81,8 @@ class RunResult:
             "errors": len(self.records) - len(ok),
             "error_examples": sorted({r.error for r in self.records if r.error})[:3],
             "samples": {
-                "ttft_final_s": [round(r.ttft_final_s, 5) for r in ok if r.ttft_final_s is not None],
+                "ttft_final_s": [round(v, 5) for v in ttfts["ttft_final_s"]],
+                "ttft_due_s": [round(v, 5) for v in ttfts["ttft_due_s"]],
                 "final_chunk_tokens": [r.final_chunk_tokens for r in ok],
                 "prompt_tokens": [r.prompt_tokens for r in ok],
                 "timeline": [r.timeline for r in ok],  # to join with the step log
@@ -94,14 +101,17 @@ def ci95(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize_repeats(runs: Sequence[dict]) -> list[dict]:
-    """Per (policy, qps): each percentile's mean over repeats and its 95% confidence half-width."""
+    """Per (policy, qps): each percentile's mean over repeats and its 95% confidence half-width
+    (``ttft_due_s`` only where every repeat has it: results from before it was measured lack it)."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for run in runs:
         groups.setdefault((run["policy"], run["qps"]), []).append(run)
     out = []
     for (policy, qps), group in groups.items():
         entry: dict = {"policy": policy, "qps": qps, "repeats": len(group)}
-        for metric in ("ttft_final_s", "ttft_query_s"):
+        for metric in TTFT_METRICS:
+            if not all(metric in r for r in group):
+                continue
             entry[metric] = {}
             for pct in (*PERCENTILES, "mean"):
                 mean, half = ci95([r[metric][pct] for r in group])

@@ -3,7 +3,8 @@
 Queries arrive as a Poisson process (fixed seed, the same for every rate and policy, as published).
 Each request replays its events at their recorded times (times ``delay_multiplier``): streaming
 policies hand each event to the engine as it comes; ``nonstream`` sends the whole prompt once the
-last event is in. Runs are separated by a cache salt, so no run reuses another's KV.
+last event is in. Runs are separated by a cache salt, so no run reuses another's KV. The policies
+run in a rotated order from repeat to repeat, since the machine's speed drifts within a bench.
 """
 
 from __future__ import annotations
@@ -99,9 +100,13 @@ async def _replay_one(
         cache_salt=salt,
     )
     last = len(request.events) - 1
+    due_at = None  # when the trace says the final event is due, on the engine's (monotonic) clock
     try:
         for i, (event, payload) in enumerate(zip(request.events, payloads)):
-            await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))
+            due = arrival + event.t * options.delay_multiplier
+            if i == last:
+                due_at = time.monotonic() + (due - loop.time())
+            await asyncio.sleep(max(0.0, due - loop.time()))
             if isinstance(payload, str):
                 await session.append(payload, final=i == last)
             else:
@@ -111,6 +116,8 @@ async def _replay_one(
         await session.abort()  # the run's deadline passed: free its KV
         raise
     record.ttft_final_s = result.ttft_final_s
+    if result.first_token_at is not None and due_at is not None:
+        record.ttft_due_s = result.first_token_at - due_at  # also counts the replay's own lateness
     record.ttft_query_s = result.ttft_open_s
     record.done_s = loop.time() - start
     record.prompt_tokens = len(result.prompt_token_ids)
@@ -245,6 +252,16 @@ class BenchPlan:
     repeat: int = 1
 
 
+def rotated(policies: Sequence[str], repeat: int) -> list[str]:
+    """The policies in the order repeat ``repeat`` runs them: each repeat starts one further on,
+    so that no policy always runs first (on a cold machine) or always after the same one, while
+    the machine's speed drifts over the bench."""
+    if not policies:
+        return []
+    k = repeat % len(policies)
+    return [*policies[k:], *policies[:k]]
+
+
 async def run_bench(
     engine: StreamingEngine,
     requests: Sequence[TraceRequest],
@@ -253,16 +270,18 @@ async def run_bench(
     progress: Callable[[str, int], Callable[[], None]] | None = None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every (policy, qps, repeat) on the same engine; returns a ``stream2llm.bench/1`` document.
+    """Every (policy, qps, repeat) on the same engine, the policies rotated per repeat (each run
+    records its ``position``); returns a ``stream2llm.bench/1`` document.
     ``checkpoint`` gets the document after each finished run (``complete`` false until the last),
     so an interrupted bench keeps what it measured."""
     lower_bound = await LowerBound.measure(engine, options.max_tokens)
     document = _bench_document(engine, requests, options, lower_bound)
     for qps in plan.qps:
         for repeat in range(plan.repeat):
-            for policy in plan.policies:
+            for position, policy in enumerate(rotated(plan.policies, repeat)):
                 tick = progress(f"{policy} @ {qps} qps", len(requests)) if progress else None
                 result = await run_once(engine, requests, policy, qps, options, repeat, tick)
+                result.position = position
                 for record in result.records:
                     if record.error is None:
                         record.lower_bound_s = lower_bound(record.final_chunk_tokens)
@@ -289,6 +308,7 @@ def _bench_document(
             "max_num_seqs": engine.config.max_num_seqs,
         },
         "options": vars(options) | {"requests": len(requests)},
+        "policy_order": "rotated",  # repeat r runs policies[r % n:] + policies[:r % n]
         "lower_bound_profile": {"tokens": lower_bound.sizes, "seconds": lower_bound.seconds},
         "runs": [],
     }

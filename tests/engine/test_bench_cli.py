@@ -104,3 +104,74 @@ def test_synth_then_bench_end_to_end(tmp_path, tiny_model):
     assert res.exit_code == 0, res.output
     profile = json.loads((tmp_path / "profile.json").read_text())
     assert 0 < profile["frontend_in_s"] < 0.5 and 0 < profile["frontend_out_s"] < 0.5
+
+
+def test_bench_rotates_policies_and_times_ttft_from_the_trace(tmp_path, tiny_model):
+    """nonstream-ranked: the whole prompt after retrieval, ranked by our policy in the engine core
+    (its steps logged under stream2llm, the request complete from its first chunk). Two repeats
+    run the policies in rotated order. ttft_due_s counts from when the trace says each final event
+    was due (the run's start + arrival + t x delay multiplier), so it is ttft_final_s plus the
+    replay's own lateness, never less."""
+    from stream2llm.workloads.arrivals import poisson_arrivals
+
+    runner = CliRunner()
+    trace = tmp_path / "crawler.jsonl"
+    synth = ["synth", "--workload", "crawler", "--n", "5", "--seed", "4", "--scale", "0.03"]
+    assert runner.invoke(app, [*synth, "--out", str(trace)]).exit_code == 0
+    out = tmp_path / "bench"
+    policies = ["nonstream", "nonstream-ranked", "stream2llm"]
+    args = ["bench", str(trace), "--qps", "4", "--policies", ",".join(policies), "--repeat", "2"]
+    args += ["--delay-multiplier", "0.2", "--kv-budget", "256M", "--max-model-len", "4096"]
+    res = runner.invoke(app, [*args, "--step-log", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "results.json").read_text())
+    assert result["complete"] and result["policy_order"] == "rotated"
+    order = [(r["repeat"], r["position"], r["policy"]) for r in result["runs"]]
+    assert order == [
+        (0, 0, "nonstream"),
+        (0, 1, "nonstream-ranked"),
+        (0, 2, "stream2llm"),
+        (1, 0, "nonstream-ranked"),
+        (1, 1, "stream2llm"),
+        (1, 2, "nonstream"),
+    ]
+    requests = read_trace(trace)
+    for run in result["runs"]:
+        assert run["errors"] == 0 and len(run["samples"]["ttft_due_s"]) == 5
+        assert 0 < run["ttft_final_s"]["p50"] <= run["ttft_due_s"]["p50"] + 1e-3
+        # each request's due time on the engine's clock (first token - ttft_due_s) is the trace's
+        # schedule shifted by the run's start, the same for every request of the run
+        arrivals = poisson_arrivals(5, 4.0, 42 + run["repeat"])
+        starts = []
+        for request, arrival, due_ttft, ttft, (_, final_at, handed_at, first_at) in zip(
+            requests,
+            arrivals,
+            run["samples"]["ttft_due_s"],
+            run["samples"]["ttft_final_s"],
+            run["samples"]["timeline"],
+        ):
+            due_at = first_at - due_ttft
+            assert due_at <= final_at + 1e-4 <= handed_at + 1e-4  # no event goes before it is due
+            assert due_ttft >= ttft - 1e-4
+            starts.append(due_at - (arrival + request.events[-1].t * 0.2))
+        assert max(starts) - min(starts) < 1e-3
+    summary = {e["policy"]: e for e in result["summary"]}
+    assert summary["nonstream-ranked"]["repeats"] == 2 and "ttft_due_s" in summary["nonstream-ranked"]
+
+    # nonstream-ranked sends the whole prompt once, and the engine core runs it under our ranking
+    # as a complete request (nonstream: the same prompts, under vLLM's order)
+    steps = read_step_log(out / "steps.jsonl")
+    for run in result["runs"]:
+        final, prompt = run["samples"]["final_chunk_tokens"], run["samples"]["prompt_tokens"]
+        if run["policy"] == "stream2llm":
+            assert all(f < p for f, p in zip(final, prompt))
+            continue
+        assert final == prompt  # one chunk: the whole prompt
+        ids = {rid for rid, *_ in run["samples"]["timeline"]}
+        mine = [(s["policy"], c) for s in steps for _, _, c, rid in s["prefill"] if rid.split("#")[0] in ids]
+        expected = "stream2llm" if run["policy"] == "nonstream-ranked" else "vllm"
+        assert mine and all(policy == expected and complete for policy, complete in mine)
+    by_policy: dict[str, list[list[int]]] = {}
+    for run in result["runs"]:
+        by_policy.setdefault(run["policy"], []).append(run["samples"]["prompt_tokens"])
+    assert by_policy["nonstream-ranked"] == by_policy["nonstream"]

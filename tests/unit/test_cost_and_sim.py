@@ -397,3 +397,41 @@ def test_memory_pressure_stock_stalls_where_eviction_does_not():
     assert len(ours.ttft_final) == 60
     p99 = lambda xs: sorted(xs)[int(0.99 * (len(xs) - 1))]  # noqa: E731
     assert len(stock.ttft_final) < 60 or p99(stock.ttft_final) > 3 * p99(ours.ttft_final)
+
+
+def test_our_ranking_takes_one_shot_prompts_as_complete_streams_shortest_first():
+    """A one-shot request is complete from its first chunk: it ranks with the finals, by what it
+    has left to prefill (the whole prompt), ties by its hand-off; never behind a partial stream."""
+    from stream2llm.core.policies import RequestView, make_policy
+
+    def one_shot(rid: str, handed: float, tokens: int) -> RequestView:
+        return RequestView(rid, handed, handed, True, False, 0, tokens, 0)
+
+    partial = RequestView("partial", 0.0, 0.0, False, False, 0, 10, 0)
+    views = [one_shot("long", 1.0, 9000), partial, one_shot("short", 2.0, 300), one_shot("tie", 1.5, 300)]
+    ranked = [v.request_id for v in make_policy("stream2llm").rank(views)]
+    assert ranked == ["tie", "short", "long", "partial"]
+
+
+def test_nonstream_ranked_serves_the_shortest_waiting_prompt_first():
+    """Three one-shot prompts: while A's runs, B (long) and then C (short) come. vLLM's FIFO serves
+    B next; our ranking serves C next (A, running, keeps the step: complete requests are not
+    preempted for one another). Both prefill the same tokens, so the last answer comes at once."""
+    a = TraceRequest("a", "crawler", "q", (TraceEvent(0.0, "append", n_tokens=1000),))
+    b = TraceRequest("b", "crawler", "q", (TraceEvent(0.1, "append", n_tokens=1000),))
+    c = TraceRequest("c", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=100),))
+    profile = toy_profile(max_num_batched_tokens=200, step_s=0.0)  # 0.2 s a full step
+    sim = Simulator(profile)
+    fifo = sim.run([a, b, c], "nonstream", qps=1e6)
+    ranked = sim.run([a, b, c], "nonstream-ranked", qps=1e6)
+    # A's 1,040 tokens take five full steps and 40 of the sixth (1.0-1.2), whose other 160 go to
+    # B (FIFO: C waits for B's last 80, 2.0-2.2, and its own last 20) or to C's 140 and 20 of B
+    assert fifo.ttft_by_request["a"] == ranked.ttft_by_request["a"] == pytest.approx(1.2, abs=1e-3)
+    assert fifo.ttft_by_request["c"] == pytest.approx(2.22 - 0.2, abs=1e-3)
+    assert ranked.ttft_by_request["c"] == pytest.approx(1.2 - 0.2, abs=1e-3)
+    assert fifo.ttft_by_request["b"] == pytest.approx(2.2 - 0.1, abs=1e-3)
+    assert ranked.ttft_by_request["b"] == pytest.approx(2.22 - 0.1, abs=1e-3)
+    assert ranked.completion_s == pytest.approx(fifo.completion_s)
+    # the model has no late replay: TTFT from the final event and from its due time agree
+    report = ranked.to_json()
+    assert report["ttft_due_s"] == report["ttft_final_s"] and report["policy"] == "nonstream-ranked"

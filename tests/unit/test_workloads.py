@@ -227,3 +227,92 @@ def test_stable_layout_keeps_surviving_documents_in_place_for_every_update():
     assert [e.docs for e in laid_out.events] == [("a", "b", "c"), ("a", "b", "d"), None, ("b", "d", "e")]
     assert [e.t for e in laid_out.events] == [0.1, 0.2, 0.3, 0.4] and laid_out.id == "r"
     assert request.events[1].docs == ("d", "a", "b")  # the input is not changed
+
+
+def test_each_repeat_rotates_the_policy_order():
+    from stream2llm.workloads.replay import rotated
+
+    policies = ("nonstream", "nonstream-ranked", "vllm", "stream2llm")
+    orders = [rotated(policies, r) for r in range(5)]
+    assert orders[0] == list(policies)
+    assert orders[1] == ["nonstream-ranked", "vllm", "stream2llm", "nonstream"]
+    assert orders[3] == ["stream2llm", "nonstream", "nonstream-ranked", "vllm"]
+    assert orders[4] == orders[0]  # n repeats: each policy once in every position
+    assert {tuple(sorted(o)) for o in orders} == {tuple(sorted(policies))}
+    assert [o.index("stream2llm") for o in orders[:4]] == [3, 2, 1, 0]
+    assert rotated([], 3) == [] and rotated(["vllm"], 7) == ["vllm"]
+
+
+def test_nonstream_ranked_is_the_whole_prompt_under_our_ranking():
+    from stream2llm.workloads.bench_policies import BENCH_POLICIES, BenchPolicy, bench_policy
+
+    assert bench_policy("nonstream-ranked") == BenchPolicy("nonstream", "stream2llm")
+    assert bench_policy("nonstream").scheduler == "vllm"
+    assert {"nonstream", "nonstream-ranked", "vllm", "fcfs", "lcas", "mcps", "stream2llm"} == set(
+        BENCH_POLICIES
+    )
+
+
+def test_a_run_reports_ttft_on_three_clocks_and_its_place_in_the_repeat():
+    records = [
+        metrics.RequestRecord("a", 0.0, ttft_final_s=0.1, ttft_due_s=0.12, ttft_query_s=1.0),
+        metrics.RequestRecord("b", 0.5, ttft_final_s=0.3, ttft_due_s=0.31, ttft_query_s=2.0),
+        metrics.RequestRecord("c", 0.7, error="stalled"),
+    ]
+    run = metrics.RunResult("nonstream-ranked", 4.0, 1, records, position=2).to_json()
+    assert (run["policy"], run["repeat"], run["position"], run["errors"]) == ("nonstream-ranked", 1, 2, 1)
+    assert run["ttft_final_s"]["p50"] == pytest.approx(0.2)
+    assert run["ttft_due_s"]["p50"] == pytest.approx(0.215) and run["ttft_due_s"]["mean"] == pytest.approx(
+        0.215
+    )
+    assert run["ttft_query_s"]["p99"] == pytest.approx(1.99)
+    assert run["samples"]["ttft_due_s"] == [0.12, 0.31]
+
+
+def _bench_run(policy: str, p50: float, repeat: int = 0, due: bool = True) -> dict:
+    pcts = {"p50": p50, "p95": 2 * p50, "p99": 3 * p50, "p999": 4 * p50, "mean": p50}
+    run = {"policy": policy, "qps": 4.0, "repeat": repeat, "completion_s": 10.0, "errors": 0}
+    run |= {"ttft_final_s": pcts, "ttft_query_s": pcts}
+    if due:
+        run["ttft_due_s"] = {k: v + 0.01 for k, v in pcts.items()}
+    return run
+
+
+def _column(table, header: str) -> list[str]:
+    (column,) = [c for c in table.columns if c.header == header]
+    return list(column.cells)
+
+
+def test_summaries_carry_ttft_from_the_due_time_where_every_repeat_has_it():
+    from stream2llm.workloads.metrics import summarize_repeats
+
+    runs = [_bench_run("fcfs", 1.0), _bench_run("fcfs", 3.0, 1), _bench_run("vllm", 1.0, due=False)]
+    by_policy = {e["policy"]: e for e in summarize_repeats(runs)}
+    assert by_policy["fcfs"]["ttft_due_s"]["p50"]["mean"] == pytest.approx(2.01)
+    assert "ttft_due_s" not in by_policy["vllm"]  # a result from before the due clock
+    assert by_policy["vllm"]["ttft_final_s"]["p50"]["mean"] == 1.0
+
+
+def test_tables_show_the_gain_over_both_one_shot_baselines():
+    from stream2llm.workloads.bench import ratio_table, repeats_table
+    from stream2llm.workloads.metrics import summarize_repeats
+
+    runs = [_bench_run("nonstream", 1.0), _bench_run("nonstream-ranked", 0.5), _bench_run("stream2llm", 0.1)]
+    runs += [_bench_run("vllm", 0.25), _bench_run("nonstream", 3.0, 1), _bench_run("stream2llm", 0.3, 1)]
+    table = ratio_table({"runs": runs})  # repeat 0
+    assert _column(table, "policy") == ["nonstream", "nonstream-ranked", "stream2llm", "vllm"]
+    assert _column(table, "p50 vs nonstream") == ["1.00x", "2.00x", "10.00x", "4.00x"]
+    assert _column(table, "p50 vs nonstream-ranked") == ["0.50x", "1.00x", "5.00x", "2.00x"]
+    assert _column(table, "p99 vs nonstream-ranked")[2] == "5.00x"
+    assert _column(table, "due p50") == ["1.010", "0.510", "0.110", "0.260"]
+    summary = summarize_repeats(runs)
+    means = repeats_table(summary)  # nonstream 2.0, stream2llm 0.2, nonstream-ranked 0.5 (one repeat)
+    assert _column(means, "p50 vs nonstream") == ["1.00x", "4.00x", "10.00x", "8.00x"]
+    assert _column(means, "p50 vs nonstream-ranked") == ["0.25x", "1.00x", "2.50x", "2.00x"]
+    assert _column(repeats_table(summary, "ttft_due_s"), "p50 vs nonstream")[2] == f"{2.01 / 0.21:.2f}x"
+    # without nonstream-ranked only the published baseline's columns
+    plain = ratio_table({"runs": [r for r in runs if r["policy"] != "nonstream-ranked"]})
+    assert not any("ranked" in str(c.header) for c in plain.columns)
+    assert "due p50" not in [
+        c.header for c in ratio_table({"runs": [_bench_run("vllm", 1, due=False)]}).columns
+    ]
