@@ -17,6 +17,7 @@ from stream2llm.cli.common import (
     RetrieverOpt,
     SeedOpt,
     console,
+    errors,
     fail,
     quiet_engine_logs,
     run_async,
@@ -66,6 +67,18 @@ def serve(
         typer.Option(envvar="STREAM2LLM_TOKEN", help="Require this bearer token (not on /health)."),
     ] = None,
     max_sessions: Annotated[int, typer.Option(help="Running sessions admitted at once (more: 429).")] = 256,
+    allow_insecure_bind: Annotated[
+        bool,
+        typer.Option(help="Serve a non-loopback --host without a token (refused otherwise; warned)."),
+    ] = False,
+    allowed_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Browser Origin let in (repeatable; '*': any). Others get 403."),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Host header accepted besides localhost and the bind address (repeatable)."),
+    ] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="KV cache size in GiB.")] = 1.0,
     max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
     policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "stream2llm",
@@ -83,7 +96,15 @@ def serve(
         max_model_len=max_model_len,
         max_sessions=max(max_sessions, 1),
     )
-    settings = ServerSettings(host=host, port=port, token=token, max_sessions=max_sessions)
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        token=token,
+        max_sessions=max_sessions,
+        allow_insecure_bind=allow_insecure_bind,
+        allowed_origins=tuple(allowed_origin or ()),
+        allowed_hosts=tuple(allowed_host or ()),
+    )
 
     def ready(url: str) -> None:
         console.print(f"serving [bold]{model}[/bold] at [green]{url}[/green] (OpenAI base URL: {url}/v1)")
@@ -113,8 +134,9 @@ def run(
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Answer one question: print context events as the retrievers find them, then the answer."""
-    from stream2llm.cli.show import run_question
+    """Answer one question: print context events as the retrievers find them, then the answer.
+    Exits 1 (after the answer and --json) when a retriever failed."""
+    from stream2llm.cli.show import retrieval_failure, run_question
 
     quiet_engine_logs()
 
@@ -134,3 +156,6 @@ def run(
     except Exception as exc:
         fail(exc, debug)
     write_json(json_out, report)
+    if (failure := retrieval_failure(report)) is not None:
+        errors.print(f"[red]error:[/red] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)

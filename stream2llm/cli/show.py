@@ -60,6 +60,16 @@ async def show_events(pipeline: RagPipeline, question: str, console: Console) ->
     return answer
 
 
+def retrieval_failure(report: dict[str, Any]) -> str | None:
+    """Why ``stream2llm run`` must exit non-zero although it answered: a retriever failed, so the
+    answer was generated without (all of) its context; None when retrieval succeeded."""
+    failed = report.get("failed") or []
+    if not failed:
+        return None
+    context = "without any context" if not report.get("context") else "with partial context"
+    return f"retrieval failed ({', '.join(failed)}): the answer above was generated {context}"
+
+
 async def run_question(
     question: str,
     retrievers: Sequence[str],

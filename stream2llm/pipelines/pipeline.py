@@ -52,7 +52,8 @@ class RagAnswer:
     tokens_prefilled: int = 0
     tokens_recomputed: int = 0
     events: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "retriever: error", one per failed retriever
+    failed: list[str] = field(default_factory=list)  # the retrievers that failed (their context is missing)
     context: str = ""  # the context body the answer was generated from
 
 
@@ -125,6 +126,7 @@ class _Run:
         self.assembler = ContextAssembler(names, layout=pipeline.layout)
         self.events = 0
         self.errors: list[str] = []
+        self.failed: list[str] = []
 
     async def retrieve(self, session: Session) -> AsyncIterator[ContextArrived]:
         retrievers = self.pipeline.retrievers
@@ -133,6 +135,7 @@ class _Run:
         async for item in merge(streams):
             if isinstance(item, RetrieverFailed):
                 self.errors.append(f"{item.retriever}: {item.error}")
+                self.failed.append(item.retriever)
                 self.assembler.finish(item.retriever)
                 continue
             name, event = item
@@ -180,6 +183,7 @@ class _Run:
             tokens_recomputed=result.tokens_recomputed,
             events=self.events,
             errors=self.errors,
+            failed=self.failed,
             context=self.assembler.body,
         )
 

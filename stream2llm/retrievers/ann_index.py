@@ -45,6 +45,10 @@ class IndexNotFound(AnnIndexError):
     pass
 
 
+class IndexCorrupt(AnnIndexError):
+    """A file of the index is truncated, garbage or not what it should hold (named in the message)."""
+
+
 class EmbedderMismatch(AnnIndexError):
     pass
 
@@ -164,11 +168,8 @@ class AnnIndex:
                 f"index at {path} was built with embedder {meta.embedder!r}, but the embedder in use is "
                 f"{embedder.fingerprint!r}; rebuild it (stream2llm index build) or load the matching embedder"
             )
-        import faiss
-
-        index = faiss.read_index(str(path / "index.faiss"))
-        with (path / "docs.jsonl").open(encoding="utf-8") as f:
-            docs = [Document(**json.loads(line)) for line in f if line.strip()]
+        index = _read_faiss(path / "index.faiss")
+        docs = _read_docs(path / "docs.jsonl")
         if index.ntotal != meta.n_vectors or len(docs) != meta.n_vectors:
             raise AnnIndexError(
                 f"index at {path} is inconsistent: meta says {meta.n_vectors} vectors, "
@@ -236,10 +237,51 @@ def read_meta(path: Path | str) -> IndexMeta:
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise IndexNotFound(f"no index at {path}; build one with `stream2llm index build`")
-    raw = json.loads(meta_file.read_text())
-    if raw.get("schema") != SCHEMA:
-        raise AnnIndexError(f"{meta_file} has schema {raw.get('schema')!r}, expected {SCHEMA!r}")
-    return IndexMeta(**{k: v for k, v in raw.items() if k in IndexMeta.__dataclass_fields__})
+    try:
+        raw = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        if raw.get("schema") != SCHEMA:
+            raise AnnIndexError(f"{meta_file} has schema {raw.get('schema')!r}, expected {SCHEMA!r}")
+        return IndexMeta(**{k: v for k, v in raw.items() if k in IndexMeta.__dataclass_fields__})
+    except AnnIndexError:
+        raise
+    except (OSError, ValueError, TypeError) as exc:  # truncated, garbage, missing fields
+        raise IndexCorrupt(f"index metadata {meta_file} is unreadable ({exc}); rebuild the index") from exc
+
+
+def _read_faiss(file: Path) -> Any:
+    """The FAISS index in ``file``; FAISS's own RuntimeError for a bad file names no file."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(file))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise IndexCorrupt(f"index file {file} is unreadable ({first}); rebuild the index") from exc
+
+
+def _read_docs(file: Path) -> list[Document]:
+    """The documents in ``file``, one JSON object a line."""
+    docs = []
+    try:
+        with file.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    docs.append(_document(line, file, number))
+    except AnnIndexError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise IndexCorrupt(f"index documents {file} are unreadable ({exc}); rebuild the index") from exc
+    return docs
+
+
+def _document(line: str, file: Path, number: int) -> Document:
+    try:
+        fields = json.loads(line)
+        return Document(**fields)
+    except (ValueError, TypeError) as exc:
+        raise IndexCorrupt(f"{file} line {number} is not a document ({exc}); rebuild the index") from exc
 
 
 def build_wiki_index(

@@ -3,7 +3,7 @@
 Routes: the session API (``sessions_api``), OpenAI-compatible completions, chat and models
 (``openai_api``), and operations here: GET /health (never behind the token), GET /metrics
 (Prometheus text). This module wires them into an app, guards every route (bearer token, body
-size, error rendering, request counting) and runs it.
+size, error rendering, request counting; ``guards``: connections, Host, Origin) and runs it.
 
 Errors always come back as ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape) with a
 4xx status for anything the request got wrong; a bad request never touches another session. A client
@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -24,21 +25,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from stream2llm.errors import StreamError
 from stream2llm.server import openai_api, sessions_api
 from stream2llm.server.errors import ApiError, api_error, too_large
+from stream2llm.server.guards import Guard, InsecureBind, check_bind
 from stream2llm.server.registry import SERVER, SessionRegistry
 from stream2llm.server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from stream2llm.engine.engine import EngineConfig, StreamingEngine
 
-__all__ = ["ServerSettings", "create_app", "serve", "start_site"]
+__all__ = ["InsecureBind", "ServerSettings", "create_app", "serve", "start_site"]
 
 log = logging.getLogger(__name__)
+GUARD = web.AppKey("stream2llm_guard", Guard)
+# How long an answered request's unread body is drained before the connection closes (a client
+# still sending would otherwise lose the answer to a reset); Envoy's delayed close is 1 s too.
+LINGER_S = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Auth, body size, error rendering and request counting for every route."""
+    """Admission (connections, Host, Origin), auth, body size, error rendering and request counting
+    for every route."""
     server = request.app[SERVER]
     try:
         response = await _checked(request, handler, server)
@@ -65,6 +72,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _checked(request: web.Request, handler: Handler, server: SessionRegistry) -> web.StreamResponse:
+    guard = request.app[GUARD]
+    if (preflight := guard.check(request)) is not None:
+        return preflight
     if (died := server.engine.died) is not None and request.path not in ("/health", "/metrics"):
         raise died  # 503: no new work on a dead engine
     token = server.settings.token
@@ -102,9 +112,12 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) -> web.Application:
     """The HTTP app over an engine the caller started (and shuts down)."""
     settings = settings or ServerSettings()
+    settings = replace(settings, max_body_bytes=settings.body_limit(engine.config.max_model_len))
     app = web.Application(middlewares=[_guard], client_max_size=settings.max_body_bytes)
     server = SessionRegistry(engine, settings)
     app[SERVER] = server
+    app[GUARD] = guard = Guard(settings)
+    app.on_response_prepare.append(guard.add_cors_headers)  # streamed answers too
     sessions_api.add_routes(app.router)
     openai_api.add_routes(app.router)
     app.router.add_get("/health", health)
@@ -118,9 +131,22 @@ def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) 
 
 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Run the app on host:port (0: any free port) in this event loop; returns the runner and URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    """Run the app on host:port (0: any free port) in this event loop; returns the runner and URL.
+    Raises InsecureBind for a non-loopback host without a token (unless allowed)."""
+    settings = app[SERVER].settings
+    check_bind(settings, host)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=settings.header_timeout_s,  # aiohttp closes a connection whose headers are late
+        max_line_size=settings.max_header_bytes,
+        max_field_size=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        lingering_time=LINGER_S,
+    )
     await runner.setup()
+    app[GUARD].bound(host, runner.server)
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
@@ -135,6 +161,8 @@ async def serve(
     EngineDied when the engine core dies: the server must not outlive its engine."""
     from stream2llm.engine.engine import StreamingEngine
 
+    if not settings.allow_insecure_bind:
+        check_bind(settings, settings.host)  # refused before the engine's slow start
     engine = await StreamingEngine.start(config)
     try:
         runner, url = await start_site(create_app(engine, settings), settings.host, settings.port)

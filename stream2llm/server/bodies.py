@@ -5,17 +5,29 @@ Every failure is a 400/413 that names what was wrong; nothing is guessed.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream2llm.context.chat import Turn
-from stream2llm.server.errors import ApiError, too_large, validation_error
+from stream2llm.server.errors import (
+    ApiError,
+    body_timeout,
+    too_large,
+    unsupported_media_type,
+    validation_error,
+)
 from stream2llm.server.registry import SERVER
 
 M = TypeVar("M", bound=BaseModel)
+
+# A sampling seed is a 64-bit signed integer, as vLLM's OpenAI server validates it (torch's
+# generator takes no more); anything larger failed only inside the engine.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+Seed = Annotated[int | None, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Body(BaseModel):
@@ -29,7 +41,7 @@ class OpenSessionBody(_Body):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed = None
     ignore_eos: bool = False
     mode: Literal["stream", "nonstream", "vllm"] = "stream"
     truncate: bool = False
@@ -61,7 +73,7 @@ class OpenAIBody(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: str | list[str] | None = None  # applied to the decoded text (see StopScanner)
@@ -140,27 +152,43 @@ def reject_unsupported(data: dict[str, Any]) -> None:
 
 
 async def read_json(request: web.Request, model: type[M], *, allow_empty: bool = False) -> M:
-    """Parse and validate a JSON body; every failure is a 400/413 that names what was wrong."""
+    """Parse and validate a JSON body; every failure is a 4xx that names what was wrong: 415 without
+    ``Content-Type: application/json`` (a browser page can send any other type cross-origin without a
+    preflight), 408 past the body deadline, 413 past the size limit, 400 for the rest."""
+    settings = request.app[SERVER].settings
+    if request.body_exists and request.content_type != "application/json":
+        raise unsupported_media_type(request.headers.get(hdrs.CONTENT_TYPE))
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.body_timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise too_large(request.app[SERVER].settings.max_body_bytes) from exc
+    except TimeoutError:
+        raise body_timeout(settings.body_timeout_s) from None
     if not raw.strip():
         if allow_empty:
             return model()
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:  # includes bad UTF-8
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    data = _parse(raw)
     if issubclass(model, OpenAIBody):
         reject_unsupported(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; too deep a nesting is a 400 like any other bad JSON."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:  # includes bad UTF-8
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return data
 
 
 def sampling(**kwargs: Any) -> Any:

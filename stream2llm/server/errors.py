@@ -31,13 +31,18 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.close = close  # end the connection after answering (a half-read body, a refused one)
 
     def response(self) -> web.Response:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return web.json_response(self.body(), status=self.status, headers=headers)
+        response = web.json_response(self.body(), status=self.status, headers=headers)
+        if self.close:
+            response.force_close()
+        return response
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -80,3 +85,17 @@ def validation_error(exc: ValidationError) -> ApiError:
 
 def too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+
+
+def body_timeout(limit_s: float) -> ApiError:
+    return ApiError(
+        408, f"request body not received within {limit_s:g} s", code="request_timeout", close=True
+    )
+
+
+def unsupported_media_type(given: str | None) -> ApiError:
+    return ApiError(
+        415,
+        f"Content-Type must be application/json, got {given!r}",
+        code="unsupported_media_type",
+    )

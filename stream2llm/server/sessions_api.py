@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stream2llm.errors import UnknownSession
 from stream2llm.server.bodies import AppendBody, FinishBody, OpenSessionBody, UpdateBody, read_json, sampling
 from stream2llm.server.errors import ApiError
 from stream2llm.server.registry import SERVER, Entry
@@ -59,6 +60,16 @@ def state_json(entry: Entry) -> dict[str, Any]:
     return body
 
 
+def session_entry(request: web.Request) -> Entry:
+    """The session named in the path; one opened by the OpenAI endpoints is not this API's (404
+    as if unknown: its answer is read only by the request that asked for it)."""
+    session_id = request.match_info["id"]
+    entry = request.app[SERVER].entry(session_id)
+    if entry.api != "sessions":
+        raise UnknownSession(f"no session with id {session_id!r}")
+    return entry
+
+
 async def open_session(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     body = await read_json(request, OpenSessionBody)
@@ -82,33 +93,32 @@ async def open_session(request: web.Request) -> web.Response:
 
 
 async def append(request: web.Request) -> web.Response:
-    entry = request.app[SERVER].entry(request.match_info["id"])
+    entry = session_entry(request)
     body = await read_json(request, AppendBody)
     await entry.session.append(body.text, final=body.final)
     return web.json_response(state_json(entry))
 
 
 async def update(request: web.Request) -> web.Response:
-    entry = request.app[SERVER].entry(request.match_info["id"])
+    entry = session_entry(request)
     body = await read_json(request, UpdateBody)
     await entry.session.update(body.docs, final=body.final)
     return web.json_response(state_json(entry))
 
 
 async def finish(request: web.Request) -> web.Response:
-    entry = request.app[SERVER].entry(request.match_info["id"])
+    entry = session_entry(request)
     await read_json(request, FinishBody, allow_empty=True)
     await entry.session.finish()
     return web.json_response(state_json(entry))
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(state_json(request.app[SERVER].entry(request.match_info["id"])))
+    return web.json_response(state_json(session_entry(request)))
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    server = request.app[SERVER]
-    entry = server.entry(request.match_info["id"])
+    entry = session_entry(request)
     await entry.session.abort()
     if entry.watcher is not None:
         await asyncio.shield(entry.watcher)
@@ -118,7 +128,7 @@ async def delete_session(request: web.Request) -> web.Response:
 async def stream_session(request: web.Request) -> web.StreamResponse:
     """SSE of the generated text; the client leaving aborts the session."""
     server = request.app[SERVER]
-    entry = server.entry(request.match_info["id"])
+    entry = session_entry(request)
     if entry.streaming:
         raise ApiError(
             409, f"session {entry.session.request_id!r} is already being streamed", code="conflict"

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm import SamplingParams
 
 from stream2llm.server.app import ServerSettings, create_app, start_site
+from stream2llm.server.registry import SERVER
 from tests.conftest import corpus_text
 from tests.engine.helpers import GREEDY, oneshot, split_at_random
 
@@ -24,8 +25,12 @@ SESSION_GREEDY = {"max_tokens": GREEDY.max_tokens, "temperature": 0, "ignore_eos
 
 
 @pytest.fixture(scope="module")
-async def server(engine):
-    app = create_app(engine, ServerSettings(token=TOKEN, max_body_bytes=MAX_BODY, max_sessions=16))
+def app(engine):
+    return create_app(engine, ServerSettings(token=TOKEN, max_body_bytes=MAX_BODY, max_sessions=16))
+
+
+@pytest.fixture(scope="module")
+async def server(app, engine):
     runner, url = await start_site(app, "127.0.0.1", 0)
     async with aiohttp.ClientSession(url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         yield url, http, engine.model.name
@@ -142,10 +147,10 @@ async def test_rag_context_extension_equals_a_session_on_the_same_documents(serv
     assert full["usage"]["prompt_tokens"] == len(reference.prompt_token_ids)
 
 
-async def test_stop_strings_cut_completions_and_chat_and_end_the_session(server, openai_client, engine):
+async def test_stop_strings_cut_completions_and_chat_and_end_the_session(server, openai_client, engine, app):
     """A stop string chosen from the un-stopped greedy answer: the text ends right before it, the
     finish reason is "stop", and the session ends there (max_tokens would allow far more)."""
-    _, http, model = server
+    _, _, model = server
     greedy = {"model": model, "temperature": 0, "extra_body": {"ignore_eos": True}}
     prompt = corpus_text(400, seed=37)
     messages = [
@@ -172,9 +177,8 @@ async def test_stop_strings_cut_completions_and_chat_and_end_the_session(server,
         ]
         assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
         for sid in (stopped.id, chunks[0].id):
-            async with http.get(f"/v1/sessions/{sid}") as r:
-                state = await r.json()
-            assert state["state"] == "stopped" and "error" not in state, state
+            entry = app[SERVER].entries[sid]  # OpenAI sessions are not the session API's
+            assert entry.current_state() == "stopped" and entry.error is None, entry
 
 
 def _text(answer) -> str:
@@ -259,7 +263,7 @@ async def test_bad_requests_get_4xx_json_and_a_concurrent_session_completes(serv
     post = "/v1/sessions"
     async with http.post(post, data=b"{not json", headers={"Content-Type": "application/json"}) as r:
         assert (await expect_error(r, 400, "not valid JSON"))["code"] == "invalid_json"
-    async with http.post(post, data=b"\xff\xfe") as r:
+    async with http.post(post, data=b"\xff\xfe", headers={"Content-Type": "application/json"}) as r:
         await expect_error(r, 400, "not valid JSON")
     async with http.post(post, json=[1, 2]) as r:
         await expect_error(r, 400, "JSON object")
@@ -294,7 +298,7 @@ async def test_bad_requests_get_4xx_json_and_a_concurrent_session_completes(serv
         for _ in range(MAX_BODY // 1024 + 2):
             yield b" " * 1024
 
-    async with http.post(post, data=chunked()) as r:
+    async with http.post(post, data=chunked(), headers={"Content-Type": "application/json"}) as r:
         await expect_error(r, 413)
     async with http.get("/no/such/route") as r:
         await expect_error(r, 404)
@@ -389,8 +393,8 @@ async def test_client_leaving_a_session_stream_aborts_it_and_frees_kv(server, en
     assert state["state"] == "aborted" and state["error"]["code"] == "session_closed"
 
 
-async def test_client_leaving_an_openai_stream_aborts_it_and_frees_kv(server, openai_client, engine):
-    _, http, model = server
+async def test_client_leaving_an_openai_stream_aborts_it_and_frees_kv(server, openai_client, engine, app):
+    _, _, model = server
     stream = await openai_client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": corpus_text(1000, seed=29)}],
@@ -409,13 +413,12 @@ async def test_client_leaving_an_openai_stream_aborts_it_and_frees_kv(server, op
     await stream.close()
 
     assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
-    async with http.get(f"/v1/sessions/{sid}") as r:
-        state = await r.json()
-    assert state["state"] == "aborted"
-    assert "result" not in state
+    entry = app[SERVER].entries[sid]
+    assert entry.current_state() == "aborted"
+    assert entry.result is None
 
 
-async def test_client_leaving_a_non_streamed_completion_aborts_it(server, engine):
+async def test_client_leaving_a_non_streamed_completion_aborts_it(server, engine, app):
     _, http, model = server
     body = {"model": model, "prompt": corpus_text(800, seed=31), "max_tokens": 3000, "ignore_eos": True}
     request = asyncio.create_task(http.post("/v1/completions", json=body))
@@ -427,8 +430,7 @@ async def test_client_leaving_a_non_streamed_completion_aborts_it(server, engine
         await request
 
     assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
-    async with http.get(f"/v1/sessions/{sid}") as r:
-        assert (await r.json())["state"] == "aborted"
+    assert app[SERVER].entries[sid].current_state() == "aborted"
 
 
 # -- operations -----------------------------------------------------------------------------------------

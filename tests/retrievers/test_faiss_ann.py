@@ -10,7 +10,13 @@ import pytest
 
 from stream2llm.context.events import Op
 from stream2llm.context.prompt import DOC_SEPARATOR
-from stream2llm.retrievers.ann_index import AnnIndex, AnnIndexError, EmbedderMismatch, IndexNotFound
+from stream2llm.retrievers.ann_index import (
+    AnnIndex,
+    AnnIndexError,
+    EmbedderMismatch,
+    IndexCorrupt,
+    IndexNotFound,
+)
 from stream2llm.retrievers.base import StreamingRetriever
 from stream2llm.retrievers.faiss_ann import ProgressiveAnnRetriever, ShardedAnnRetriever, stage_bounds
 from tests.retrievers.helpers import NPROBE
@@ -155,6 +161,37 @@ async def test_save_load_round_trip_and_embedder_mismatch(ann_index, tmp_path):
         AnnIndex.load(path, embedder=ann_index.embedder)
     with pytest.raises(IndexNotFound, match="stream2llm index build"):
         AnnIndex.load(tmp_path / "missing")
+
+
+def test_corrupt_index_files_raise_the_index_error_naming_the_file(ann_index, tmp_path):
+    """A truncated or garbage file of a saved index is an AnnIndexError that names it (FAISS's own
+    RuntimeError and json's JSONDecodeError name no file)."""
+    good = ann_index.save(tmp_path / "good")
+    saved = {name: (good / name).read_bytes() for name in ("index.faiss", "docs.jsonl", "meta.json")}
+    meta = json.loads(saved["meta.json"])
+    damages = [
+        ("index.faiss", saved["index.faiss"][: len(saved["index.faiss"]) // 2]),  # truncated
+        ("index.faiss", b"\x00garbage" * 100),
+        ("index.faiss", b""),
+        ("meta.json", saved["meta.json"][: len(saved["meta.json"]) // 2]),  # truncated JSON
+        ("meta.json", b"\xff\xfe not utf-8"),
+        ("meta.json", b"[1, 2, 3]"),
+        ("meta.json", json.dumps({k: v for k, v in meta.items() if k != "dim"}).encode()),
+        ("docs.jsonl", saved["docs.jsonl"][: len(saved["docs.jsonl"]) // 2 + 7]),  # cut mid-line
+        ("docs.jsonl", b'{"id": "x", "unknown_field": 1}\n'),
+        ("docs.jsonl", b"\xff\xfe\n"),
+    ]
+    for i, (name, data) in enumerate(damages):
+        path = tmp_path / f"bad{i}"
+        path.mkdir()
+        for other, content in saved.items():
+            (path / other).write_bytes(data if other == name else content)
+        with pytest.raises(AnnIndexError) as caught:
+            AnnIndex.load(path, embedder=ann_index.embedder)
+        assert str(path / name) in str(caught.value), (name, data[:40], caught.value)
+        assert type(caught.value) is IndexCorrupt, (name, caught.value)
+    loaded = AnnIndex.load(good, embedder=ann_index.embedder)  # the intact copy still loads
+    assert loaded.docs == ann_index.docs
 
 
 def test_bad_parameters_are_named(ann_index):
