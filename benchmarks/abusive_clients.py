@@ -485,7 +485,7 @@ async def sampler(obs: Observed, engine: Any, server: Any, port: int) -> None:
         state = {
             "t_s": round(time.monotonic() - t0, 1),
             "phase": obs.phase,
-            **server_state(engine, server, port),
+            **server_state(engine, server, port, obs.client_pid),
         }
         obs.samples.append(state)
         recent = [lag for t, lag in obs.lag[-200:] if t > time.monotonic() - 1.5]
@@ -604,6 +604,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.ensure_future(sampler(obs, engine, server, port)),
     ]
     measured: dict[str, Any] = {}
+    after: dict[str, Any] = {}
     attacked: dict[str, Any] = {}
     try:
         good = await spawn("--client", client_cfg, stdin=True)
@@ -620,10 +621,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         obs.mark("end")
         good.stdin.close()
         measured = await last_json(good, 60)
+        await asyncio.sleep(1.0)  # the server closes the client's keep-alive connections
+        after = server_state(engine, server, port, None)
     finally:
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        for outcome in await asyncio.gather(*background, return_exceptions=True):
+            if not isinstance(outcome, asyncio.CancelledError):
+                print(f"a background task failed: {outcome!r}", file=sys.stderr)
         await runner.cleanup()
         await engine.shutdown()
     phases = {name: phase_report(obs, measured, name) for name in PHASES}
@@ -641,6 +646,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": round(time.time() - t_start, 1),
         "config": {**vars(args), "attackers": cfg},
         "phases": phases,
+        "after_client_left": after,
         "attackers": attacked,
         "client_error": measured.get("error"),
         "checks": checks,
@@ -657,8 +663,8 @@ def report(result: dict[str, Any]) -> None:
         lag, h, tt, pk = p["loop_lag_ms"], p["health_ms"], p["session_ttft_ms"], p["peak"]
         print(
             f"{name:8} {lag.get('p50')}/{lag.get('p99')}/{lag.get('max')}".ljust(40)
-            + f"{h.get('p50')}/{h.get('p99')}/{h.get('max')}".ljust(27)
-            + f"{tt.get('p50')}/{tt.get('p99')} ({tt.get('n')})".ljust(22)
+            + f"{h.get('p50')}/{h.get('p99')}/{h.get('max')} ".ljust(27)
+            + f"{tt.get('p50')}/{tt.get('p99')} ({tt.get('n')}) ".ljust(22)
             + f"{pk['connections']}({pk['client_connections']})/"
             + "/".join(str(pk[k]) for k in ("fds", "tasks", "open_sessions", "rss_mb"))
         )
@@ -673,6 +679,11 @@ def report(result: dict[str, Any]) -> None:
             if key == "connections":
                 before, after = before - quiet["client_connections"], after - settle["client_connections"]
             print(f"  {key:14} {before} -> {after}")
+    if quiet and result["after_client_left"]:
+        after = result["after_client_left"]
+        print("end of quiet -> every client gone:")
+        for key in ("connections", "fds", "tasks", "open_sessions", "kv_usage", "rss_mb"):
+            print(f"  {key:14} {quiet[key]} -> {after[key]}")
     print("\nattackers:")
     for name, a in result["attackers"].get("attacks", {}).items():
         print(f"  {name:15} {json.dumps(a)}")
