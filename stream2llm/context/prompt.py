@@ -27,6 +27,9 @@ from tokenizers import Tokenizer
 from stream2llm.errors import ContextTooLong
 
 HOLDBACK_CHARS = 32
+# No token of the models served here spans more characters than this: a text longer than this many
+# characters per token of the window cannot fit, and is rejected (or cut) before it is tokenized.
+MAX_CHARS_PER_TOKEN = 16
 DOC_SEPARATOR = "\n\n"
 
 
@@ -41,6 +44,17 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def clearly_too_long(n_chars: int, limit: int) -> ContextTooLong:
+    """ContextTooLong for a text that cannot fit even at the longest tokens (not tokenized)."""
+    error = ContextTooLong(-(-n_chars // MAX_CHARS_PER_TOKEN), limit)
+    error.args = (
+        f"a prompt of {n_chars} characters (at most {MAX_CHARS_PER_TOKEN} characters a token) "
+        f"needs {error.size} tokens but max_model_len is {limit}; shorten the context or open "
+        "the session with truncate=True to drop the oldest context",
+    )
+    return error
 
 
 class TextTokenizer:
@@ -121,6 +135,9 @@ class PromptBuilder:
         self.truncate = truncate
         self.holdback_chars = holdback_chars
         self.truncated_chars = 0
+        n_chars = len(self.prefix) + len(self.suffix)
+        if max_prompt_tokens is not None and n_chars > MAX_CHARS_PER_TOKEN * max_prompt_tokens:
+            raise clearly_too_long(n_chars, max_prompt_tokens)  # before tokenizing a huge question
         self._suffix_len = len(tokenizer.encode_with_ends(self.suffix, bos=False)[0])
         self._last: tuple[str, list[int], list[int]] | None = None  # text, ids, ends at the last call
 
@@ -138,6 +155,7 @@ class PromptBuilder:
 
         Raises ContextTooLong (naming size and limit) unless ``truncate`` drops the oldest context.
         """
+        self._bound_size()
         if final or self.truncate:
             ids, ends = self._fit()
             if final:
@@ -149,6 +167,21 @@ class PromptBuilder:
         n = max(bisect.bisect_right(ends, stable_end), 1)
         self._last = (self.prefix + self.body, ids, ends)
         return PromptIds(ids[:n], len(ids))
+
+    def _bound_size(self) -> None:
+        """Reject (or, with ``truncate``, cut the head of) a context whose text alone is clearly too
+        long for the window, before tokenizing it: tokenizing megabytes takes seconds."""
+        limit = self.max_prompt_tokens
+        if limit is None:
+            return
+        excess = len(self.prefix) + len(self.body) + len(self.suffix) - MAX_CHARS_PER_TOKEN * limit
+        if excess <= 0:
+            return
+        if self.truncate and excess <= len(self.body):
+            self.body = self.body[excess:]
+            self.truncated_chars += excess
+            return
+        raise clearly_too_long(len(self.prefix) + len(self.body) + len(self.suffix), limit)
 
     def _encode_incrementally(self) -> tuple[list[int], list[int]]:
         """Tokens of prefix + body, re-tokenizing only after the last committed token when the body

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, NamedTuple
 
 from stream2llm.context.events import Op
@@ -62,6 +62,10 @@ def tokens_prompt(ids: Sequence[int], cache_salt: str | None) -> dict[str, Any]:
 async def _input_stream(queue: asyncio.Queue) -> AsyncIterator[Any]:
     while (item := await queue.get()) is not None:
         yield item
+
+
+async def _wait_for(task: asyncio.Task) -> None:
+    await asyncio.shield(task)
 
 
 class Handover:
@@ -222,13 +226,13 @@ class Handover:
             self._release_held()
         return n_throwaway
 
-    async def stop(self) -> None:
+    def stop(self) -> Coroutine[Any, Any, None]:
         """Cancel the runner and abort the vLLM request (its KV is freed). Idempotent and
-        cancellation-safe: the first call starts the stop, every call waits for it, and a caller
-        that is cancelled leaves it running to its end."""
+        cancellation-safe: the first call starts the stop at once (not at the caller's first
+        step), every call's coroutine waits for it, and a cancelled caller leaves it running."""
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._stop())
-        await asyncio.shield(self._stopping)
+        return _wait_for(self._stopping)
 
     async def _stop(self) -> None:
         runner, self._runner = self._runner, None

@@ -135,11 +135,15 @@ class SessionOutput:
                 self._done.exception()  # mark retrieved
 
     async def stream(self) -> AsyncIterator[str]:
+        """The text deltas; a session that ended with an error (engine death, abort) raises it
+        after the last delta, so a reader never mistakes a cut-off answer for a whole one."""
         while True:
             delta = await self._deltas.get()
             if delta is None:
-                return
+                break
             yield delta
+        if self._done.done() and (error := self._done.exception()) is not None:
+            raise error
 
     async def result(self) -> SessionResult:
         return await asyncio.shield(self._done)

@@ -13,8 +13,9 @@ Modes, all on the same engine:
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Literal
 
 from stream2llm.context.events import ContextEvent, Op
@@ -27,6 +28,7 @@ from stream2llm.engine.outputs import SessionOutput, SessionResult
 from stream2llm.errors import EngineDied, InvalidEvent, SessionClosed, SessionExpired, StreamError
 
 State = Literal["open", "finished", "aborted", "failed"]
+OFF_LOOP_CHARS = 32_768  # tokenizing more text than this takes milliseconds: a worker thread does it
 
 
 class Session:
@@ -51,6 +53,8 @@ class Session:
         self._last_activity = self._t_open
         self._t_final: float | None = None
         self._output = SessionOutput(host.tokenizer)
+        self._lock = asyncio.Lock()  # a session's changes apply one at a time, in call order
+        self._pending: set[asyncio.Task] = set()  # changes queued on the lock (their tasks)
         self._handover = Handover(
             host,
             request_id,
@@ -78,7 +82,7 @@ class Session:
         self._check_open("append")
         if not isinstance(text, str) or not text:
             raise InvalidEvent(f"append to {self.request_id!r} needs non-empty text")
-        self._change(Op.APPEND, text, final)
+        await self._change("append", Op.APPEND, text, final)
 
     async def update(self, docs: str | Sequence[str], *, final: bool = False) -> None:
         """Replace the context; KV is kept up to the longest common prefix."""
@@ -87,7 +91,7 @@ class Session:
             docs = [docs]
         if not docs or not any(isinstance(d, str) and d.strip() for d in docs):
             raise InvalidEvent(f"update of {self.request_id!r} needs at least one non-empty document")
-        self._change(Op.UPDATE, list(docs), final)
+        await self._change("update", Op.UPDATE, list(docs), final)
 
     async def push(self, event: ContextEvent) -> None:
         """Apply a retriever's event, which must be the next in sequence; ``final`` finishes the session."""
@@ -106,11 +110,15 @@ class Session:
     async def finish(self) -> None:
         """No more context: prefill the rest and start generating."""
         self._check_open("finish")
-        self._change(None, None, final=True)
+        await self._change("finish", None, None, final=True)
 
-    async def abort(self) -> None:
-        """Stop the session and free all of its KV. Safe to call at any time, more than once."""
-        await self._close(SessionClosed(f"session {self.request_id!r} was aborted"))
+    def abort(self) -> Coroutine[Any, Any, None]:
+        """Stop the session and free all of its KV. Safe to call at any time, more than once.
+
+        The abort happens at the call (the result resolves, the vLLM abort starts); awaiting waits
+        until the KV is freed. A caller cancelled at any point, even before its first step (a task
+        cancelled at once), leaves the abort running to its end."""
+        return self._close(SessionClosed(f"session {self.request_id!r} was aborted"))
 
     async def expire_if_idle(self, ttl_s: float, now: float) -> bool:
         """Abort the session (SessionExpired) if it is open and got no event for ``ttl_s``."""
@@ -132,7 +140,7 @@ class Session:
         """Called once by ``StreamingEngine.open``: in stream and vllm modes the instructions and
         the question start prefilling now."""
         if self.mode != "nonstream":
-            self._apply(None, None, final=False)
+            self._send(self._prepare(None, None, final=False), final=False)
 
     # -- the context -----------------------------------------------------------------------------
 
@@ -140,45 +148,79 @@ class Session:
         if self._state != "open":
             raise SessionClosed(f"{what} on session {self.request_id!r}, which is already {self._state}")
 
-    def _change(self, op: Op | None, payload: Any, final: bool) -> None:
+    async def _change(self, what: str, op: Op | None, payload: Any, final: bool) -> None:
+        """Apply one change, in call order. A small one applies at once; a large one is tokenized
+        in a worker thread (megabytes take seconds: the event loop must go on serving other
+        sessions) and, once started, applies in full even if its caller is cancelled."""
+        if not self._pending and self._text_chars(payload) <= OFF_LOOP_CHARS:
+            self._check_open(what)
+            self._touch(final)
+            self._send(self._prepare(op, payload, final), final)
+            return
+        self._pending.add(
+            change := asyncio.get_running_loop().create_task(self._change_off_loop(what, op, payload, final))
+        )
+        change.add_done_callback(self._changed)
+        await asyncio.shield(change)
+
+    async def _change_off_loop(self, what: str, op: Op | None, payload: Any, final: bool) -> None:
+        async with self._lock:
+            self._check_open(what)
+            self._touch(final)
+            target = await asyncio.to_thread(self._prepare, op, payload, final)
+            self._check_open(what)  # aborted (or failed) while tokenizing: nothing to send
+            self._send(target, final)
+
+    def _changed(self, change: asyncio.Task) -> None:
+        """A change in a task ended; its error (if any) went to its caller, if still there."""
+        self._pending.discard(change)
+        if not change.cancelled():
+            change.exception()  # retrieved: a cancelled caller cannot take it
+
+    def _text_chars(self, payload: Any) -> int:
+        """Characters the change makes the tokenizer look at, at most (context text, new text)."""
+        new = len(payload) if isinstance(payload, str) else sum(len(d) for d in payload or ())
+        return len(self._builder.body) + new
+
+    def _touch(self, final: bool) -> None:
         self._last_activity = time.monotonic()
         if final:
             self._t_final = time.monotonic()
-        self._apply(op, payload, final)
-        if final:
-            self._state = "finished"
 
-    def _apply(self, op: Op | None, payload: Any, final: bool) -> None:
-        """Change the context as ``op`` says (None: no change), then send what became safe to
-        prefill. A failing change leaves the session as it was."""
+    def _prepare(self, op: Op | None, payload: Any, final: bool) -> list[int]:
+        """Change the context as ``op`` says (None: no change); the ids now safe to prefill. A
+        failing change leaves the context as it was. Runs in a worker thread for large changes
+        (under the session's lock: nothing else touches the builder meanwhile)."""
         before = self._builder.body
         if op is Op.APPEND:
             self._builder.append(payload)
         elif op is Op.UPDATE:
             self._builder.replace(payload)
         try:
-            target = self._builder.ids(final=final).ids
+            return self._builder.ids(final=final).ids
         except StreamError:
             self._builder.body = before
             raise
+
+    def _send(self, target: list[int], final: bool) -> None:
+        """Hand what became safe to prefill to the engine (nonstream mode: all of it, at the end)."""
         if self.mode != "nonstream":
             self._handover.send(target, final)
         elif final:
             self._handover.send_whole(target)
+        if final:
+            self._state = "finished"
 
     # -- the end ---------------------------------------------------------------------------------
 
-    async def _close(self, error: StreamError) -> None:
-        """End the session with ``error``: the result resolves at once, then the vLLM request is
-        aborted. Cancelling this (a client hanging up mid-DELETE, a shutdown) leaves the abort
-        running to its end: it is shielded, so KV is freed whatever happens to the caller."""
-        if self._state in ("aborted", "failed"):
-            await self._handover.stop()
-            return
-        self._state = "aborted"
-        self._host.closed(self.request_id)
-        self._output.fail(error, expected=True)
-        await self._handover.stop()
+    def _close(self, error: StreamError) -> Coroutine[Any, Any, None]:
+        """End the session with ``error``: the result resolves and the vLLM abort starts now (it
+        is shielded, so KV is freed whatever happens to the caller); the coroutine waits for it."""
+        if self._state not in ("aborted", "failed"):
+            self._state = "aborted"
+            self._host.closed(self.request_id)
+            self._output.fail(error, expected=True)
+        return self._handover.stop()
 
     def engine_died(self, error: EngineDied) -> None:
         """The engine core died: fail now (a parked session has no request that would tell it)."""

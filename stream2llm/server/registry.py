@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from stream2llm.errors import AdmissionRejected, SessionClosed, SessionExpired, UnknownSession
+from stream2llm.errors import AdmissionRejected, EngineDied, SessionClosed, SessionExpired, UnknownSession
 from stream2llm.server.errors import ApiError, api_error
 from stream2llm.server.metrics import ServerMetrics
 from stream2llm.server.settings import ServerSettings
@@ -87,6 +87,8 @@ class SessionRegistry:
                 entry.state = "stopped"
             else:
                 entry.state, entry.error = "aborted", api_error(exc)
+        except EngineDied as exc:  # 503 engine_dead: a supervisor restarts the server
+            entry.state, entry.error = "failed", api_error(exc)
         except Exception as exc:  # the engine failed this request
             entry.state = "failed"
             entry.error = ApiError(500, str(exc), type="server_error", code="engine_error")

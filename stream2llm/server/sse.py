@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from stream2llm.errors import StreamError
+
 if TYPE_CHECKING:
     from stream2llm.engine.engine import Session
     from stream2llm.server.registry import Entry
@@ -46,13 +48,14 @@ async def while_connected(request: web.Request, task: asyncio.Future, on_idle: O
 
 
 async def deltas(request: web.Request, session: Session, on_idle: OnIdle | None = None) -> AsyncIterator[str]:
-    """The session's text deltas, ending early (ConnectionResetError) if the client goes away."""
+    """The session's text deltas, ending early (ConnectionResetError) if the client goes away.
+    A session that ended with an error just ends here: the caller reports it (``outcome``)."""
     stream = session.stream().__aiter__()
     while True:
         step = asyncio.ensure_future(stream.__anext__())
         try:
             delta = await while_connected(request, step, on_idle)
-        except StopAsyncIteration:
+        except (StopAsyncIteration, StreamError):
             return
         except BaseException:
             step.cancel()
