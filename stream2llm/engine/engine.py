@@ -215,9 +215,14 @@ class StreamingEngine:
         request_id = f"s2l-oneshot-{uuid.uuid4().hex[:12]}"
         sampling = self.with_eos_stop(sampling)
         prompt = tokens_prompt(prompt_ids, None if use_prefix_cache else uuid.uuid4().hex)
+        if (died := self._watchdog.check()) is not None:
+            raise died
         final = None
-        async for out in self._llm.generate(prompt, sampling, request_id=request_id):
-            final = out
+        try:
+            async for out in self._llm.generate(prompt, sampling, request_id=request_id):
+                final = out
+        except Exception as exc:
+            raise self._watchdog.check() or exc from exc  # vLLM's EngineDeadError -> EngineDied
         return list(final.outputs[0].token_ids) if final is not None else []
 
     async def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
