@@ -87,12 +87,27 @@ def bench(
     ] = False,
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
+    endpoint: Annotated[
+        str | None, typer.Option(help="Replay over HTTP against this deployment (its policy) instead.")
+    ] = None,
     debug: DebugOpt = False,
 ):
     """Replay traces against one engine for every policy and rate; results JSON, table and plots."""
     from stream2llm.workloads.bench import run_bench_command
+    from stream2llm.workloads.replay import ReplayOptions
 
+    options = ReplayOptions(delay_multiplier, scale, max_tokens, deadline_s=deadline)
     try:
+        if endpoint:  # the engine options do not apply: the deployment has its own
+            from stream2llm.workloads.http_bench import run_http_bench_command
+
+            return run_async(
+                run_http_bench_command(
+                    endpoint, traces, qps=[float(q) for q in qps.split(",")], policies=policies.split(","),
+                    options=options, repeat=repeat, limit=limit, layout=layout, model=model,
+                    max_model_len=max_model_len, out=out, console=console,
+                )
+            )  # fmt: skip
         run_async(
             run_bench_command(
                 traces,

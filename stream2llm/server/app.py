@@ -34,6 +34,7 @@ __all__ = ["ServerSettings", "create_app", "serve", "start_site"]
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+INSTANCE_HEADER = "X-Stream2LLM-Instance"
 
 
 @web.middleware
@@ -84,6 +85,14 @@ async def _checked(request: web.Request, handler: Handler, server: SessionRegist
     return await handler(request)
 
 
+async def _tag(request: web.Request, response: web.StreamResponse) -> None:
+    """Say which instance answered (its own address: behind a router, which replica) and which session."""
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if sock:
+        response.headers[INSTANCE_HEADER] = f"{sock[0]}:{sock[1]}"
+    sessions_api.tag_response(request, response)
+
+
 async def health(request: web.Request) -> web.Response:
     """200 while the engine lives; 503 at once when its engine core died (a supervisor restarts)."""
     server = request.app[SERVER]
@@ -105,6 +114,7 @@ def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) 
     app = web.Application(middlewares=[_guard], client_max_size=settings.max_body_bytes)
     server = SessionRegistry(engine, settings)
     app[SERVER] = server
+    app.on_response_prepare.append(_tag)
     sessions_api.add_routes(app.router)
     openai_api.add_routes(app.router)
     app.router.add_get("/health", health)

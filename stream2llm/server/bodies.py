@@ -34,6 +34,7 @@ class OpenSessionBody(_Body):
     mode: Literal["stream", "nonstream", "vllm"] = "stream"
     truncate: bool = False
     cache_salt: str | None = Field(None, min_length=1)
+    session_id: str | None = None  # the client's own id (checked in sessions_api.chosen_id)
 
 
 class AppendBody(_Body):
