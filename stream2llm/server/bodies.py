@@ -127,6 +127,14 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    # vllm-router re-serializes OpenAI bodies with these (SGLang's extensions) at their defaults
+    "no_stop_trim": (None, False),
+    "skip_special_tokens": (None, True),
+    "return_hidden_states": (None, False),
+    "continue_final_message": (None, False),
+    "separate_reasoning": (None, True),
+    "stream_reasoning": (None, True),
+    "include_reasoning": (None, True),
 }
 
 
