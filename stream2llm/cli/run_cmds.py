@@ -82,9 +82,23 @@ def serve(
     kv_cache_gb: Annotated[float, typer.Option(help="KV cache size in GiB.")] = 1.0,
     max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
     policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "stream2llm",
+    dtype: Annotated[str, typer.Option(help="Weights and activations: bfloat16 or float32.")] = "bfloat16",
+    replicas: Annotated[
+        int, typer.Option(help="Engine instances (processes) behind vllm-router; 1: this process serves.")
+    ] = 1,
+    routing: Annotated[
+        str, typer.Option(help="With --replicas: consistent_hash or sticky_least_loaded (by X-Session-ID).")
+    ] = "consistent_hash",
     debug: DebugOpt = False,
 ):
     """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
+    if replicas > 1:
+        from stream2llm.cli.replicas_cmds import serve_replicas
+
+        return serve_replicas(
+            replicas, routing, host, port, token, debug, model=model, max_sessions=max_sessions,
+            kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, policy=policy, dtype=dtype,
+        )  # fmt: skip
     from stream2llm.engine.engine import EngineConfig
     from stream2llm.server.app import ServerSettings
     from stream2llm.server.app import serve as run_server
@@ -95,6 +109,7 @@ def serve(
         kv_cache_bytes=int(kv_cache_gb * (1 << 30)),
         max_model_len=max_model_len,
         max_sessions=max(max_sessions, 1),
+        dtype=dtype,
     )
     settings = ServerSettings(
         host=host,

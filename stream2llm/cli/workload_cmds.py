@@ -25,6 +25,7 @@ from stream2llm.cli.common import (
     source_options,
     write_json,
 )
+from stream2llm.cli.endpoint_bench import bench_endpoint
 
 
 def synth(
@@ -82,14 +83,15 @@ def bench(
         str,
         typer.Option(help="Update documents: the trace's score order, or the connector's layout (stable)."),
     ] = "score",
-    step_log: Annotated[
-        bool, typer.Option(help="Log every engine step (tokens, context, times) to OUT/steps.jsonl.")
-    ] = False,
+    step_log: Annotated[bool, typer.Option(help="Log each engine step to OUT/steps.jsonl.")] = False,
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
+    endpoint: Annotated[str | None, typer.Option(help="Replay over HTTP against this deployment.")] = None,
     debug: DebugOpt = False,
 ):
     """Replay traces against one engine for every policy and rate; results JSON, table and plots."""
+    if endpoint:
+        return bench_endpoint(**locals())
     from stream2llm.workloads.bench import run_bench_command
 
     try:

@@ -40,6 +40,7 @@ GUARD = web.AppKey("stream2llm_guard", Guard)
 # still sending would otherwise lose the answer to a reset); Envoy's delayed close is 1 s too.
 LINGER_S = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+INSTANCE_HEADER = "X-Stream2LLM-Instance"
 
 
 @web.middleware
@@ -94,6 +95,14 @@ async def _checked(request: web.Request, handler: Handler, server: SessionRegist
     return await handler(request)
 
 
+async def _tag(request: web.Request, response: web.StreamResponse) -> None:
+    """Say which instance answered (its own address: behind a router, which replica) and which session."""
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if sock:
+        response.headers[INSTANCE_HEADER] = f"{sock[0]}:{sock[1]}"
+    sessions_api.tag_response(request, response)
+
+
 async def health(request: web.Request) -> web.Response:
     """200 while the engine lives; 503 at once when its engine core died (a supervisor restarts)."""
     server = request.app[SERVER]
@@ -118,6 +127,7 @@ def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) 
     app[SERVER] = server
     app[GUARD] = guard = Guard(settings)
     app.on_response_prepare.append(guard.add_cors_headers)  # streamed answers too
+    app.on_response_prepare.append(_tag)
     sessions_api.add_routes(app.router)
     openai_api.add_routes(app.router)
     app.router.add_get("/health", health)

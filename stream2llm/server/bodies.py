@@ -46,6 +46,7 @@ class OpenSessionBody(_Body):
     mode: Literal["stream", "nonstream", "vllm"] = "stream"
     truncate: bool = False
     cache_salt: str | None = Field(None, min_length=1)
+    session_id: str | None = None  # the client's own id (checked in sessions_api.chosen_id)
 
 
 class AppendBody(_Body):
@@ -138,6 +139,14 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    # vllm-router re-serializes OpenAI bodies with these (SGLang's extensions) at their defaults
+    "no_stop_trim": (None, False),
+    "skip_special_tokens": (None, True),
+    "return_hidden_states": (None, False),
+    "continue_final_message": (None, False),
+    "separate_reasoning": (None, True),
+    "stream_reasoning": (None, True),
+    "include_reasoning": (None, True),
 }
 
 

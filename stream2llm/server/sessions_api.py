@@ -7,11 +7,17 @@ POST   /v1/sessions/{id}/finish
 GET    /v1/sessions/{id}/stream    SSE: {"type": "delta", "text"} ..., {"type": "result", ...}, [DONE]
 GET    /v1/sessions/{id}           state, and the result once there is one
 DELETE /v1/sessions/{id}           abort, KV freed
+
+Every answer about a session carries its id in an ``X-Session-ID`` header. A client may choose the
+id itself (``X-Session-ID`` header or ``session_id`` field on open): a router that hashes that
+header (vllm-router's consistent_hash) then sends the open and every later call of the session to
+the one instance that holds its KV.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from dataclasses import asdict
 from typing import Any
@@ -23,6 +29,9 @@ from stream2llm.server.bodies import AppendBody, FinishBody, OpenSessionBody, Up
 from stream2llm.server.errors import ApiError
 from stream2llm.server.registry import SERVER, Entry
 from stream2llm.server.sse import abort_if_dropped, deltas, sse, start_sse
+
+SESSION_ID_HEADER = "X-Session-ID"
+CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{7,127}")  # safe in a path and a vLLM request id
 
 
 def result_json(entry: Entry) -> dict[str, Any]:
@@ -85,11 +94,40 @@ async def open_session(request: web.Request) -> web.Response:
         body.question,
         params,
         mode=body.mode,
-        request_id=f"sess-{uuid.uuid4().hex}",
+        request_id=chosen_id(request, body.session_id),
         truncate=body.truncate,
         cache_salt=body.cache_salt,
     )
-    return web.json_response(state_json(entry), status=201)
+    return web.json_response(
+        state_json(entry), status=201, headers={SESSION_ID_HEADER: entry.session.request_id}
+    )
+
+
+def chosen_id(request: web.Request, in_body: str | None) -> str:
+    """The id the client chose (header or body, checked), or a fresh one."""
+    in_header = request.headers.get(SESSION_ID_HEADER)
+    if in_header and in_body and in_header != in_body:
+        raise ApiError(400, f"{SESSION_ID_HEADER} header and session_id differ", param="session_id")
+    chosen = in_body or in_header
+    if chosen is None:
+        return f"sess-{uuid.uuid4().hex}"
+    if not CLIENT_ID.fullmatch(chosen):
+        raise ApiError(
+            400,
+            "session id must be 8-128 characters: letters, digits, '.', '_', '-' (not first)",
+            code="invalid_value",
+            param="session_id",
+        )
+    if chosen in request.app[SERVER].entries:
+        raise ApiError(409, f"session {chosen!r} already exists", code="conflict", param="session_id")
+    return chosen
+
+
+def tag_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Name the session in every answer about one (routers and clients read it)."""
+    session_id = request.match_info.get("id")
+    if session_id and request.path.startswith("/v1/sessions/"):
+        response.headers.setdefault(SESSION_ID_HEADER, session_id)
 
 
 async def append(request: web.Request) -> web.Response:

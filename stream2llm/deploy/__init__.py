@@ -1,0 +1,1 @@
+"""Deployments beyond one process: several ``stream2llm serve`` instances behind vllm-router."""

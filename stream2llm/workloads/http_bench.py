@@ -1,0 +1,65 @@
+"""``stream2llm bench --endpoint URL``: replay traces over HTTP against a running deployment; the
+same results.json, tables and plots as the in-process bench."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from stream2llm.workloads.bench import load_requests, machine, ratio_table, write_json, write_results
+from stream2llm.workloads.bench_policies import check_policies
+from stream2llm.workloads.http_replay import event_text, run_http_bench
+from stream2llm.workloads.metrics import summarize_repeats
+from stream2llm.workloads.replay import BenchPlan, ReplayOptions
+
+
+async def run_http_bench_command(
+    endpoint: str,
+    traces: Path,
+    *,
+    qps: list[float],
+    policies: list[str],
+    options: ReplayOptions,
+    repeat: int,
+    limit: int | None,
+    layout: str,
+    model: str,
+    max_model_len: int,
+    out: Path,
+    console: Console,
+) -> dict[str, Any]:
+    """Every (policy, qps, repeat) against ``endpoint``: results.json and plots in ``out``.
+    ``model`` and ``max_model_len`` size the payloads as the deployment's model counts tokens."""
+    check_policies(policies)
+    requests = load_requests(traces, limit, layout)
+    texts = event_text(model, max_model_len, options)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def track(label: str, total: int):
+        task = progress.add_task(label, total=total)
+        return lambda: progress.advance(task)
+
+    plan = BenchPlan(tuple(policies), tuple(qps), repeat)
+    with progress:
+        result = await run_http_bench(
+            endpoint, requests, plan, options, texts, track, lambda doc: write_json(doc, out)
+        )
+    result["summary"] = summarize_repeats(result["runs"])
+    result["machine"] = machine() + " (the client's)"
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    result["trace"] = str(traces)
+    result["options"]["layout"] = layout
+    write_results(result, out, max(qps))
+    console.print(ratio_table(result))
+    console.print(f"results: {out / 'results.json'}")
+    return result
