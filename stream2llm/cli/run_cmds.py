@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -99,6 +99,27 @@ def serve(
             replicas, routing, host, port, token, debug, model=model, max_sessions=max_sessions,
             kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, policy=policy, dtype=dtype,
         )  # fmt: skip
+    _serve_one(
+        model, host, port, token, max_sessions, kv_cache_gb, max_model_len, policy, dtype, debug,
+        allow_insecure_bind=allow_insecure_bind, allowed_origins=tuple(allowed_origin or ()),
+        allowed_hosts=tuple(allowed_host or ()),
+    )  # fmt: skip
+
+
+def _serve_one(
+    model: str,
+    host: str,
+    port: int,
+    token: str | None,
+    max_sessions: int,
+    kv_cache_gb: float,
+    max_model_len: int,
+    policy: str,
+    dtype: str,
+    debug: bool,
+    **guards: Any,
+) -> None:
+    """One engine serving HTTP in this process until a signal (SIGTERM: status 0) or its death."""
     from stream2llm.engine.engine import EngineConfig
     from stream2llm.server.app import ServerSettings
     from stream2llm.server.app import serve as run_server
@@ -116,9 +137,7 @@ def serve(
         port=port,
         token=token,
         max_sessions=max_sessions,
-        allow_insecure_bind=allow_insecure_bind,
-        allowed_origins=tuple(allowed_origin or ()),
-        allowed_hosts=tuple(allowed_host or ()),
+        **guards,
     )
 
     def ready(url: str) -> None:
