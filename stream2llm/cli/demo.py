@@ -144,15 +144,13 @@ async def run_demo(
     max_doc_chars: int = 1500,
 ) -> dict[str, Any]:
     """Answer ``questions`` of the demo questions; returns the summary as a dict (for --json)."""
-    from vllm import SamplingParams
-
     from stream2llm.engine import models
+    from stream2llm.engine.health import start_off_loop
 
     chosen = [QUESTIONS[i % len(QUESTIONS)] for i in range(questions)]
-    sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
     t0 = time.monotonic()
     with console.status(f"preparing the model {model} (converted once on first use) ..."):
-        models.resolve(model)
+        await start_off_loop(lambda: models.resolve(model), lambda _: None)  # a signal is served meanwhile
     async with open_retrievers(sorted({q.retriever for q in chosen}), options) as sources:
         by_name = {s.name: s for s in sources}
         owned = engine is None
@@ -160,6 +158,9 @@ async def run_demo(
             with console.status(f"starting the engine ({model}) ..."):
                 engine = await StreamingEngine.start(EngineConfig(model=model, max_model_len=8192))
         console.print(f"ready in {time.monotonic() - t0:.1f} s")
+        from vllm import SamplingParams  # loaded by the engine's start, off the event loop
+
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens)
         try:
             rows = []
             for question in chosen:

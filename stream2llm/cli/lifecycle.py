@@ -69,6 +69,8 @@ async def _main(work: Coroutine[Any, Any, T], grace_s: float) -> T:
         if stopper.reason is not None:
             raise stopper.reason from None
         raise
+    except EngineDied as error:  # the work noticed its engine's death itself (``serve``)
+        raise Stopped(EXIT_ENGINE_DIED, str(error)) from None
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)

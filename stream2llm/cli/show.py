@@ -82,12 +82,12 @@ async def run_question(
     console: Console,
 ) -> dict[str, Any]:
     """``stream2llm run``: one question through the chosen retrievers and the engine."""
-    from vllm import SamplingParams
-
     async with open_retrievers(retrievers, options) as sources:
         with console.status(f"starting the engine ({model}) ..."):
             engine = await StreamingEngine.start(EngineConfig(model=model, max_model_len=max_model_len))
         try:
+            from vllm import SamplingParams  # loaded by the engine's start, off the event loop
+
             pipeline = RagPipeline(
                 engine, sources, mode=mode, sampling=SamplingParams(temperature=0, max_tokens=max_tokens)
             )

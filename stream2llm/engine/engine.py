@@ -65,19 +65,23 @@ class StreamingEngine:
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> StreamingEngine:
         config = config or EngineConfig()
-        model = await asyncio.to_thread(models.resolve, config.model)
         fd, board_path = tempfile.mkstemp(prefix="stream2llm-stats-")
         os.close(fd)
         board = StatsBoard(board_path, create=True)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from stream2llm.core import vllm_compat
 
-        args = engine_args(config, model, board_path)
+        def start_vllm() -> tuple[models.ModelInfo, Any]:
+            # importing vLLM alone takes 10-20 s on a small machine: done here, off the event
+            # loop, like the start itself, so that a signal during start-up is handled at once
+            from stream2llm.core import vllm_compat
+
+            model = models.resolve(config.model)
+            args = engine_args(config, model, board_path)
+            return model, vllm_compat.start_async_llm(args, fork=config.fast_start)
+
         try:
-            llm = await start_off_loop(
-                lambda: vllm_compat.start_async_llm(args, fork=config.fast_start), vllm_compat.shut_down
-            )
+            model, llm = await start_off_loop(start_vllm, _shut_down_started)
         except BaseException:
             board.close()
             os.unlink(board_path)
@@ -251,3 +255,10 @@ class StreamingEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+def _shut_down_started(started: tuple[models.ModelInfo, Any]) -> None:
+    """An engine that came up after its starter gave up waiting (a signal during start-up)."""
+    from stream2llm.core import vllm_compat
+
+    vllm_compat.shut_down(started[1])

@@ -32,8 +32,9 @@ _death_callback: contextvars.ContextVar[DeathCallback | None] = contextvars.Cont
 
 
 @contextlib.contextmanager
-def on_engine_death(callback: DeathCallback) -> Iterator[None]:
-    """Call ``callback`` when an engine started inside this block dies."""
+def on_engine_death(callback: DeathCallback | None) -> Iterator[None]:
+    """Call ``callback`` when an engine started inside this block dies (None: nobody is told;
+    whoever starts the engine there watches it with ``wait_died``)."""
     token = _death_callback.set(callback)
     try:
         yield

@@ -41,6 +41,7 @@ GUARD = web.AppKey("stream2llm_guard", Guard)
 LINGER_S = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 INSTANCE_HEADER = "X-Stream2LLM-Instance"
+DEATH_503_S = 2.0  # how long a server whose engine died answers 503 before it exits
 
 
 @web.middleware
@@ -168,18 +169,24 @@ async def serve(
     config: EngineConfig, settings: ServerSettings, on_ready: Callable[[str], None] | None = None
 ) -> None:
     """Start an engine, serve HTTP until cancelled (a signal), then shut both down. Raises
-    EngineDied when the engine core dies: the server must not outlive its engine."""
+    EngineDied when the engine core dies: the server must not outlive its engine, but it answers
+    503 (and /health says why) for ``DEATH_503_S`` first, so that clients and health checks learn
+    what happened rather than finding the port closed."""
     from stream2llm.engine.engine import StreamingEngine
+    from stream2llm.engine.health import on_engine_death
 
     if not settings.allow_insecure_bind:
         check_bind(settings, settings.host)  # refused before the engine's slow start
-    engine = await StreamingEngine.start(config)
+    with on_engine_death(None):  # the command is not stopped at once: this function ends it
+        engine = await StreamingEngine.start(config)
     try:
         runner, url = await start_site(create_app(engine, settings), settings.host, settings.port)
         try:
             if on_ready is not None:
                 on_ready(url)
-            raise await engine.wait_died()
+            died = await engine.wait_died()
+            await asyncio.sleep(DEATH_503_S)
+            raise died
         finally:
             await runner.cleanup()
     finally:
