@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -92,7 +93,9 @@ def _build_atomically(target: Path, build: Callable[[Path], dict]) -> Path:
 # tiny: random-weight Llama with a locally trained byte-level BPE (test model)
 # ---------------------------------------------------------------------------------------------
 
-TINY_VERSION = "tiny-llama-v2"  # v2: 32k positions (published prompts exceed 8k)
+TINY_VERSION = "tiny-llama-v3"  # v2: 32k positions (published prompts exceed 8k); v3: trained
+TINY_TRAIN_STEPS = 200
+TINY_LOGIT_SCALE = 2.0  # sharpen the trained model's next-token distribution further
 
 
 def _tiny_training_files() -> list[str]:
@@ -142,8 +145,37 @@ def build_tiny(out: Path) -> dict:
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model = LlamaForCausalLM(cfg)
+    _train_tiny(model, [tok.encode(Path(f).read_text(encoding="utf-8")).ids for f in _tiny_training_files()])
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return {"name": "tiny", "version": TINY_VERSION, "bos_token_id": bos, "eos_token_ids": [eos]}
+
+
+def _train_tiny(model: Any, docs: list[list[int]], steps: int = TINY_TRAIN_STEPS) -> None:
+    """A few hundred steps of next-token training on the tokenizer's own text (seconds, one thread,
+    fixed seed). Random weights give nearly flat logits, under which a stale KV entry barely moves
+    an output; a model that predicts its text peaks, and then the equivalence tests can see one."""
+    import torch
+
+    ids = torch.tensor([t for doc in docs for t in doc], dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order everywhere: the same weights everywhere
+    try:
+        model.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 257, (8,), generator=gen)
+            batch = torch.stack([ids[s : s + 257] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(TINY_LOGIT_SCALE)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
