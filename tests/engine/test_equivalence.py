@@ -237,3 +237,15 @@ async def test_a_logprob_mismatch_is_visible(engine):
     assert a.computed_prompt_digest != b.computed_prompt_digest
     worst = max(abs(d[t] - r.get(t, 0.0)) for d, r in zip(a.logprobs, b.logprobs) for t in d)
     assert worst > 100 * LOGPROB_TOL, worst
+
+
+async def test_delta_output_is_refused(engine):
+    """The session strips throw-away tokens off a cumulative output; DELTA would drop real ones."""
+    from vllm.sampling_params import RequestOutputKind
+
+    from stream2llm.errors import StreamError
+
+    delta = SamplingParams(temperature=0, max_tokens=4, output_kind=RequestOutputKind.DELTA)
+    for mode in ("stream", "vllm", "nonstream"):
+        with pytest.raises(StreamError, match="output_kind=CUMULATIVE"):
+            await engine.open(QUESTION, delta, mode=mode)
