@@ -83,15 +83,31 @@ async def test_append_session_equals_oneshot(engine, k, n_chars):
     assert streamed.tokens_prefilled == len(expected_prompt)
 
 
+async def _wait_parked(engine, prefilled_before: int, timeout_s: float = 30.0) -> None:
+    """Until the engine core has prefilled the update and parked the session again, not a fixed
+    sleep: on a loaded machine 0.15 s was too short and the next update found a prefill in flight.
+    (An update prefills at least one token, so the total moving past ``prefilled_before`` shows the
+    board is not the state from before the update.)"""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        stats = engine.stats()
+        idle = stats.parked >= 1 and stats.running == 0 and stats.waiting == 0
+        if idle and stats.tokens_prefilled > prefilled_before:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the session did not park")
+
+
 async def _run_updates(engine, series: list[list[str]], wait: bool):
     session = await engine.open(QUESTION, GREEDY)
     snapshots = []
     for docs in series:
         before = session.prompt_ids
+        prefilled_before = engine.stats().tokens_prefilled
         await session.update(docs)
         snapshots.append((before, session.prompt_ids))
         if wait:
-            await asyncio.sleep(0.15)
+            await _wait_parked(engine, prefilled_before)
     await session.finish()
     return session, snapshots, await session.result()
 
