@@ -2,6 +2,11 @@
 (returned to the front end with the request's final output), engine-wide totals and live state on
 the shared-memory stats board, and the optional per-step log.
 
+It also keeps, per request, the token id at each position whose KV the request holds, read from
+what each step hands the model runner (not from what the front end meant to send), cut back when
+an update cuts the KV; its digest goes back with the counters, so a test can check the prompt the
+final answer attended to against an independent tokenization.
+
 vLLM reports none of this per request, and its scheduler stats only travel with outputs; the board
 lets the front end read the state at any time (after the last abort too).
 """
@@ -12,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stream2llm.core import vllm_compat as compat
-from stream2llm.core.protocol import RequestCounters, UpdateRecord
+from stream2llm.core.protocol import RequestCounters, UpdateRecord, token_digest
 from stream2llm.core.stats_board import EngineStats, StatsBoard
 from stream2llm.core.step_log import PrefillItem, StepLog
 
@@ -26,6 +31,8 @@ class Accounting:
         self._step_log = StepLog(step_log) if step_log else None
         self._counters: dict[str, RequestCounters] = {}
         self._totals = RequestCounters()
+        self._sent: dict[str, list[int]] = {}  # the prompt each request's model runner copied last
+        self._computed: dict[str, list[int]] = {}  # token id per position whose KV the request holds
 
     def counters(self, request_id: str) -> RequestCounters | None:
         """What was counted so far for a live request (None once it is freed)."""
@@ -41,11 +48,33 @@ class Accounting:
         counters.tokens_recomputed += record.recomputed
         counters.tokens_discarded += record.discarded
         self._totals.tokens_recomputed += record.recomputed
+        self.cut_computed(request_id, record.kept)
+
+    def cut_computed(self, request_id: str, keep: int) -> None:
+        """The request's KV was cut back to ``keep`` tokens."""
+        del self._computed.get(request_id, [])[keep:]
+
+    def _note_computed(self, request: compat.Request, start: int, n: int) -> None:
+        """Positions ``start:start+n`` are computed this step from the tokens the runner holds: the
+        prompt copied when the request was (re)started, then its own sampled tokens. Positions the
+        request skipped (prefix-cache hits, kept decode outputs) are taken from that same prompt:
+        their KV is vouched for by block hashes, not computed here."""
+        rid = request.request_id
+        record = self._computed.setdefault(rid, [])
+        del record[start:]
+        record.extend(self._runner_tokens(request, len(record), start + n))
+
+    def _runner_tokens(self, request: compat.Request, start: int, stop: int) -> list[int]:
+        tokens = self._sent.get(request.request_id, [])[start:stop]
+        if len(tokens) < stop - start:
+            tokens += compat.token_ids_at(request, start + len(tokens), stop)
+        return tokens
 
     def step_scheduled(self, output: Any, t0: float, policy: str, is_complete: Callable[[str], bool]) -> None:
         """Count the prompt tokens a step scheduled (not decodes) and log the step."""
         logged: list[PrefillItem] = []
         scheduled = compat.scheduled_tokens(output)
+        self._sent.update(compat.sent_prompts(output))
         for request_id, n in scheduled.items():
             request = compat.find_request(self._scheduler, request_id)
             if request is None:
@@ -53,6 +82,7 @@ class Accounting:
             computed_before = compat.computed_tokens(request) - n
             prompt_part = max(0, min(n, compat.prompt_length(request) - computed_before))
             if prompt_part:
+                self._note_computed(request, computed_before, prompt_part)
                 self._counters_for(request_id).tokens_prefilled += prompt_part
                 self._totals.tokens_prefilled += prompt_part
                 if self._step_log is not None:
@@ -70,7 +100,13 @@ class Accounting:
     def release(self, request_id: str) -> dict[str, Any] | None:
         """Stop counting for a freed request; return what goes back to the front end."""
         counters = self._counters.pop(request_id, None)
-        return None if counters is None else counters.as_dict()
+        self._sent.pop(request_id, None)
+        computed = self._computed.pop(request_id, [])
+        if counters is None:
+            return None
+        counters.computed_prompt_len = len(computed)
+        counters.computed_prompt_digest = token_digest(computed)
+        return counters.as_dict()
 
     def publish(self, preemptions: int) -> None:
         """Write the engine's live state on the board, if there is one."""

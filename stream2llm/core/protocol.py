@@ -8,6 +8,9 @@ output's ``kv_transfer_params[CONFIG_KEY]`` (core to front end).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +59,9 @@ class RequestCounters:
     tokens_recomputed: int = 0
     tokens_discarded: int = 0
     updates: list[UpdateRecord] = field(default_factory=list)
+    # the token ids whose KV the request held at the end, as handed to the model (see accounting)
+    computed_prompt_len: int = 0
+    computed_prompt_digest: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -63,4 +69,17 @@ class RequestCounters:
             "tokens_recomputed": self.tokens_recomputed,
             "tokens_discarded": self.tokens_discarded,
             "updates": [vars(u) for u in self.updates],
+            "computed_prompt_len": self.computed_prompt_len,
+            "computed_prompt_digest": self.computed_prompt_digest,
         }
+
+
+def token_digest(token_ids: Sequence[int]) -> str:
+    """sha256 of the ids as little-endian int32: the engine core reports the prompt it computed this
+    way, so a test can compare it with any independent tokenization without shipping the ids."""
+    ids = array("i", token_ids)
+    if ids.itemsize != 4:  # pragma: no cover - every platform vLLM runs on has a 4-byte C int
+        raise RuntimeError("array('i') is not 32-bit here")
+    if array("i", [1]).tobytes()[0] != 1:  # pragma: no cover - big-endian host
+        ids.byteswap()
+    return hashlib.sha256(ids.tobytes()).hexdigest()

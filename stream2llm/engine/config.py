@@ -62,6 +62,7 @@ def engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str) 
         **model.engine_overrides,
         **config.engine_args,
     }
+    kwargs.update(models.hybrid_kv_overrides(models.hf_config(model.path), kwargs))
     if config.block_size is not None:
         kwargs["block_size"] = config.block_size
     return AsyncEngineArgs(**kwargs)

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -51,6 +52,44 @@ class ModelInfo:
             engine_overrides=meta.get("engine_overrides", {}),
             chat_turn=tuple(meta["chat_turn"]) if meta.get("chat_turn") else CHAT_TURNS.get(name or ""),
         )
+
+
+HYBRID_KV_FLAG = "disable_hybrid_kv_cache_manager"
+
+
+def has_sliding_window(hf_config: dict) -> bool:
+    """Whether a model's config.json declares sliding-window attention layers (Gemma 2/3, Mistral
+    with a window, Qwen with ``use_sliding_window``), at the top level or in ``text_config``."""
+    for cfg in (hf_config, hf_config.get("text_config") or {}):
+        if "sliding_attention" in (cfg.get("layer_types") or ()):
+            return True
+        if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+            return True
+    return False
+
+
+def hybrid_kv_overrides(hf_config: dict, overrides: dict) -> dict:
+    """Engine arguments a sliding-window model needs for update mode. vLLM's hybrid KV manager
+    keeps only the last window of blocks in those layers, so an update's cut falls back to keeping
+    nothing (``cut_session_kv``: keep = 0) and every update recomputes the whole prompt, silently.
+    Full-attention KV for every layer fixes that (more KV memory); turning it off explicitly is
+    refused, since update mode would be lost without a word."""
+    if not has_sliding_window(hf_config):
+        return {}
+    if HYBRID_KV_FLAG in overrides and not overrides[HYBRID_KV_FLAG]:
+        from stream2llm.errors import StreamError
+
+        raise StreamError(
+            f"this model has sliding-window layers: with {HYBRID_KV_FLAG}=False an update keeps no KV "
+            "(every update recomputes the whole prompt); leave the flag on"
+        )
+    return {HYBRID_KV_FLAG: True}
+
+
+def hf_config(path: Path) -> dict:
+    """A model directory's config.json ({} if it has none)."""
+    cfg = path / "config.json"
+    return json.loads(cfg.read_text()) if cfg.exists() else {}
 
 
 def cache_root() -> Path:
@@ -92,7 +131,9 @@ def _build_atomically(target: Path, build: Callable[[Path], dict]) -> Path:
 # tiny: random-weight Llama with a locally trained byte-level BPE (test model)
 # ---------------------------------------------------------------------------------------------
 
-TINY_VERSION = "tiny-llama-v2"  # v2: 32k positions (published prompts exceed 8k)
+TINY_VERSION = "tiny-llama-v3"  # v2: 32k positions (published prompts exceed 8k); v3: trained
+TINY_TRAIN_STEPS = 200
+TINY_LOGIT_SCALE = 2.0  # sharpen the trained model's next-token distribution further
 
 
 def _tiny_training_files() -> list[str]:
@@ -142,8 +183,37 @@ def build_tiny(out: Path) -> dict:
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model = LlamaForCausalLM(cfg)
+    _train_tiny(model, [tok.encode(Path(f).read_text(encoding="utf-8")).ids for f in _tiny_training_files()])
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return {"name": "tiny", "version": TINY_VERSION, "bos_token_id": bos, "eos_token_ids": [eos]}
+
+
+def _train_tiny(model: Any, docs: list[list[int]], steps: int = TINY_TRAIN_STEPS) -> None:
+    """A few hundred steps of next-token training on the tokenizer's own text (seconds, one thread,
+    fixed seed). Random weights give nearly flat logits, under which a stale KV entry barely moves
+    an output; a model that predicts its text peaks, and then the equivalence tests can see one."""
+    import torch
+
+    ids = torch.tensor([t for doc in docs for t in doc], dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order everywhere: the same weights everywhere
+    try:
+        model.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - 257, (8,), generator=gen)
+            batch = torch.stack([ids[s : s + 257] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(TINY_LOGIT_SCALE)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

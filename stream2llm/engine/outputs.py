@@ -46,6 +46,12 @@ class SessionResult:
     final_event_at: float | None = None
     final_handoff_at: float | None = None
     first_token_at: float | None = None
+    # the prompt the engine core computed (what the answer attended to), not what was sent: its
+    # length and token_digest (core.protocol), from the core's counters
+    computed_prompt_len: int = 0
+    computed_prompt_digest: str | None = None
+    # per generated token, {token id: logprob} of the top ``sampling.logprobs`` (None if not asked)
+    logprobs: list[dict[int, float]] | None = None
 
 
 class SessionOutput:
@@ -54,6 +60,7 @@ class SessionOutput:
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self._tokenizer = tokenizer
         self.token_ids: list[int] = []  # generated so far, throw-away tokens excluded
+        self.logprobs: list[dict[int, float]] | None = None
         self.first_token_at: float | None = None
         self._finish_reason: str | None = None
         self._counters: dict[str, Any] = {}
@@ -74,6 +81,10 @@ class SessionOutput:
         if self.first_token_at is None:
             self.first_token_at = now
         self._emit(ids[n_throwaway:])
+        if out.outputs[0].logprobs is not None:
+            self.logprobs = [
+                {t: lp.logprob for t, lp in d.items()} for d in out.outputs[0].logprobs[n_throwaway:]
+            ]
         if out.outputs[0].finish_reason is not None:
             self._finish_reason = out.outputs[0].finish_reason
         if out.kv_transfer_params and CONFIG_KEY in out.kv_transfer_params:
@@ -123,6 +134,9 @@ class SessionOutput:
                 final_event_at=final_event_at,
                 final_handoff_at=chunks[-1].sent if final_event_at and chunks else None,
                 first_token_at=self.first_token_at,
+                computed_prompt_len=int(counters.get("computed_prompt_len", 0)),
+                computed_prompt_digest=counters.get("computed_prompt_digest"),
+                logprobs=self.logprobs,
             )
         )
 

@@ -29,6 +29,15 @@ def check_sampling(sampling: Any) -> None:
         raise StreamError("streamed sessions do not support stop strings; use stop_token_ids")
     if not sampling.max_tokens or sampling.max_tokens < 1:
         raise StreamError("sampling.max_tokens must be at least 1")
+    kind = getattr(sampling, "output_kind", None)
+    if kind is not None and kind != _vllm().sampling_params.RequestOutputKind.CUMULATIVE:
+        # the session counts the intermediate chunks' throw-away tokens off the front of the
+        # final chunk's cumulative output; DELTA would drop real tokens, FINAL_ONLY is refused by
+        # vLLM's streaming input. Text deltas come from SessionOutput.stream() anyway.
+        raise StreamError(
+            f"streamed sessions need output_kind=CUMULATIVE (got {kind.name}); "
+            "read incremental text from the session's stream() instead"
+        )
 
 
 def with_eos_stop(sampling: Any, eos_token_ids: Sequence[int]) -> Any:
@@ -46,7 +55,14 @@ def chunk_params(final_sampling: Any, meta: ChunkMeta) -> Any:
     """One chunk's sampling parameters. vLLM has no prefill-only request, so an intermediate chunk
     samples one throw-away token (cumulative output, so the session can count them); the final
     chunk samples with the caller's parameters. The chunk's metadata rides in ``extra_args``."""
-    base = final_sampling if meta.final else _vllm().SamplingParams(temperature=0, max_tokens=1)
+    # an intermediate chunk asks for the final chunk's logprobs too: vLLM sizes a streaming
+    # request's logprob lists from its first chunk, and the front end drops the throw-away ones
+    logprobs = final_sampling.logprobs
+    base = (
+        final_sampling
+        if meta.final
+        else _vllm().SamplingParams(temperature=0, max_tokens=1, logprobs=logprobs)
+    )
     params = base.clone()
     params.extra_args = {**(params.extra_args or {}), **meta.as_extra_args()}
     if not meta.final:

@@ -1,22 +1,60 @@
-"""Streamed prefill gives exactly what one-shot prefill gives (greedy, token for token)."""
+"""Streamed prefill gives exactly what one-shot prefill gives: the same prompt computed by the
+engine (its own digest of the token ids it handed the model, against an independent tokenization of
+the final prompt), the same greedy tokens, the same top-5 candidates with float32 logprobs equal to 1e-4."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 
 import pytest
+from vllm import SamplingParams
 
-from stream2llm.context.prompt import PromptTemplate, common_prefix_len
+from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate, common_prefix_len
+from stream2llm.core.protocol import token_digest
 from tests.conftest import corpus_text
-from tests.engine.helpers import GREEDY, oneshot, split_at_random
+from tests.engine.helpers import oneshot, split_at_random
 
 QUESTION = "What does the documentation say about this?"
+# greedy, plus the top-5 logprobs of every generated token (float32 engine: compared exactly)
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+# float32 attention over a prompt cut into many chunks sums in another order than one-shot's: up to
+# 20 chunks gave logprobs equal to ~2e-6 (often bit for bit); one stale KV entry 500 tokens back
+# moves them by ~1e-2 on the trained tiny model (tests/unit/test_models.py measures it)
+LOGPROB_TOL = 1e-4
 
 
-def full_prompt_ids(engine, context: str) -> list[int]:
+@functools.cache
+def _hf_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def full_prompt_ids(engine, context: str | list[str]) -> list[int]:
+    """The final prompt tokenized in one go by the model's Hugging Face tokenizer (its own BOS
+    post-processor): independent of the front end's incremental tokenizer."""
     t = PromptTemplate()
-    return engine.tokenizer.encode(t.render_prefix(QUESTION) + context + t.render_suffix(QUESTION))
+    body = context if isinstance(context, str) else DOC_SEPARATOR.join(context)
+    ids = _hf_tokenizer(str(engine.model.path))(t.render_prefix(QUESTION) + body + t.render_suffix(QUESTION))
+    return list(ids["input_ids"])
+
+
+def assert_same_computation(engine, streamed, reference, context: str | list[str]) -> None:
+    """What the engine core computed for the streamed session is the one-shot prompt, and the
+    answer's logprobs are the one-shot's, bit for bit."""
+    expected = full_prompt_ids(engine, context)
+    assert reference.computed_prompt_len == len(expected)
+    assert reference.computed_prompt_digest == token_digest(expected)
+    assert streamed.computed_prompt_len == len(expected)
+    assert streamed.computed_prompt_digest == token_digest(expected)
+    assert streamed.token_ids == reference.token_ids
+    assert streamed.logprobs is not None and len(streamed.logprobs) == len(streamed.token_ids)
+    assert all(len(d) >= 5 for d in streamed.logprobs)
+    assert [d.keys() for d in streamed.logprobs] == [d.keys() for d in reference.logprobs]  # same top-5
+    worst = max(abs(d[t] - r[t]) for d, r in zip(streamed.logprobs, reference.logprobs) for t in d)
+    assert worst <= LOGPROB_TOL, worst
 
 
 @pytest.mark.parametrize(("k", "n_chars"), [(1, 2000), (2, 4000), (5, 6000), (20, 6800)])
@@ -35,9 +73,9 @@ async def test_append_session_equals_oneshot(engine, k, n_chars):
     expected_prompt = full_prompt_ids(engine, context)
     assert streamed.prompt_token_ids == expected_prompt  # no drift at chunk boundaries
     assert 700 < len(expected_prompt) <= 3000
-    reference = await oneshot(engine, QUESTION, context)
+    reference = await oneshot(engine, QUESTION, context, GREEDY)
     assert reference.prompt_token_ids == expected_prompt
-    assert streamed.token_ids == reference.token_ids
+    assert_same_computation(engine, streamed, reference, context)
     assert len(streamed.token_ids) == GREEDY.max_tokens  # no throw-away token reached the caller
     direct = await engine.complete(expected_prompt, GREEDY, use_prefix_cache=False)
     assert streamed.token_ids == direct
@@ -45,15 +83,31 @@ async def test_append_session_equals_oneshot(engine, k, n_chars):
     assert streamed.tokens_prefilled == len(expected_prompt)
 
 
+async def _wait_parked(engine, prefilled_before: int, timeout_s: float = 30.0) -> None:
+    """Until the engine core has prefilled the update and parked the session again, not a fixed
+    sleep: on a loaded machine 0.15 s was too short and the next update found a prefill in flight.
+    (An update prefills at least one token, so the total moving past ``prefilled_before`` shows the
+    board is not the state from before the update.)"""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        stats = engine.stats()
+        idle = stats.parked >= 1 and stats.running == 0 and stats.waiting == 0
+        if idle and stats.tokens_prefilled > prefilled_before:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the session did not park")
+
+
 async def _run_updates(engine, series: list[list[str]], wait: bool):
     session = await engine.open(QUESTION, GREEDY)
     snapshots = []
     for docs in series:
         before = session.prompt_ids
+        prefilled_before = engine.stats().tokens_prefilled
         await session.update(docs)
         snapshots.append((before, session.prompt_ids))
         if wait:
-            await asyncio.sleep(0.15)
+            await _wait_parked(engine, prefilled_before)
     await session.finish()
     return session, snapshots, await session.result()
 
@@ -72,9 +126,9 @@ async def test_update_session_equals_oneshot_and_recomputes_only_past_lcp(engine
     ]
     _, snapshots, result = await _run_updates(engine, series, wait)
 
-    reference = await oneshot(engine, QUESTION, series[-1])
+    reference = await oneshot(engine, QUESTION, series[-1], GREEDY)
     assert result.prompt_token_ids == reference.prompt_token_ids
-    assert result.token_ids == reference.token_ids
+    assert_same_computation(engine, result, reference, series[-1])
     if not wait:
         # sent faster than the engine prefills: held changes were merged into fewer rounds, and
         # each applied update still recomputes exactly what lies past its LCP
@@ -125,7 +179,7 @@ async def test_update_cut_inside_a_block_shared_with_another_request(engine):
     assert shared.token_ids == await engine.complete(
         shared.prompt_token_ids, long_decode, use_prefix_cache=False
     )
-    assert streamed.token_ids == (await oneshot(engine, QUESTION, [cut])).token_ids
+    assert_same_computation(engine, streamed, await oneshot(engine, QUESTION, [cut], GREEDY), [cut])
 
 
 async def _shared_oneshot(engine, context, sampling):
@@ -144,8 +198,9 @@ async def test_vllm_mode_update_resubmits_and_equals_oneshot(engine):
     await session.update([a[:3000] + " changed tail " * 10])
     await session.finish()
     result = await session.result()
-    reference = await oneshot(engine, QUESTION, [a[:3000] + " changed tail " * 10])
-    assert result.token_ids == reference.token_ids
+    final_docs = [a[:3000] + " changed tail " * 10]
+    reference = await oneshot(engine, QUESTION, final_docs, GREEDY)
+    assert_same_computation(engine, result, reference, final_docs)
     assert result.updates == []  # stock path: no in-place update happened
 
 
@@ -162,9 +217,9 @@ async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine)
     await session.finish()
     result = await session.result()
 
-    reference = await oneshot(engine, QUESTION, series[-1])
+    reference = await oneshot(engine, QUESTION, series[-1], GREEDY)
     assert result.prompt_token_ids == reference.prompt_token_ids
-    assert result.token_ids == reference.token_ids
+    assert_same_computation(engine, result, reference, series[-1])
     applied = result.updates
     # an update found the one before it only partly prefilled, and kept what was computed of it
     assert any(later["old_len"] < earlier["new_len"] for earlier, later in zip(applied, applied[1:])), applied
@@ -172,3 +227,41 @@ async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine)
     assert result.tokens_prefilled < 1.2 * len(result.prompt_token_ids)
     # exactly: what streaming prefilled beyond one-shot is the KV that updates threw away
     assert result.tokens_prefilled == len(result.prompt_token_ids) + result.tokens_discarded
+
+
+async def test_nonstream_computes_the_rendered_prompt(engine):
+    """nonstream mode (one request after the last event) against a second one-shot and a direct
+    request on the tokenizer's ids: the same computed prompt, tokens and logprobs."""
+    docs = [corpus_text(3000, seed=41), corpus_text(2000, seed=42)]
+    session = await engine.open(QUESTION, GREEDY, mode="nonstream")
+    await session.update(docs[:1])
+    await session.update(docs)
+    await session.finish()
+    result = await session.result()
+    assert_same_computation(engine, result, await oneshot(engine, QUESTION, docs, GREEDY), docs)
+    assert result.token_ids == await engine.complete(
+        full_prompt_ids(engine, docs), GREEDY, use_prefix_cache=False
+    )
+
+
+async def test_a_logprob_mismatch_is_visible(engine):
+    """The oracle can fail: a prompt that differs in one token far back gives other logprobs."""
+    context = corpus_text(3000, seed=51)
+    a = await oneshot(engine, QUESTION, context, GREEDY)
+    changed = context[:1000] + ("X" if context[1000] != "X" else "Y") + context[1001:]
+    b = await oneshot(engine, QUESTION, changed, GREEDY)
+    assert a.computed_prompt_digest != b.computed_prompt_digest
+    worst = max(abs(d[t] - r.get(t, 0.0)) for d, r in zip(a.logprobs, b.logprobs) for t in d)
+    assert worst > 100 * LOGPROB_TOL, worst
+
+
+async def test_delta_output_is_refused(engine):
+    """The session strips throw-away tokens off a cumulative output; DELTA would drop real ones."""
+    from vllm.sampling_params import RequestOutputKind
+
+    from stream2llm.errors import StreamError
+
+    delta = SamplingParams(temperature=0, max_tokens=4, output_kind=RequestOutputKind.DELTA)
+    for mode in ("stream", "vllm", "nonstream"):
+        with pytest.raises(StreamError, match="output_kind=CUMULATIVE"):
+            await engine.open(QUESTION, delta, mode=mode)

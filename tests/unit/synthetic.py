@@ -94,6 +94,11 @@ def make_request(
 
 def step(scheduler: StreamScheduler) -> Any:
     """One engine step: schedule, then play the model runner."""
+    return step_with_outputs(scheduler)[0]
+
+
+def step_with_outputs(scheduler: StreamScheduler) -> tuple[Any, dict[str, Any]]:
+    """One engine step; also each finished request's ``kv_transfer_params`` (the core's counters)."""
     out = scheduler.schedule()
     req_ids = list(out.num_scheduled_tokens)
     sampled = []
@@ -104,8 +109,14 @@ def step(scheduler: StreamScheduler) -> Any:
     runner = ModelRunnerOutput(
         req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
     )
-    scheduler.update_from_output(out, runner)
-    return out
+    engine_outputs = scheduler.update_from_output(out, runner)
+    finished = {
+        o.request_id: o.kv_transfer_params
+        for group in engine_outputs.values()
+        for o in group.outputs
+        if o.finish_reason is not None
+    }
+    return out, finished
 
 
 def run_until_idle(scheduler: StreamScheduler, max_steps: int = 100) -> list[Any]:

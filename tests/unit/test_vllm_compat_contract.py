@@ -15,10 +15,17 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from stream2llm.core import vllm_compat
-from stream2llm.core.protocol import CONFIG_KEY
+from stream2llm.core.protocol import CONFIG_KEY, token_digest
 from stream2llm.core.scheduler import StreamScheduler
 from stream2llm.core.stats_board import StatsBoard
-from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
+from tests.unit.synthetic import (
+    blocks_of,
+    make_request,
+    make_scheduler,
+    run_until_idle,
+    step,
+    step_with_outputs,
+)
 
 BS = 16
 
@@ -316,3 +323,55 @@ def test_computed_token_ids_and_with_prompt(scheduler):
     rewritten = vllm_compat.with_prompt(update, [9, 9])
     assert rewritten.prompt_token_ids == [9, 9] and vllm_compat.chunk_ids(update) == [1, 2, 3]
     assert rewritten.sampling_params is update.sampling_params
+
+
+def _finish(scheduler, max_steps: int = 20) -> dict:
+    """Step until requests finish; their counters (what goes back to the front end) by id."""
+    finished: dict = {}
+    for _ in range(max_steps):
+        finished.update(step_with_outputs(scheduler)[1])
+    return {rid: (params or {}).get(CONFIG_KEY) for rid, params in finished.items()}
+
+
+def test_sent_prompts_is_what_the_runner_gets_and_the_digest_follows_the_cut(scheduler):
+    old = list(range(300, 400))
+    request = make_request(scheduler, "a", old)
+    scheduler.add_request(request)
+    out = step(scheduler)
+    assert vllm_compat.sent_prompts(out) == {"a": old}
+    assert vllm_compat.token_ids_at(request, 98, 101) == [398, 399, 7]  # prompt, then the sample
+    run_until_idle(scheduler)
+    new = old[:40] + [2] * 8
+    scheduler.add_request(make_request(scheduler, "a", new, op="update", final=True))
+    out, finished = step_with_outputs(scheduler)  # the resumed session is re-sent as new
+    assert vllm_compat.sent_prompts(out) == {"a": new}
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 40
+    counters = finished["a"][CONFIG_KEY]
+    assert counters["computed_prompt_len"] == 48
+    assert counters["computed_prompt_digest"] == token_digest(new)
+    assert counters["computed_prompt_digest"] != token_digest(old[:41] + [2] * 7)
+
+
+def test_cut_with_no_free_block_for_the_copy_falls_back_to_the_block_boundary(tiny_model):
+    """Copy-on-write of a shared tail block needs a free block; with none, the cut keeps whole
+    blocks only and recomputes the rest, and what was computed is still exactly the new prompt."""
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, num_blocks=32)
+    old = list(range(300, 400))
+    park(scheduler, "a", old)
+    scheduler.add_request(make_request(scheduler, "b", old[:64] + [9] * 10, max_tokens=1000))
+    step(scheduler)  # b decodes on, holding a's blocks 0..3
+    n = 0
+    while vllm_compat.free_block_count(scheduler) > 0:
+        scheduler.add_request(make_request(scheduler, f"fill{n}", [1000 + 20 * n + i for i in range(15)]))
+        step(scheduler)
+        n += 1
+    assert blocks_of(scheduler, "a")[40 // BS].ref_cnt == 2 and vllm_compat.free_block_count(scheduler) == 0
+    new = old[:40] + [2] * 8
+    scheduler.add_request(make_request(scheduler, "a", new, op="update", final=True))
+    record = scheduler.accounting.counters("a").updates[-1]
+    assert (record.lcp, record.kept, record.tail) == (40, 32, "aligned")
+    assert record.recomputed == 16
+    counters = _finish(scheduler)["a"]
+    assert counters["tokens_recomputed"] == 16
+    assert counters["computed_prompt_len"] == 48
+    assert counters["computed_prompt_digest"] == token_digest(new)

@@ -45,8 +45,10 @@ __all__ = [
     "running_ids",
     "running_requests",
     "scheduled_tokens",
+    "sent_prompts",
     "sort_queues",
     "token_budget",
+    "token_ids_at",
     "tokens_to_compute",
     "total_block_count",
     "truncate_session_prompt",
@@ -207,6 +209,24 @@ def chunk_ids(update: StreamingUpdate) -> list[int]:
 def scheduled_tokens(output: Any) -> dict[str, int]:
     """Tokens a step's ``SchedulerOutput`` scheduled, per request id."""
     return output.num_scheduled_tokens
+
+
+def sent_prompts(output: Any) -> dict[str, list[int]]:
+    """The token ids a step's ``SchedulerOutput`` hands the model runner for each request it
+    (re)starts there: ``scheduled_new_reqs`` (new requests, and parked streaming sessions resumed
+    with their next chunk: vLLM re-sends them as new, with ``num_computed_tokens`` set) carry the
+    prompt (v2 runner: ``prefill_token_ids``); a running request is computed from the copy its
+    runner took then, plus the tokens it sampled. Copies: in-process the list is the scheduler's."""
+    sent = {}
+    for new in output.scheduled_new_reqs:
+        ids = new.prefill_token_ids if new.prefill_token_ids is not None else new.prompt_token_ids
+        sent[new.req_id] = list(ids or ())
+    return sent
+
+
+def token_ids_at(request: Request, start: int, stop: int) -> list[int]:
+    """The request's token ids (prompt, then sampled outputs) at positions ``start:stop``."""
+    return list(request.all_token_ids[start:stop])
 
 
 def external_request_id(request_id: str) -> str:
