@@ -6,6 +6,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,17 @@ async def _replay(
     ``out/results.json`` at once, marked incomplete), and shut the engine down."""
     with console.status(f"starting the engine ({config.model}) ..."):
         engine = await StreamingEngine.start(config)
+    progress, track = run_progress(console)
+    try:
+        with progress:
+            return await run_bench(engine, requests, plan, options, track, lambda doc: write_json(doc, out))
+    finally:
+        await engine.shutdown()
+
+
+def run_progress(console: Console) -> tuple[Progress, Callable[[str, int], Callable[[], None]]]:
+    """A progress bar per (policy, qps, repeat) run: the bar and ``track(label, total)``, which adds
+    one and returns the callback that advances it by a request."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -207,15 +219,11 @@ async def _replay(
         console=console,
     )
 
-    def track(label: str, total: int):
+    def track(label: str, total: int) -> Callable[[], None]:
         task = progress.add_task(label, total=total)
         return lambda: progress.advance(task)
 
-    try:
-        with progress:
-            return await run_bench(engine, requests, plan, options, track, lambda doc: write_json(doc, out))
-    finally:
-        await engine.shutdown()
+    return progress, track
 
 
 def write_json(result: dict[str, Any], out: Path) -> None:

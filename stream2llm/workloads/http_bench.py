@@ -8,9 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stream2llm.workloads.bench import load_requests, machine, ratio_table, write_json, write_results
+from stream2llm.workloads.bench import (
+    load_requests,
+    machine,
+    ratio_table,
+    run_progress,
+    write_json,
+    write_results,
+)
 from stream2llm.workloads.bench_policies import check_policies
 from stream2llm.workloads.http_replay import event_text, run_http_bench
 from stream2llm.workloads.metrics import summarize_repeats
@@ -37,18 +43,7 @@ async def run_http_bench_command(
     check_policies(policies)
     requests = load_requests(traces, limit, layout)
     texts = event_text(model, max_model_len, options)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-    def track(label: str, total: int):
-        task = progress.add_task(label, total=total)
-        return lambda: progress.advance(task)
-
+    progress, track = run_progress(console)
     plan = BenchPlan(tuple(policies), tuple(qps), repeat)
     with progress:
         result = await run_http_bench(

@@ -24,7 +24,7 @@ import aiohttp
 from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.metrics import BENCH_SCHEMA, RequestRecord, RunResult
-from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions
+from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions, replay_all, run_deadline
 from stream2llm.workloads.trace import TraceRequest
 
 SESSION_HEADER = "X-Session-ID"
@@ -153,35 +153,12 @@ async def run_once_http(
     salt = uuid.uuid4().hex
     start = asyncio.get_running_loop().time()
 
-    async def guarded(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
-        try:
-            await replay_one(http, base, request, record, mode, start, events, options, salt)
-        except (HttpError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            record.error = f"{type(exc).__name__}: {exc}"  # one failing request must not stop the run
-        finally:
-            if on_done:
-                on_done()
+    async def replay(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
+        await replay_one(http, base, request, record, mode, start, events, options, salt)
 
-    tasks = [asyncio.create_task(guarded(*job)) for job in zip(requests, records, payloads)]
-    try:
-        await asyncio.wait(tasks, timeout=_deadline(requests, arrivals, options))
-    finally:
-        for task, record in zip(tasks, records):
-            if not task.done():
-                task.cancel()
-                record.error = f"stalled: no first token {options.deadline_s:g} s after the last event"
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await replay_all(replay, requests, records, payloads, run_deadline(requests, arrivals, options), on_done)
     done = [r.done_s for r in records if r.done_s is not None]
     return RunResult(policy, qps, repeat, records, completion_s=max(done, default=0.0))
-
-
-def _deadline(
-    requests: Sequence[TraceRequest], arrivals: list[float], options: ReplayOptions
-) -> float | None:
-    if options.deadline_s is None:
-        return None
-    last = max(a + r.duration_s * options.delay_multiplier for r, a in zip(requests, arrivals))
-    return last + options.deadline_s
 
 
 def event_text(model: str, max_model_len: int, options: ReplayOptions) -> EventText:

@@ -13,7 +13,7 @@ import asyncio
 import bisect
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,29 +153,10 @@ async def run_once(
     loop = asyncio.get_running_loop()
     start = loop.time()
 
-    past_deadline: list[bool] = []
+    async def replay(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
+        await _replay_one(engine, request, record, policy, start, events, sampling, options, salt)
 
-    async def guarded(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
-        try:
-            await _replay_one(engine, request, record, policy, start, events, sampling, options, salt)
-        except asyncio.CancelledError:
-            if not past_deadline:
-                raise  # the bench itself was stopped
-            record.error = f"stalled: no first token {options.deadline_s:g} s after the last event"
-        except Exception as exc:  # one failing request must not stop the run
-            record.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if on_done:
-                on_done()
-
-    tasks = [asyncio.create_task(guarded(*job)) for job in zip(requests, records, payloads)]
-    try:
-        await asyncio.wait(tasks, timeout=_run_deadline(requests, arrivals, options))
-    finally:  # stopped from outside: stop every request too (their sessions abort)
-        past_deadline.append(True)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await replay_all(replay, requests, records, payloads, run_deadline(requests, arrivals, options), on_done)
     done = [r.done_s for r in records if r.done_s is not None]
     after = engine.stats()
     await wait_idle(engine)
@@ -189,7 +170,43 @@ async def run_once(
     )
 
 
-def _run_deadline(
+async def replay_all(
+    replay: Callable[[TraceRequest, RequestRecord, list[str | list[str]]], Awaitable[None]],
+    requests: Sequence[TraceRequest],
+    records: list[RequestRecord],
+    payloads: list[list[str | list[str]]],
+    deadline: float | None,
+    on_done: Callable[[], None] | None = None,
+) -> None:
+    """Replay every request as its own task: one failing request records its error and the others
+    go on; those still waiting at ``deadline`` are recorded as stalled; a stop from outside stops
+    every request too (their sessions abort)."""
+    past_deadline: list[bool] = []
+
+    async def guarded(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
+        try:
+            await replay(request, record, events)
+        except asyncio.CancelledError:
+            if not past_deadline:
+                raise  # the bench itself was stopped
+            record.error = f"stalled: no first token by the run's deadline ({deadline:g} s)"
+        except Exception as exc:  # one failing request must not stop the run
+            record.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if on_done:
+                on_done()
+
+    tasks = [asyncio.create_task(guarded(*job)) for job in zip(requests, records, payloads)]
+    try:
+        await asyncio.wait(tasks, timeout=deadline)
+    finally:
+        past_deadline.append(True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_deadline(
     requests: Sequence[TraceRequest], arrivals: list[float], options: ReplayOptions
 ) -> float | None:
     """Seconds after the start by which every request must have answered (None: no deadline)."""
