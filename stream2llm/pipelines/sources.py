@@ -22,7 +22,9 @@ class SourceOptions:
     """How to set up the packaged retrievers (CLI options map onto these)."""
 
     seed_urls: tuple[str, ...] = ()
-    allow_private: bool = False  # crawl private/loopback hosts (the local site always may)
+    allow_private: bool = (
+        False  # crawl private/loopback hosts (the packaged local site's host:port always may)
+    )
     max_pages: int = 12
     crawl_timeout_s: float = 30.0
     crawl_delay_s: float = 0.0  # politeness: seconds between requests to one site
@@ -97,16 +99,20 @@ async def open_retrievers(
 async def _crawl_retriever(options: SourceOptions, stack: contextlib.AsyncExitStack) -> StreamingRetriever:
     from stream2llm.retrievers.crawler import CrawlConfig, CrawlRetriever
 
-    seeds, allow_private = options.seed_urls, options.allow_private
+    seeds, own_site = options.seed_urls, frozenset()
     if not seeds:
+        from urllib.parse import urlsplit
+
         from stream2llm.retrievers.local_site import serve_site
 
         base = await stack.enter_async_context(serve_site())
-        seeds, allow_private = (base + "index.html",), True  # our own loopback site
+        seeds, address = (base + "index.html",), urlsplit(base)
+        own_site = frozenset({(address.hostname, address.port)})  # our own loopback site, nothing else
     config = CrawlConfig(
         max_pages=options.max_pages,
         crawl_timeout=options.crawl_timeout_s,
         download_delay=options.crawl_delay_s,
-        allow_private=allow_private,
+        allow_private=options.allow_private,
+        allowed_private_hosts=own_site,
     )
     return CrawlRetriever(seeds, config=config)
