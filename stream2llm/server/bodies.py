@@ -139,6 +139,8 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
+    # vLLM's own extensions, sent at their neutral values by `vllm bench serve`
+    "repetition_penalty": (None, 1.0, 1),
     # vllm-router re-serializes OpenAI bodies with these (SGLang's extensions) at their defaults
     "no_stop_trim": (None, False),
     "skip_special_tokens": (None, True),
