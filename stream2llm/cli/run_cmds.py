@@ -89,6 +89,10 @@ def serve(
     routing: Annotated[
         str, typer.Option(help="With --replicas: consistent_hash or sticky_least_loaded (by X-Session-ID).")
     ] = "consistent_hash",
+    disaggregate: Annotated[
+        bool,
+        typer.Option(help="Prefill here, decode on a vLLM instance; KV moves block by block as computed."),
+    ] = False,
     debug: DebugOpt = False,
 ):
     """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
@@ -98,10 +102,11 @@ def serve(
         return serve_replicas(
             replicas, routing, host, port, token, debug, model=model, max_sessions=max_sessions,
             kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, policy=policy, dtype=dtype,
+            disaggregate=disaggregate or None,
         )  # fmt: skip
     _serve_one(
         model, host, port, token, max_sessions, kv_cache_gb, max_model_len, policy, dtype, debug,
-        allow_insecure_bind=allow_insecure_bind, allowed_origins=tuple(allowed_origin or ()),
+        disaggregate, allow_insecure_bind=allow_insecure_bind, allowed_origins=tuple(allowed_origin or ()),
         allowed_hosts=tuple(allowed_host or ()),
     )  # fmt: skip
 
@@ -117,6 +122,7 @@ def _serve_one(
     policy: str,
     dtype: str,
     debug: bool,
+    disaggregate: bool,
     **guards: Any,
 ) -> None:
     """One engine serving HTTP in this process until a signal (SIGTERM: status 0) or its death."""
@@ -143,15 +149,25 @@ def _serve_one(
     def ready(url: str) -> None:
         console.print(f"serving [bold]{model}[/bold] at [green]{url}[/green] (OpenAI base URL: {url}/v1)")
 
+    def serving(engine_config: EngineConfig) -> Any:
+        return run_server(engine_config, settings, on_ready=ready)
+
     try:
         console.print(f"starting the engine ({model}) ...")
-        run_async(run_server(config, settings, on_ready=ready))
+        run_async(_disaggregated(config, serving) if disaggregate else serving(config))
     except Stopped as stop:
         if stop.signal != signal.SIGTERM:
             fail(stop, debug)
         console.print("stopped")  # a requested shutdown: status 0, as vLLM's own server
     except Exception as exc:
         fail(exc, debug)
+
+
+async def _disaggregated(config: Any, serving: Any) -> None:
+    from stream2llm.deploy.disaggregated import run_disaggregated
+
+    console.print("starting the decode instance (vLLM) ...")
+    await run_disaggregated(config, serving, lambda line: console.print(line, highlight=False))
 
 
 def run(

@@ -55,7 +55,9 @@ def serve_args(**options: object) -> tuple[str, ...]:
     """``--name value`` for each option that is set (underscores become dashes)."""
     out: list[str] = []
     for name, value in options.items():
-        if value is not None:
+        if value is True:
+            out.append(f"--{name.replace('_', '-')}")
+        elif value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
     return tuple(out)
 
@@ -75,7 +77,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _spawn(name: str, url: str, argv: list[str]) -> Child:
+async def spawn(name: str, url: str, argv: list[str]) -> Child:
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     process = await asyncio.create_subprocess_exec(*argv, preexec_fn=preexec)
     return Child(name, url, process)
@@ -147,12 +149,12 @@ async def run_replicas(
         for i, port in enumerate(ports):
             argv = [sys.executable, "-m", "stream2llm", "serve", *plan.serve_args]
             argv += ["--host", "127.0.0.1", "--port", str(port)]
-            children.append(await _spawn(f"instance {i}", f"http://127.0.0.1:{port}", argv))
+            children.append(await spawn(f"instance {i}", f"http://127.0.0.1:{port}", argv))
         instances = list(children)
         await asyncio.gather(*(wait_healthy(c, "/health", plan.startup_timeout_s) for c in instances))
         argv = router_argv([c.url for c in instances], plan.host, router_port, plan.routing, metrics_port)
         shown = f"[{plan.host}]" if ":" in plan.host else plan.host
-        router = await _spawn("router", f"http://{shown}:{router_port}", argv)
+        router = await spawn("router", f"http://{shown}:{router_port}", argv)
         children.append(router)
         await wait_healthy(router, "/readiness", 60.0)
         on_ready(router.url, instances)

@@ -31,6 +31,11 @@ class EngineConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
+    # prefill/decode disaggregation (deploy.disaggregated): the directory the KV connector saves
+    # each full block to, and the decode instance (a vLLM OpenAI server) that answers
+    kv_store: str | None = None
+    decode_url: str | None = None
+    decode_model: str = "decode"
     engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
 
 
@@ -62,7 +67,18 @@ def engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str) 
         **model.engine_overrides,
         **config.engine_args,
     }
+    if config.kv_store is not None:
+        kwargs["kv_transfer_config"] = _kv_producer(config.kv_store)
     kwargs.update(models.hybrid_kv_overrides(models.hf_config(model.path), kwargs))
     if config.block_size is not None:
         kwargs["block_size"] = config.block_size
     return AsyncEngineArgs(**kwargs)
+
+
+def _kv_producer(store: str) -> Any:
+    """vLLM's KVTransferConfig for the prefill instance: stream2llm's connector, saving each block."""
+    from vllm.config import KVTransferConfig
+
+    from stream2llm.core.kv_connector import transfer_config
+
+    return KVTransferConfig(**transfer_config("kv_producer", store))

@@ -27,6 +27,7 @@ from stream2llm.engine.handover import tokens_prompt
 from stream2llm.engine.health import Watchdog, start_off_loop
 from stream2llm.engine.host import SessionHost
 from stream2llm.engine.outputs import SessionResult
+from stream2llm.engine.remote_decode import RemoteDecode
 from stream2llm.engine.sampling import check_sampling, default_sampling, with_eos_stop
 from stream2llm.engine.session import Session
 from stream2llm.errors import AdmissionRejected, EngineDied, StreamError, UnknownSession
@@ -53,8 +54,9 @@ class StreamingEngine:
         self._policy = config.policy
         self._watchdog = Watchdog(llm, self._fail_all)
         self._shutdown: asyncio.Task | None = None
+        self._remote = _remote_decode(config, llm)
         self._host = SessionHost(
-            generate=llm.generate,
+            generate=self._remote.generate if self._remote is not None else llm.generate,
             abort=llm.abort,
             closed=self._forget,
             tokenizer=self.tokenizer,
@@ -246,6 +248,8 @@ class StreamingEngine:
         if aborts:
             await asyncio.wait([asyncio.ensure_future(a) for a in aborts], timeout=timeout_s / 2)
         vllm_compat.shut_down(self._llm, timeout_s / 2)
+        if self._remote is not None:
+            await self._remote.close()
         self._board.close()
         with contextlib.suppress(OSError):
             os.unlink(self._board.path)
@@ -255,6 +259,13 @@ class StreamingEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+def _remote_decode(config: EngineConfig, llm: Any) -> RemoteDecode | None:
+    """Disaggregated: sessions prefill here and decode on ``config.decode_url``."""
+    if config.decode_url is None:
+        return None
+    return RemoteDecode(config.decode_url, config.decode_model, llm.generate)
 
 
 def _shut_down_started(started: tuple[models.ModelInfo, Any]) -> None:

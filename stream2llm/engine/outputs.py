@@ -52,6 +52,9 @@ class SessionResult:
     computed_prompt_digest: str | None = None
     # per generated token, {token id: logprob} of the top ``sampling.logprobs`` (None if not asked)
     logprobs: list[dict[int, float]] | None = None
+    # disaggregated (engine.remote_decode): blocks the prefill instance saved (in all, after the
+    # final chunk), their size, and the decode instance's prompt tokens, cached and computed
+    kv_transfer: dict[str, int] | None = None
 
 
 class SessionOutput:
@@ -137,6 +140,7 @@ class SessionOutput:
                 computed_prompt_len=int(counters.get("computed_prompt_len", 0)),
                 computed_prompt_digest=counters.get("computed_prompt_digest"),
                 logprobs=self.logprobs,
+                kv_transfer=counters.get("kv_transfer"),
             )
         )
 

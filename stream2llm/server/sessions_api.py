@@ -50,6 +50,7 @@ def result_json(entry: Entry) -> dict[str, Any]:
         "updates": r.updates,
         "chunks": [asdict(c) for c in r.chunks],
         "mode": r.mode,
+        **({"kv_transfer": r.kv_transfer} if r.kv_transfer is not None else {}),
     }
 
 

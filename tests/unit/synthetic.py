@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -31,6 +31,7 @@ def make_scheduler(
     block_size: int = 16,
     policy: str = "vllm",
     max_num_batched_tokens: int = 4096,
+    kv_transfer: dict[str, Any] | None = None,
     **options: Any,
 ) -> StreamScheduler:
     model_config = ModelConfig(
@@ -46,6 +47,7 @@ def make_scheduler(
             is_encoder_decoder=False,
         ),
         additional_config={CONFIG_KEY: {"policy": policy, **options}},
+        kv_transfer_config=KVTransferConfig(**kv_transfer) if kv_transfer else None,
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     kv_cache_config = KVCacheConfig(

@@ -14,9 +14,11 @@ corrupting KV somewhere else.
 
 from stream2llm.core.vllm_compat.engine_process import *  # noqa: F403
 from stream2llm.core.vllm_compat.engine_process import __all__ as _engine_process_names
+from stream2llm.core.vllm_compat.kv_transfer import *  # noqa: F403
+from stream2llm.core.vllm_compat.kv_transfer import __all__ as _kv_transfer_names
 from stream2llm.core.vllm_compat.scheduler import *  # noqa: F403
 from stream2llm.core.vllm_compat.scheduler import __all__ as _scheduler_names
 
 VLLM_API = "0.32"
 
-__all__ = ["VLLM_API", *_engine_process_names, *_scheduler_names]
+__all__ = ["VLLM_API", *_engine_process_names, *_kv_transfer_names, *_scheduler_names]

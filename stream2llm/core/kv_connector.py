@@ -1,0 +1,238 @@
+"""A streaming-aware KV connector for prefill/decode disaggregation, on vLLM's ``KVConnectorBase_V1``.
+
+vLLM loads it by ``kv_connector_module_path`` (no fork): in the prefill instance (stream2llm's
+engine, ``kv_role="kv_producer"``) and in the decode instance (a plain vLLM engine,
+``kv_role="kv_consumer"``). What makes it streaming-aware: the producer saves every full block the
+step it is computed, whichever chunk computed it, so while retrieval goes on the prompt's KV is
+already moving; when the final chunk comes, only its own blocks are left to save. vLLM's own
+ExampleConnector saves a request's first scheduled step only, keyed by the whole prompt, so a
+streamed session's chunks would never be stored.
+
+Blocks are keyed by vLLM's chained block hashes (``core.kv_store``): the decode instance loads the
+longest run of leading blocks it finds, short of the prompt's last token (vLLM must compute at
+least one token to sample from), and computes the rest: at most one block. A block that vanished
+between the lookup and the load is reported to vLLM, which recomputes it.
+
+Configuration (``kv_connector_extra_config``): ``store_path`` (a directory; default under
+``/dev/shm``), ``capacity_bytes`` (the producer removes its oldest blocks past it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from stream2llm.core import vllm_compat as compat
+from stream2llm.core.kv_store import DEFAULT_CAPACITY_BYTES, DEFAULT_ROOT, BlockStore, DirectoryStore
+from stream2llm.core.protocol import ChunkMeta
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+KV_PARAMS_KEY = "stream2llm_kv"  # the producer's per-request transfer counts, in kv_transfer_params
+MODULE_PATH = __name__
+CONNECTOR_NAME = "StreamingKVConnector"
+
+
+@dataclass
+class StreamingKVMetadata(KVConnectorMetadata):
+    """One step's work for the worker: (block id, key) pairs to save after the forward pass and to
+    load before it."""
+
+    saves: list[tuple[int, str]] = field(default_factory=list)
+    loads: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Saved:
+    """What the producer saved for one request: keys seen, blocks written before/after its final chunk."""
+
+    keys: set[str] = field(default_factory=set)
+    before_final: int = 0
+    after_final: int = 0
+
+
+class StreamingKVConnector(KVConnectorBase_V1):
+    """Saves each full block as it is computed (producer) and loads every stored leading block (consumer)."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = self._kv_transfer_config
+        root = transfer.get_from_extra_config("store_path", str(DEFAULT_ROOT / "stream2llm-kv"))
+        capacity = int(transfer.get_from_extra_config("capacity_bytes", DEFAULT_CAPACITY_BYTES))
+        self.store: BlockStore = DirectoryStore(root, capacity)
+        self.block_size = vllm_config.cache_config.block_size
+        self.saves_kv = transfer.kv_role in ("kv_producer", "kv_both")
+        self.loads_kv = transfer.kv_role in ("kv_consumer", "kv_both")
+        self._num_blocks = kv_cache_config.num_blocks
+        self._block_bytes = _block_bytes(kv_cache_config)
+        # scheduler side
+        self._requests: dict[str, Any] = {}
+        self._saved: dict[str, _Saved] = {}
+        self._plans: dict[str, tuple[int, list[str]]] = {}  # request id -> (first block, keys to load)
+        self._loads: list[tuple[int, str]] = []
+        # worker side
+        self._layers: list[tuple[torch.Tensor, int]] = []  # (KV tensor, its block dimension), by layer name
+        self._load_errors: set[int] = set()
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a save that never happened is a cache miss: the decode instance computes it
+
+    # -- scheduler side: the producer ------------------------------------------------------------
+
+    def on_new_request(self, request: Any) -> None:
+        if self.saves_kv:
+            self._requests[request.request_id] = request
+
+    def build_connector_meta(self, scheduler_output: Any) -> StreamingKVMetadata:
+        meta = StreamingKVMetadata(loads=self._loads)
+        self._loads = []
+        if self.saves_kv:
+            for request_id, n in compat.scheduled_tokens(scheduler_output).items():
+                if (request := self._requests.get(request_id)) is not None:
+                    meta.saves += self._blocks_to_save(request, compat.computed_tokens(request) + n)
+        return meta
+
+    def _blocks_to_save(self, request: Any, computed_after_step: int) -> list[tuple[int, str]]:
+        """The full blocks this step completes (or that a prefix-cache hit brought) not stored yet."""
+        keys = compat.block_hash_keys(request)[: computed_after_step // self.block_size]
+        saved = self._saved.setdefault(request.request_id, _Saved())
+        new = [(i, k) for i, k in enumerate(keys) if k not in saved.keys]
+        if not new:
+            return []
+        block_ids = compat.request_block_ids(self._kv_cache_manager, request.request_id)
+        final = ChunkMeta.of(request.sampling_params).final
+        out = []
+        for i, key in new:
+            saved.keys.add(key)
+            if self.store.has(key):
+                continue  # a request with the same prefix stored it
+            out.append((block_ids[i], key))
+            if final:
+                saved.after_final += 1
+            else:
+                saved.before_final += 1
+        return out
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Report what was saved for the request (the front end gets it with the final output)."""
+        rid = request.request_id
+        self._requests.pop(rid, None)
+        self._plans.pop(rid, None)
+        saved = self._saved.pop(rid, None)
+        if saved is None:
+            return False, None
+        counts = {
+            "blocks_saved": saved.before_final + saved.after_final,
+            "blocks_saved_after_final": saved.after_final,
+            "block_bytes": self._block_bytes,
+            "block_size": self.block_size,
+        }
+        return False, {KV_PARAMS_KEY: counts}
+
+    # -- scheduler side: the consumer ------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` covered by stored leading blocks (loaded in the
+        step that schedules the request, before its forward pass: synchronous)."""
+        if not self.loads_kv:
+            return 0, False
+        keys = compat.block_hash_keys(request)
+        limit = min(len(keys), (compat.tokens_held(request) - 1) // self.block_size)
+        first = n = num_computed_tokens // self.block_size
+        while n < limit and self.store.has(keys[n]):
+            n += 1
+        if n <= first:
+            return 0, False
+        self._plans[request.request_id] = (first, keys[first:n])
+        return n * self.block_size - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        plan = self._plans.pop(request.request_id, None)
+        if num_external_tokens <= 0 or plan is None:
+            return
+        first, keys = plan
+        block_ids = compat.group_block_ids(blocks)
+        n = num_external_tokens // self.block_size
+        self._loads += [(block_ids[first + j], keys[j]) for j in range(n)]
+
+    # -- worker side -----------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layers = [(t, _block_dim(t, self._num_blocks)) for _, t in sorted(kv_caches.items())]
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, StreamingKVMetadata)
+        for block_id, key in meta.loads:
+            try:
+                block = self.store.get(key)
+            except FileNotFoundError:  # removed since the lookup: vLLM recomputes the block
+                self._load_errors.add(block_id)
+                continue
+            if block.shape[0] != len(self._layers):
+                raise RuntimeError(
+                    f"KV block {key} holds {block.shape[0]} layers; this model has {len(self._layers)}"
+                )
+            for (cache, dim), layer_block in zip(self._layers, block, strict=True):
+                cache.select(dim, block_id).copy_(layer_block)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # every block was loaded before the forward pass
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return  # saved whole after the forward pass (wait_for_save): one file per block
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, StreamingKVMetadata)
+        for block_id, key in meta.saves:
+            self.store.put(key, torch.stack([cache.select(dim, block_id) for cache, dim in self._layers]))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+
+def _block_dim(cache: torch.Tensor, num_blocks: int) -> int:
+    """The dimension of a layer's KV tensor that indexes blocks (CPU: 0, [blocks, heads, tokens,
+    2*head size]; some GPU backends: 1, [2, blocks, ...])."""
+    for dim in (0, 1):
+        if cache.shape[dim] == num_blocks:
+            return dim
+    raise RuntimeError(
+        f"cannot find the block dimension ({num_blocks} blocks) of a KV tensor {tuple(cache.shape)}"
+    )
+
+
+def _block_bytes(kv_cache_config: Any) -> int:
+    """Bytes one block holds over every layer (what a save or load of one block moves)."""
+    return sum(
+        group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+        for group in kv_cache_config.kv_cache_groups
+    )
+
+
+def transfer_config(
+    role: str, store_path: str, capacity_bytes: int = DEFAULT_CAPACITY_BYTES
+) -> dict[str, Any]:
+    """vLLM's ``kv_transfer_config`` (as a dict: ``--kv-transfer-config`` JSON) for this connector."""
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": MODULE_PATH,
+        "kv_role": role,
+        "kv_connector_extra_config": {"store_path": store_path, "capacity_bytes": capacity_bytes},
+    }

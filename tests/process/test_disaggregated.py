@@ -1,0 +1,208 @@
+"""``stream2llm serve --disaggregate``: a real prefill instance (stream2llm) and a real decode
+instance (vLLM's own OpenAI server) with KV moving through the connector, against a single
+``stream2llm serve`` started beside it (float32: token-exact).
+
+Greedy tokens through the deployment equal the single instance's for append, update and nonstream
+sessions and the OpenAI endpoints; the decode instance computes at most one block of each prompt
+(vLLM's usage counts: the rest was loaded); a streamed session moves only its final chunk's blocks
+after the final chunk; corrupting the stored blocks changes the answer (the KV is really used);
+SIGTERM, or the decode instance's death, stops every process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import corpus_text
+from tests.process.helpers import Command
+
+pytestmark = pytest.mark.engine
+
+READY_S = 300.0  # three cold engine starts on two busy cores
+SERVE = ["--model", "tiny", "--port", "0", "--kv-cache-gb", "0.25", "--max-model-len", "2048"]
+SAMPLING = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+URL = r"at (http://\S+) \(OpenAI"
+
+
+def _start(*extra: str) -> Command:
+    return Command("serve", *SERVE, *extra)
+
+
+def _ready(command: Command) -> str:
+    return command.wait_for_line(URL, READY_S).group(1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The disaggregated deployment and a single instance, started together."""
+    disagg, single = _start("--dtype", "float32", "--disaggregate"), _start("--dtype", "float32")
+    try:
+        urls = _ready(disagg), _ready(single)
+        store = Path(disagg.wait_for_line(r"KV store (\S+)", 10).group(1))
+        yield SimpleNamespace(url=urls[0], single=urls[1], store=store, command=disagg)
+    finally:
+        disagg.kill_all()
+        single.kill_all()
+
+
+def session(http: httpx.Client, base: str, question: str, events: list[tuple[str, dict]], **opts) -> dict:
+    """Open a session, send its events (pausing between them, as retrieval would), return its result."""
+    r = http.post(f"{base}/v1/sessions", json={"question": question, **SAMPLING, **opts})
+    assert r.status_code == 201, r.text
+    url = f"{base}/v1/sessions/{r.json()['id']}"
+    for kind, body in events:
+        time.sleep(0.4)  # each chunk is prefilled before the next comes
+        r = http.post(f"{url}/{kind}", json=body)
+        assert r.status_code == 200, r.text
+    with http.stream("GET", f"{url}/stream") as r:
+        assert r.status_code == 200
+        events_in = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events_in[-1]["type"] == "result", events_in[-1]
+    return events_in[-1]
+
+
+def appends(seed: int, n: int = 3, chars: int = 1100) -> list[tuple[str, dict]]:
+    text = corpus_text(n * chars, seed)
+    events = [("append", {"text": text[i * chars : (i + 1) * chars]}) for i in range(n)]
+    return [*events, ("append", {"text": " In short: rivers.", "final": True})]
+
+
+def check_decode_prefilled_at_most_one_block(result: dict) -> dict:
+    kv = result["kv_transfer"]
+    block = kv["block_size"]
+    assert kv["decode_prompt_tokens"] == result["prompt_tokens"]
+    assert kv["decode_prefilled_tokens"] <= block, kv
+    assert kv["decode_cached_tokens"] == (result["prompt_tokens"] - 1) // block * block, kv
+    return kv
+
+
+def test_streamed_appends_equal_a_single_instance_and_move_only_the_final_chunks_blocks(pair):
+    with httpx.Client(timeout=120) as http:
+        result = session(http, pair.url, "Where do rivers go?", appends(1))
+        reference = session(http, pair.single, "Where do rivers go?", appends(1))
+    assert result["token_ids"] == reference["token_ids"] and len(result["token_ids"]) == 8
+    assert result["prompt_tokens"] == reference["prompt_tokens"] > 3 * 128
+    kv = check_decode_prefilled_at_most_one_block(result)
+    final_chunk_tokens = result["chunks"][-1]["tokens"]
+    assert len(result["chunks"]) >= 4  # the appends went as chunks of their own
+    assert kv["blocks_saved_after_final"] <= math.ceil(final_chunk_tokens / kv["block_size"])
+    assert kv["blocks_saved"] - kv["blocks_saved_after_final"] >= 3  # moved while retrieval went on
+
+
+def test_updates_equal_a_single_instance(pair):
+    docs = [corpus_text(700, s) for s in (11, 12, 13)]
+    events = [
+        ("update", {"docs": docs[:2]}),
+        ("update", {"docs": [docs[1], docs[2]]}),
+        ("update", {"docs": [docs[1], docs[2], docs[0]], "final": True}),
+    ]
+    with httpx.Client(timeout=120) as http:
+        result = session(http, pair.url, "Which document survives?", events)
+        reference = session(http, pair.single, "Which document survives?", events)
+    assert result["token_ids"] == reference["token_ids"] and len(result["token_ids"]) == 8
+    assert result["updates"]  # the prefill instance kept KV up to each update's common prefix
+    check_decode_prefilled_at_most_one_block(result)
+
+
+def test_a_nonstream_session_moves_every_block_after_the_final_event(pair):
+    with httpx.Client(timeout=120) as http:
+        result = session(http, pair.url, "What is a delta?", appends(2), mode="nonstream")
+        reference = session(http, pair.single, "What is a delta?", appends(2), mode="nonstream")
+    assert result["token_ids"] == reference["token_ids"]
+    kv = check_decode_prefilled_at_most_one_block(result)
+    assert kv["blocks_saved"] == kv["blocks_saved_after_final"] >= 3
+
+
+def test_openai_endpoints_equal_a_single_instance(pair):
+    prompt = "Rivers run to the sea. " + corpus_text(1500, 4)
+    completion = {"model": "tiny", "prompt": prompt, **SAMPLING}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], **SAMPLING}
+    with httpx.Client(timeout=120) as http:
+        for path, body, pick in (
+            ("/v1/completions", completion, lambda j: j["choices"][0]["text"]),
+            ("/v1/chat/completions", chat, lambda j: j["choices"][0]["message"]["content"]),
+        ):
+            answers = []
+            for base in (pair.url, pair.single):
+                r = http.post(base + path, json=body)
+                assert r.status_code == 200, r.text
+                answers.append(pick(r.json()))
+            assert answers[0] == answers[1] and answers[0]
+            r = http.post(pair.url + path, json={**body, "stream": True})
+            chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data: {")]
+            streamed = "".join(_piece(c["choices"][0]) for c in chunks if c.get("choices"))
+            assert streamed == answers[1]
+
+
+def _piece(choice: dict) -> str:
+    """A streamed chunk's text: a completion's ``text`` or a chat completion's delta content."""
+    if "text" in choice:
+        return choice["text"] or ""
+    return (choice.get("delta") or {}).get("content") or ""
+
+
+def test_the_decode_instance_really_uses_the_transferred_blocks(pair):
+    """Blocks corrupted in the store between the prefill and the decode change the answer."""
+    question = "What do the corrupted blocks say?"
+    with httpx.Client(timeout=120) as http:
+        reference = session(http, pair.single, question, appends(7))
+        before = set(pair.store.glob("*.safetensors"))
+        r = http.post(f"{pair.url}/v1/sessions", json={"question": question, **SAMPLING})
+        url = f"{pair.url}/v1/sessions/{r.json()['id']}"
+        for kind, body in appends(7)[:-1]:
+            assert http.post(f"{url}/{kind}", json=body).status_code == 200
+        deadline = time.monotonic() + 30
+        while len(set(pair.store.glob("*.safetensors")) - before) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        fresh = set(pair.store.glob("*.safetensors")) - before
+        assert len(fresh) >= 6, "the prefill instance saved no blocks while the session streamed"
+        for path in fresh:
+            block = load_file(path)["kv"]
+            save_file({"kv": torch.randn_like(block.float()).to(block.dtype)}, path)
+        assert http.post(f"{url}/append", json=appends(7)[-1][1]).status_code == 200
+        result = http.get(url).json()
+        while result["state"] != "completed":
+            time.sleep(0.1)
+            result = http.get(url).json()
+    assert result["result"]["kv_transfer"]["decode_cached_tokens"] >= 6 * 128
+    assert result["result"]["token_ids"] != reference["token_ids"]
+
+
+def test_sigterm_stops_both_instances_and_removes_the_store(pair):
+    tree = pair.command.children()
+    decode = [p for p in tree if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+    assert len(decode) == 1 and len(tree) >= 4  # the decode server and both instances' engine processes
+    assert pair.command.wait_stopped(pair.command.send(signal.SIGTERM), within_s=30) == 0
+    assert not pair.store.exists()
+
+
+def test_the_decode_instances_death_ends_the_deployment(tmp_path):
+    command = _start("--disaggregate")
+    try:
+        url = _ready(command)
+        (decode,) = [
+            p for p in command.children() if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+        ]
+        with httpx.Client(timeout=30) as http:
+            r = http.post(f"{url}/v1/sessions", json={"question": "Still there?", **SAMPLING})
+            assert r.status_code == 201
+        decode.send_signal(signal.SIGKILL)
+        since = time.monotonic()
+        assert command.wait_stopped(since, within_s=30) == 1
+        assert "the decode instance exited" in command.output()
+    finally:
+        command.kill_all()
+    assert (
+        psutil.pid_exists(decode.pid) is False or psutil.Process(decode.pid).status() == psutil.STATUS_ZOMBIE
+    )
