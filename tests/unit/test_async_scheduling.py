@@ -3,13 +3,14 @@
 vLLM's engine core then schedules step N+1 before step N's output came back. These tests drive our
 scheduler that way (schedule, schedule again, then the first step's output, ...) on a synthetic
 setup (real scheduler and KV manager, no model) and check the token counts, computed tokens, blocks
-and request states of appends, updates and chunks ended early.
+and request states of appends, updates, chunks ended early, deferrals and evictions.
 """
 
 from __future__ import annotations
 
 import inspect
 
+import pytest
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -31,6 +32,11 @@ BS = 16
 
 def async_scheduler(tiny_model, **kwargs):
     return make_scheduler(str(tiny_model.path), block_size=BS, async_scheduling=True, **kwargs)
+
+
+def with_policy(request, policy: str = "stream2llm"):
+    request.sampling_params.extra_args[CONFIG_KEY]["policy"] = policy
+    return request
 
 
 def test_async_scheduling_builds_the_variant_on_vllms_async_scheduler(tiny_model):
@@ -178,3 +184,48 @@ def test_an_update_cuts_a_parked_session_while_another_step_is_in_flight(tiny_mo
     finish_step(scheduler, in_flight)
     finish_step(scheduler, following)
     assert vllm_compat.is_parked(a) and a.num_computed_tokens == 48
+
+
+@pytest.fixture
+def deferred_with_step_in_flight(tiny_model):
+    """A partial stream "p" (288 tokens, 18 of 19 blocks) has a 256-token step in flight when a
+    complete request "c" (100 tokens, 7 blocks) arrives: the broker defers p and names it victim."""
+    scheduler = async_scheduler(tiny_model, num_blocks=20, policy="stream2llm", max_num_batched_tokens=256)
+    p = with_policy(make_request(scheduler, "p", list(range(5000, 5288))))
+    scheduler.add_request(p)
+    first = schedule_step(scheduler)
+    assert first[0].num_scheduled_tokens == {"p": 256} and vllm_compat.free_block_count(scheduler) == 3
+    c = make_request(scheduler, "c", list(range(3000, 3100)), max_tokens=3, final=True, resumable=False)
+    with_policy(c)
+    scheduler.add_request(c)
+    return scheduler, p, c, first
+
+
+def test_a_prefill_deferred_with_its_step_in_flight_keeps_its_kv(deferred_with_step_in_flight):
+    scheduler, p, _, first = deferred_with_step_in_flight
+    second = schedule_step(scheduler)
+    assert scheduler.broker.deferrals == 1 and p.status.name == "WAITING"
+    assert p not in scheduler.running and p.num_computed_tokens == 256
+    assert vllm_compat.tokens_in_flight(p) == 256 and len(blocks_of(scheduler, "p")) == 16
+    finish_step(scheduler, first)  # the partial prefill's output changes nothing
+    assert p.status.name == "WAITING" and p.num_computed_tokens == 256 and not p.output_token_ids
+    assert not vllm_compat.step_in_flight(p)
+    finish_step(scheduler, second)
+
+
+def test_eviction_waits_for_the_victims_step_in_flight(deferred_with_step_in_flight):
+    scheduler, p, c, first = deferred_with_step_in_flight
+    second = schedule_step(scheduler)
+    assert (scheduler.broker.evictions, scheduler.broker.evictions_waited) == (0, 1)
+    assert len(blocks_of(scheduler, "p")) == 16 and second[0].num_scheduled_tokens == {}  # c: no blocks yet
+    finish_step(scheduler, first)
+    third = schedule_step(scheduler)  # p's step came back: now it is evicted
+    assert scheduler.broker.evictions == 1 and not blocks_of(scheduler, "p") and p.num_computed_tokens == 0
+    assert third[0].num_scheduled_tokens == {"c": 100}
+    finish_step(scheduler, second)
+    finish_step(scheduler, third)
+    steps = run_pipelined(scheduler)
+    assert c.is_finished() and vllm_compat.is_parked(p) and p.num_computed_tokens == 288
+    # p recomputes what the prefix cache lost to c: 288 - 192 still cached
+    assert sum(o.num_scheduled_tokens.get("p", 0) for o in steps) == 96
+    assert scheduler.accounting.counters("p").tokens_prefilled == 256 + 96

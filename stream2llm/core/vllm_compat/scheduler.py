@@ -279,10 +279,11 @@ def sort_queues(scheduler: Scheduler, key: Any) -> None:
 def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:
     """Free the KV of a request that is not running (a parked session, or one waiting for blocks);
     it recomputes when it is scheduled again. Freed blocks keep their prefix-cache hashes, so if
-    nobody reuses them first, the request gets them back for free."""
+    nobody reuses them first, the request gets them back for free. Callers wait until no step of
+    the request is in flight (``step_in_flight``): its output would land on a reset request."""
     assert request.status in (RequestStatus.WAITING_FOR_STREAMING_REQ, RequestStatus.WAITING), request.status
     n = blocks_held(scheduler, request.request_id)
-    scheduler.kv_cache_manager.free(request)
+    scheduler._free_request_blocks(request)  # vLLM's own free: deferred while a KV load may write them
     request.num_computed_tokens = 0
     request.num_preemptions += 1
     return n
