@@ -229,3 +229,21 @@ def test_eviction_waits_for_the_victims_step_in_flight(deferred_with_step_in_fli
     # p recomputes what the prefix cache lost to c: 288 - 192 still cached
     assert sum(o.num_scheduled_tokens.get("p", 0) for o in steps) == 96
     assert scheduler.accounting.counters("p").tokens_prefilled == 256 + 96
+
+
+def test_the_step_log_pairs_each_step_with_its_own_output(tiny_model, tmp_path):
+    """Two steps are open at once: each line holds its own prefill and both of its times."""
+    from stream2llm.core.step_log import read_step_log
+
+    path = tmp_path / "steps.jsonl"
+    scheduler = async_scheduler(tiny_model, max_num_batched_tokens=64, step_log=str(path))
+    scheduler.add_request(make_request(scheduler, "a", list(range(1000, 1100))))
+    first, second = schedule_step(scheduler), schedule_step(scheduler)
+    finish_step(scheduler, first)
+    third = schedule_step(scheduler)
+    finish_step(scheduler, second)
+    finish_step(scheduler, third)
+    steps = read_step_log(path)
+    assert [[item[:2] for item in s["prefill"]] for s in steps] == [[[64, 0]], [[36, 64]], []]
+    assert all(s["t0"] <= s["t1"] <= s["t2"] for s in steps)
+    assert steps[1]["t1"] < steps[0]["t2"]  # the second step was scheduled before the first came back
