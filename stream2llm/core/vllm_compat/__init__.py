@@ -8,9 +8,9 @@ public accessor such as ``requests``, ``running``, ``num_computed_tokens``,
 scheduling (vLLM's ``AsyncScheduler``, what a step in flight holds), ``engine_process`` for the
 front end (starting AsyncLLM, its engine-core processes, shutting it down). Only a request's
 ``request_id`` and ``sampling_params`` (what it was submitted with) and a streaming chunk's
-``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` checks
-each assumption made here, so a vLLM upgrade that breaks one fails loudly in one place instead of
-corrupting KV somewhere else.
+``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` (and
+``test_async_scheduling.py`` for ``in_flight``) checks each assumption made here, so a vLLM
+upgrade that breaks one fails loudly in one place instead of corrupting KV somewhere else.
 """
 
 from stream2llm.core.vllm_compat.engine_process import *  # noqa: F403
