@@ -29,6 +29,7 @@ class Broker:
         self.parked_kv_cap = parked_kv_cap  # fraction of KV blocks parked sessions may hold
         self._policies: dict[str, Policy] = {}
         self.evictions = 0
+        self.evictions_waited = 0  # victims left for a step because a step of theirs was in flight
         self.deferrals = 0
 
     def follow_chunk_policy(self, name: str | None) -> None:
@@ -87,11 +88,16 @@ class Broker:
     def _evict_waiting(self, victims: list[tuple[str, str]], first: str | None) -> None:
         """Free the KV of victims that are not running. CPU: vLLM cannot offload here, so every
         mode recomputes; running victims are left to vLLM's allocator, which preempts from the end
-        of the ranked list. The top-ranked request is never a victim."""
+        of the ranked list. The top-ranked request is never a victim. A victim with a step still in
+        flight (async scheduling: a prefill deferred this step) waits for that step's output; the
+        next step evicts it if it is still a victim."""
         running = compat.running_ids(self._scheduler)
         for rid, _mode in victims:
             request = compat.find_request(self._scheduler, rid)
             if request is None or rid in running or rid == first:
+                continue
+            if compat.step_in_flight(request):
+                self.evictions_waited += 1
                 continue
             compat.evict_waiting_kv(self._scheduler, request)
             self.evictions += 1

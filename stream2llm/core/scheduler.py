@@ -11,6 +11,10 @@ It wires what stock vLLM lacks for streamed context into vLLM's scheduling loop:
   the optional step log.
 
 Everything that touches vLLM internals goes through ``vllm_compat``.
+
+Under async scheduling (vLLM's default on GPU) the engine core schedules step N+1 before step N's
+output came back; ``StreamScheduler`` then builds an ``AsyncStreamScheduler``: the same class with
+vLLM's ``AsyncScheduler`` (output placeholders) between our hooks and vLLM's ``Scheduler``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from stream2llm.core.updates import UpdateMode
 
 class StreamScheduler(compat.HookedScheduler):
     """vLLM's scheduler plus update mode, a policy broker, per-request counters and a stats board."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StreamScheduler:
+        """vLLM picks its AsyncScheduler only when no ``scheduler_cls`` is given; a synchronous
+        subclass under async scheduling would run every step without overlap. So the engine's
+        flag picks the variant here, where the finished config is first seen."""
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is StreamScheduler and vllm_config is not None and compat.async_scheduling(vllm_config):
+            cls = AsyncStreamScheduler
+        return super().__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,3 +114,10 @@ class StreamScheduler(compat.HookedScheduler):
 
     def _publish(self) -> None:
         self.accounting.publish(preemptions=self.broker.evictions)
+
+
+class AsyncStreamScheduler(StreamScheduler, compat.AsyncScheduler):
+    """``StreamScheduler`` on vLLM's ``AsyncScheduler`` (method order: ours, vLLM's async
+    placeholders, vLLM's Scheduler). Every change ours makes holds with one step in flight: see
+    ``vllm_compat.end_chunk_early``, ``cut_session_kv``, ``defer_running_prefill``, and the broker,
+    whose evictions wait for a victim's step in flight."""

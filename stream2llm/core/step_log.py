@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,26 +25,30 @@ class StepLog:
 
     def __init__(self, path: str | Path) -> None:
         self._file: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the engine
-        self._open: dict[str, Any] | None = None
+        # steps scheduled whose output has not come back, oldest first: under async scheduling
+        # the next step is scheduled before the last one's output arrives (outputs come in order)
+        self._open: deque[dict[str, Any]] = deque()
 
     def scheduled(self, policy: str, items: list[PrefillItem], decodes: int, held: int, t0: float) -> None:
         """A step was scheduled at ``t0``: ``items`` holds one entry per prefill chunk;
         ``decodes`` counts requests that only decode, ``held`` every request the core holds."""
         now = time.monotonic()
-        self._open = {
-            "t0": t0,
-            "t1": now,
-            "policy": policy,
-            "prefill": items,
-            "decodes": decodes,
-            "held": held,
-        }
+        self._open.append(
+            {
+                "t0": t0,
+                "t1": now,
+                "policy": policy,
+                "prefill": items,
+                "decodes": decodes,
+                "held": held,
+            }
+        )
 
     def finished(self) -> None:
-        """The step's output came back: write the line."""
-        if self._open is None:
+        """The oldest open step's output came back: write its line."""
+        if not self._open:
             return
-        step, self._open = self._open, None
+        step = self._open.popleft()
         step["t2"] = time.monotonic()
         self._file.write(json.dumps(step, separators=(",", ":")) + "\n")
 

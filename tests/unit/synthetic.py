@@ -6,6 +6,7 @@ reaches the end of its prompt. Building it reads only the tiny model's config (n
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import torch
@@ -32,8 +33,11 @@ def make_scheduler(
     policy: str = "vllm",
     max_num_batched_tokens: int = 4096,
     kv_transfer: dict[str, Any] | None = None,
+    async_scheduling: bool = False,
     **options: Any,
 ) -> StreamScheduler:
+    """Our scheduler as vLLM's engine core builds it; ``async_scheduling`` as on GPU (vLLM's CPU
+    platform turns it off while the config is built, so it is set afterwards, as on a GPU)."""
     model_config = ModelConfig(
         model=model_dir, skip_tokenizer_init=True, max_model_len=4096, dtype="bfloat16"
     )
@@ -50,6 +54,7 @@ def make_scheduler(
         kv_transfer_config=KVTransferConfig(**kv_transfer) if kv_transfer else None,
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
     kv_cache_config = KVCacheConfig(
         num_blocks=num_blocks,
         kv_cache_tensors=[],
@@ -101,32 +106,70 @@ def step(scheduler: StreamScheduler) -> Any:
 
 def step_with_outputs(scheduler: StreamScheduler) -> tuple[Any, dict[str, Any]]:
     """One engine step; also each finished request's ``kv_transfer_params`` (the core's counters)."""
+    pending = schedule_step(scheduler)
+    return pending[0], finish_step(scheduler, pending)
+
+
+Pending = tuple[Any, dict[str, list[int]]]  # a scheduled step and what its model runner samples
+
+
+def schedule_step(scheduler: StreamScheduler) -> Pending:
+    """Schedule a step; decide now, as the worker does from what it was sent, which requests it
+    samples for: those the step takes to the end of their tokens (a decode under async scheduling
+    is scheduled past them, onto its output placeholder)."""
     out = scheduler.schedule()
-    req_ids = list(out.num_scheduled_tokens)
-    sampled = []
-    for rid in req_ids:
+    samples = {}
+    for rid in out.num_scheduled_tokens:
         request = scheduler.requests[rid]
-        done_prefill = request.num_computed_tokens >= request.num_tokens
-        sampled.append([SAMPLED] if done_prefill else [])
+        samples[rid] = [SAMPLED] if request.num_computed_tokens >= request.num_tokens else []
+    return out, samples
+
+
+def finish_step(scheduler: StreamScheduler, pending: Pending) -> dict[str, Any]:
+    """Play the model runner's output of a scheduled step; each finished request's counters."""
+    out, samples = pending
+    req_ids = list(samples)
     runner = ModelRunnerOutput(
-        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
+        req_ids=req_ids,
+        req_id_to_index={r: i for i, r in enumerate(req_ids)},
+        sampled_token_ids=[samples[r] for r in req_ids],
     )
     engine_outputs = scheduler.update_from_output(out, runner)
-    finished = {
+    return {
         o.request_id: o.kv_transfer_params
         for group in engine_outputs.values()
         for o in group.outputs
         if o.finish_reason is not None
     }
-    return out, finished
+
+
+def has_work(scheduler: StreamScheduler) -> bool:
+    return bool(scheduler.running) or any(
+        r.status.name in ("WAITING", "PREEMPTED") for r in scheduler.requests.values()
+    )
+
+
+def run_pipelined(scheduler: StreamScheduler, max_steps: int = 100) -> list[Any]:
+    """vLLM's engine loop under async scheduling (``EngineCore.step_with_batch_queue``, two steps
+    at most): schedule the next step before the last one's output, then process the oldest."""
+    in_flight: deque[Pending] = deque()
+    scheduled = []
+    for _ in range(max_steps):
+        if has_work(scheduler):
+            in_flight.append(schedule_step(scheduler))
+            scheduled.append(in_flight[-1][0])
+            if len(in_flight) < 2 and scheduled[-1].total_num_scheduled_tokens:
+                continue
+        if not in_flight:
+            break
+        finish_step(scheduler, in_flight.popleft())
+    return scheduled
 
 
 def run_until_idle(scheduler: StreamScheduler, max_steps: int = 100) -> list[Any]:
     outputs = []
     for _ in range(max_steps):
-        if not scheduler.running and not any(
-            r.status.name in ("WAITING", "PREEMPTED") for r in scheduler.requests.values()
-        ):
+        if not has_work(scheduler):
             break
         outputs.append(step(scheduler))
     return outputs

@@ -4,16 +4,19 @@ The rest of stream2llm talks to vLLM through its public surface (AsyncLLM, Sampl
 StreamingInput, ``scheduler_cls``, ``additional_config``) and through the small named functions and
 hooks here: ``scheduler`` for the engine core (scheduler hooks, scheduler and request state with no
 public accessor such as ``requests``, ``running``, ``num_computed_tokens``,
-``SchedulerOutput.num_scheduled_tokens``, and the KV cut of an update), ``engine_process`` for the
+``SchedulerOutput.num_scheduled_tokens``, and the KV cut of an update), ``in_flight`` for async
+scheduling (vLLM's ``AsyncScheduler``, what a step in flight holds), ``engine_process`` for the
 front end (starting AsyncLLM, its engine-core processes, shutting it down). Only a request's
 ``request_id`` and ``sampling_params`` (what it was submitted with) and a streaming chunk's
-``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` checks
-each assumption made here, so a vLLM upgrade that breaks one fails loudly in one place instead of
-corrupting KV somewhere else.
+``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` (and
+``test_async_scheduling.py`` for ``in_flight``) checks each assumption made here, so a vLLM
+upgrade that breaks one fails loudly in one place instead of corrupting KV somewhere else.
 """
 
 from stream2llm.core.vllm_compat.engine_process import *  # noqa: F403
 from stream2llm.core.vllm_compat.engine_process import __all__ as _engine_process_names
+from stream2llm.core.vllm_compat.in_flight import *  # noqa: F403
+from stream2llm.core.vllm_compat.in_flight import __all__ as _in_flight_names
 from stream2llm.core.vllm_compat.kv_transfer import *  # noqa: F403
 from stream2llm.core.vllm_compat.kv_transfer import __all__ as _kv_transfer_names
 from stream2llm.core.vllm_compat.scheduler import *  # noqa: F403
@@ -21,4 +24,4 @@ from stream2llm.core.vllm_compat.scheduler import __all__ as _scheduler_names
 
 VLLM_API = "0.32"
 
-__all__ = ["VLLM_API", *_engine_process_names, *_kv_transfer_names, *_scheduler_names]
+__all__ = ["VLLM_API", *_engine_process_names, *_in_flight_names, *_kv_transfer_names, *_scheduler_names]

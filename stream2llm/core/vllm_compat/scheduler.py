@@ -279,10 +279,11 @@ def sort_queues(scheduler: Scheduler, key: Any) -> None:
 def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:
     """Free the KV of a request that is not running (a parked session, or one waiting for blocks);
     it recomputes when it is scheduled again. Freed blocks keep their prefix-cache hashes, so if
-    nobody reuses them first, the request gets them back for free."""
+    nobody reuses them first, the request gets them back for free. Callers wait until no step of
+    the request is in flight (``step_in_flight``): its output would land on a reset request."""
     assert request.status in (RequestStatus.WAITING_FOR_STREAMING_REQ, RequestStatus.WAITING), request.status
     n = blocks_held(scheduler, request.request_id)
-    scheduler.kv_cache_manager.free(request)
+    scheduler._free_request_blocks(request)  # vLLM's own free: deferred while a KV load may write them
     request.num_computed_tokens = 0
     request.num_preemptions += 1
     return n
@@ -295,7 +296,8 @@ def is_prefilling(request: Request) -> bool:
 def defer_running_prefill(scheduler: Scheduler, request: Request) -> None:
     """Take a request that is still prefilling out of the running list, keeping its KV, so that
     higher-ranked waiting work gets this step's tokens first. vLLM resumes it from the waiting
-    queue like a streaming session resumes (the worker gets its state anew)."""
+    queue like a streaming session resumes (the worker gets its state anew). Safe with a step in
+    flight: a request still prefilling after it was scheduled is one whose step samples nothing."""
     assert is_prefilling(request), request.status
     scheduler.running.remove(request)
     scheduler._inflight_prefills.discard(request)
@@ -314,9 +316,15 @@ def end_chunk_early(scheduler: Scheduler, request: Request) -> bool:
 
     The rest of the chunk is about to be replaced by an update queued behind it. A running request
     is moved back to the waiting queue, keeping its KV, so the worker takes its shortened state
-    anew when it is scheduled again (as a deferred prefill is)."""
+    anew when it is scheduled again (as a deferred prefill is).
+
+    Under async scheduling ``num_computed_tokens`` already counts the step in flight, so the cut
+    falls past it: that step is a partial prefill of positions that stay, and it samples nothing
+    (a step that samples holds an output placeholder; such a chunk is left alone)."""
     keep = request.num_computed_tokens + 1
     if is_parked(request) or request.num_output_tokens or keep >= request.num_prompt_tokens:
+        return False
+    if request.num_output_placeholders:
         return False
     if is_prefilling(request):
         defer_running_prefill(scheduler, request)
@@ -395,6 +403,12 @@ def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> tuple[i
     Token-exact for full-attention groups: the block holding token ``keep`` stays, made writable
     first. Other group kinds (sliding window, Mamba) keep only whole blocks they can vouch for, so
     the cut falls back to a block boundary (and to 0 where a group cannot be cut at all).
+
+    With a step in flight (async scheduling) the cut is still safe: vLLM applies a session's next
+    chunk only once the output of its last step came back, and later steps never schedule a
+    session whose chunk reached ``max_tokens``; a stale step vLLM drops writes only past the
+    computed tokens, never into a full (hashed, shareable) block. Freed blocks go through vLLM's
+    deferred frees, and the worker makes a copy before the step that reads it.
     """
     managers = _managers(scheduler)
     rid = request.request_id
