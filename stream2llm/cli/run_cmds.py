@@ -58,6 +58,21 @@ def demo(
     write_json(json_out, report)
 
 
+ReplicasOpt = Annotated[
+    int, typer.Option(help="Engine instances (processes) behind vllm-router; 1: this process serves.")
+]
+RoutingOpt = Annotated[
+    str, typer.Option(help="With --replicas: consistent_hash or sticky_least_loaded (by X-Session-ID).")
+]
+DisaggregateOpt = Annotated[
+    bool, typer.Option(help="Prefill here, decode on a vLLM instance; KV moves block by block as computed.")
+]
+KvConnectorOpt = Annotated[
+    str,
+    typer.Option(help="With --disaggregate: stream2llm (a host store, KV moved as computed) or nixl (GPUs)."),
+]
+
+
 def serve(
     model: ModelOpt = models.DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -81,18 +96,14 @@ def serve(
     ] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="KV cache size in GiB.")] = 1.0,
     max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 4096,
+    max_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 2048,
+    max_num_seqs: Annotated[int, typer.Option(help="vLLM request slots (open streams hold one).")] = 64,
     policy: Annotated[str, typer.Option(help="Scheduling policy.")] = "stream2llm",
     dtype: Annotated[str, typer.Option(help="Weights and activations: bfloat16 or float32.")] = "bfloat16",
-    replicas: Annotated[
-        int, typer.Option(help="Engine instances (processes) behind vllm-router; 1: this process serves.")
-    ] = 1,
-    routing: Annotated[
-        str, typer.Option(help="With --replicas: consistent_hash or sticky_least_loaded (by X-Session-ID).")
-    ] = "consistent_hash",
-    disaggregate: Annotated[
-        bool,
-        typer.Option(help="Prefill here, decode on a vLLM instance; KV moves block by block as computed."),
-    ] = False,
+    replicas: ReplicasOpt = 1,
+    routing: RoutingOpt = "consistent_hash",
+    disaggregate: DisaggregateOpt = False,
+    kv_connector: KvConnectorOpt = "stream2llm",
     debug: DebugOpt = False,
 ):
     """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
@@ -102,11 +113,14 @@ def serve(
         return serve_replicas(
             replicas, routing, host, port, token, debug, model=model, max_sessions=max_sessions,
             kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, policy=policy, dtype=dtype,
-            disaggregate=disaggregate or None,
+            disaggregate=disaggregate or None, kv_connector=kv_connector if disaggregate else None,
+            max_batched_tokens=max_batched_tokens,
+            max_num_seqs=max_num_seqs,
         )  # fmt: skip
     _serve_one(
         model, host, port, token, max_sessions, kv_cache_gb, max_model_len, policy, dtype, debug,
-        disaggregate, allow_insecure_bind=allow_insecure_bind, allowed_origins=tuple(allowed_origin or ()),
+        kv_connector if disaggregate else None, engine_sizes=(max_batched_tokens, max_num_seqs),
+        allow_insecure_bind=allow_insecure_bind, allowed_origins=tuple(allowed_origin or ()),
         allowed_hosts=tuple(allowed_host or ()),
     )  # fmt: skip
 
@@ -122,7 +136,8 @@ def _serve_one(
     policy: str,
     dtype: str,
     debug: bool,
-    disaggregate: bool,
+    disaggregate: str | None,
+    engine_sizes: tuple[int, int] = (2048, 64),
     **guards: Any,
 ) -> None:
     """One engine serving HTTP in this process until a signal (SIGTERM: status 0) or its death."""
@@ -137,6 +152,8 @@ def _serve_one(
         max_model_len=max_model_len,
         max_sessions=max(max_sessions, 1),
         dtype=dtype,
+        max_num_batched_tokens=engine_sizes[0],
+        max_num_seqs=engine_sizes[1],
     )
     settings = ServerSettings(
         host=host,
@@ -154,7 +171,7 @@ def _serve_one(
 
     try:
         console.print(f"starting the engine ({model}) ...")
-        run_async(_disaggregated(config, serving) if disaggregate else serving(config))
+        run_async(_disaggregated(config, serving, disaggregate) if disaggregate else serving(config))
     except Stopped as stop:
         if stop.signal != signal.SIGTERM:
             fail(stop, debug)
@@ -163,11 +180,12 @@ def _serve_one(
         fail(exc, debug)
 
 
-async def _disaggregated(config: Any, serving: Any) -> None:
+async def _disaggregated(config: Any, serving: Any, connector: str) -> None:
+    """``serve --disaggregate``: the decode instance first, then this (prefill) instance."""
     from stream2llm.deploy.disaggregated import run_disaggregated
 
-    console.print("starting the decode instance (vLLM) ...")
-    await run_disaggregated(config, serving, lambda line: console.print(line, highlight=False))
+    console.print(f"starting the decode instance (vLLM, KV connector: {connector}) ...")
+    await run_disaggregated(config, serving, lambda line: console.print(line, highlight=False), connector)
 
 
 def run(

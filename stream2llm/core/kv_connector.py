@@ -200,7 +200,8 @@ class StreamingKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, StreamingKVMetadata)
         for block_id, key in meta.saves:
-            self.store.put(key, torch.stack([cache.select(dim, block_id) for cache, dim in self._layers]))
+            block = torch.stack([cache.select(dim, block_id) for cache, dim in self._layers])
+            self.store.put(key, block.cpu())  # host memory, whatever device the KV is on
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -20,7 +20,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from stream2llm.core.kv_store import DEFAULT_ROOT
@@ -28,13 +27,27 @@ from stream2llm.deploy.replicas import Child, free_ports, spawn, stop_all, wait_
 from stream2llm.engine.config import EngineConfig
 
 DECODE_MODEL = "decode"  # the decode instance's served model name
+CONNECTORS = ("stream2llm", "nixl")
+NIXL = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}  # vLLM's P/D connector on GPUs
 
 
-def decode_argv(config: EngineConfig, model: Any, port: int, store: str) -> list[str]:
-    """vLLM's OpenAI server as the decode instance: the prefill instance's model, sizes and
-    numerics, and the connector in the consumer role."""
+def transfer_configs(connector: str, store: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """vLLM's kv_transfer_config for the prefill and the decode instance. ``stream2llm``: our
+    connector, saving each block as it is computed into ``store``, loaded from there; ``nixl``:
+    vLLM's NixlConnector, the decode instance pulling the blocks from the prefill's memory (GPU,
+    RDMA) once the prompt is done (needs the ``nixl`` package: CUDA only)."""
     from stream2llm.core.kv_connector import transfer_config
 
+    if connector == "stream2llm":
+        return transfer_config("kv_producer", store), transfer_config("kv_consumer", store)
+    if connector == "nixl":
+        return dict(NIXL), dict(NIXL)
+    raise ValueError(f"unknown --kv-connector {connector!r}; known: {', '.join(CONNECTORS)}")
+
+
+def decode_argv(config: EngineConfig, model: Any, port: int, transfer: dict[str, Any]) -> list[str]:
+    """vLLM's OpenAI server as the decode instance: the prefill instance's model, sizes and
+    numerics, and the connector in the consumer role."""
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model.path)]
     argv += ["--served-model-name", DECODE_MODEL, "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--dtype", config.dtype, "--seed", str(config.seed)]
@@ -43,7 +56,7 @@ def decode_argv(config: EngineConfig, model: Any, port: int, store: str) -> list
     argv += ["--max-num-batched-tokens", str(config.max_num_batched_tokens)]
     argv += ["--kv-cache-memory-bytes", str(config.kv_cache_bytes)]
     argv += ["--enforce-eager", "--enable-prefix-caching", "--enable-prompt-tokens-details"]
-    argv += ["--kv-transfer-config", json.dumps(transfer_config("kv_consumer", store))]
+    argv += ["--kv-transfer-config", json.dumps(transfer)]
     if config.block_size is not None:
         argv += ["--block-size", str(config.block_size)]
     return argv + _flags(model.engine_overrides)
@@ -66,13 +79,13 @@ def new_store(root: str | None = None) -> str:
     return tempfile.mkdtemp(prefix="stream2llm-kv-", dir=root or DEFAULT_ROOT)
 
 
-async def start_decode(config: EngineConfig, store: str, timeout_s: float = 900.0) -> Child:
+async def start_decode(config: EngineConfig, transfer: dict[str, Any], timeout_s: float = 900.0) -> Child:
     """Start the decode instance on a free loopback port; return once it answers /health."""
     from stream2llm.engine import models
 
     model = await asyncio.to_thread(models.resolve, config.model)
     (port,) = free_ports(1)
-    argv = decode_argv(config, model, port, store)
+    argv = decode_argv(config, model, port, transfer)
     child = await spawn("decode instance", f"http://127.0.0.1:{port}", argv)
     try:
         await wait_healthy(child, "/health", timeout_s)
@@ -86,16 +99,24 @@ async def run_disaggregated(
     config: EngineConfig,
     serve: Callable[[EngineConfig], Any],
     notify: Callable[[str], None],
+    connector: str = "stream2llm",
     store_root: str | None = None,
 ) -> None:
-    """Start the decode instance, then ``serve(config)`` (the prefill instance, its KV store and
+    """Start the decode instance, then ``serve(config)`` (the prefill instance, its connector and
     decode URL set) until it returns, fails, or the decode instance exits; stop both."""
     store = new_store(store_root)
     decode: Child | None = None
     try:
-        decode = await start_decode(config, store)
+        prefill_transfer, decode_transfer = transfer_configs(connector, store)
+        decode = await start_decode(config, decode_transfer)
         notify(f"decode instance: {decode.url} (pid {decode.process.pid}), KV store {store}")
-        prefill = replace(config, kv_store=store, decode_url=decode.url, decode_model=DECODE_MODEL)
+        prefill = replace(
+            config,
+            kv_transfer=prefill_transfer,
+            decode_url=decode.url,
+            decode_model=DECODE_MODEL,
+            decode_pulls_kv=connector == "nixl",
+        )
         await _until_first_ends(serve(prefill), decode)
     finally:
         if decode is not None:
@@ -119,8 +140,3 @@ async def _until_first_ends(serving: Any, decode: Child) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await server
     raise RuntimeError(f"the decode instance exited with status {decode.process.returncode}")
-
-
-def store_size(store: str) -> int:
-    """Bytes of KV blocks in a store directory."""
-    return sum(p.stat().st_size for p in Path(store).glob("*.safetensors"))

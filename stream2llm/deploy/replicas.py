@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 import sys
@@ -78,9 +79,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 async def spawn(name: str, url: str, argv: list[str]) -> Child:
+    """Start a child in a process group of its own: stopping it stops what it started too, even
+    after it died without stopping its own children (vLLM's engine processes, say)."""
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    process = await asyncio.create_subprocess_exec(*argv, preexec_fn=preexec)
+    process = await asyncio.create_subprocess_exec(*argv, preexec_fn=preexec, start_new_session=True)
     return Child(name, url, process)
+
+
+def _signal_group(child: Child, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.process.pid, signum)
 
 
 async def wait_healthy(child: Child, path: str, timeout_s: float) -> None:
@@ -100,19 +108,16 @@ async def wait_healthy(child: Child, path: str, timeout_s: float) -> None:
 
 
 async def stop_all(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every child still running, SIGKILL what is left after ``grace_s``."""
+    """SIGTERM every child's process group, SIGKILL what is left of it after ``grace_s`` (or at
+    once, for a child that already exited: what is left of its group was orphaned)."""
     running = [c for c in children if c.process.returncode is None]
     for child in running:
-        with contextlib.suppress(ProcessLookupError):
-            child.process.send_signal(signal.SIGTERM)
-    if not running:
-        return
-    _, late = await asyncio.wait([c.waiter for c in running], timeout=grace_s)
-    for child in running:
-        if child.waiter in late:
-            with contextlib.suppress(ProcessLookupError):
-                child.process.kill()
-    await asyncio.gather(*(c.waiter for c in running), return_exceptions=True)
+        _signal_group(child, signal.SIGTERM)
+    if running:
+        await asyncio.wait([c.waiter for c in running], timeout=grace_s)
+    for child in children:
+        _signal_group(child, signal.SIGKILL)
+    await asyncio.gather(*(c.waiter for c in children), return_exceptions=True)
 
 
 async def watch(instances: list[Child], router: Child, notify: Notify) -> None:
@@ -125,6 +130,7 @@ async def watch(instances: list[Child], router: Child, notify: Notify) -> None:
             raise RuntimeError(f"the router exited with status {router.process.returncode}")
         for waiter in done:
             child = alive.pop(waiter)
+            _signal_group(child, signal.SIGKILL)  # its engine processes, orphaned
             notify(
                 f"{child.name} ({child.url}, pid {child.process.pid}) exited with status "
                 f"{child.process.returncode}: its sessions fail, the others go on"
@@ -142,8 +148,7 @@ async def run_replicas(
         raise ValueError("--replicas must be at least 1")
     if plan.routing not in ROUTING_POLICIES:
         raise ValueError(f"unknown --routing {plan.routing!r}; known: {', '.join(ROUTING_POLICIES)}")
-    *ports, router_port, metrics_port = free_ports(plan.replicas + 2)
-    router_port = plan.port or router_port
+    ports = free_ports(plan.replicas)
     children: list[Child] = []
     try:
         for i, port in enumerate(ports):
@@ -152,6 +157,9 @@ async def run_replicas(
             children.append(await spawn(f"instance {i}", f"http://127.0.0.1:{port}", argv))
         instances = list(children)
         await asyncio.gather(*(wait_healthy(c, "/health", plan.startup_timeout_s) for c in instances))
+        # chosen now, not before the instances' minute-long start: their engines take free ports too
+        router_port, metrics_port = free_ports(2)
+        router_port = plan.port or router_port
         argv = router_argv([c.url for c in instances], plan.host, router_port, plan.routing, metrics_port)
         shown = f"[{plan.host}]" if ":" in plan.host else plan.host
         router = await spawn("router", f"http://{shown}:{router_port}", argv)

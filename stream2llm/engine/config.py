@@ -31,11 +31,13 @@ class EngineConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
-    # prefill/decode disaggregation (deploy.disaggregated): the directory the KV connector saves
-    # each full block to, and the decode instance (a vLLM OpenAI server) that answers
-    kv_store: str | None = None
+    # prefill/decode disaggregation (deploy.disaggregated): vLLM's kv_transfer_config for this
+    # (prefill) instance, the decode instance (a vLLM OpenAI server) that answers, and whether it
+    # pulls the KV itself given the prefill's kv_transfer_params (NIXL) or finds it in a store
+    kv_transfer: dict[str, Any] | None = None
     decode_url: str | None = None
     decode_model: str = "decode"
+    decode_pulls_kv: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
 
 
@@ -67,18 +69,11 @@ def engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str) 
         **model.engine_overrides,
         **config.engine_args,
     }
-    if config.kv_store is not None:
-        kwargs["kv_transfer_config"] = _kv_producer(config.kv_store)
+    if config.kv_transfer is not None:
+        from vllm.config import KVTransferConfig
+
+        kwargs["kv_transfer_config"] = KVTransferConfig(**config.kv_transfer)
     kwargs.update(models.hybrid_kv_overrides(models.hf_config(model.path), kwargs))
     if config.block_size is not None:
         kwargs["block_size"] = config.block_size
     return AsyncEngineArgs(**kwargs)
-
-
-def _kv_producer(store: str) -> Any:
-    """vLLM's KVTransferConfig for the prefill instance: stream2llm's connector, saving each block."""
-    from vllm.config import KVTransferConfig
-
-    from stream2llm.core.kv_connector import transfer_config
-
-    return KVTransferConfig(**transfer_config("kv_producer", store))

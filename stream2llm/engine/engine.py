@@ -265,7 +265,7 @@ def _remote_decode(config: EngineConfig, llm: Any) -> RemoteDecode | None:
     """Disaggregated: sessions prefill here and decode on ``config.decode_url``."""
     if config.decode_url is None:
         return None
-    return RemoteDecode(config.decode_url, config.decode_model, llm.generate)
+    return RemoteDecode(config.decode_url, config.decode_model, llm.generate, pulls_kv=config.decode_pulls_kv)
 
 
 def _shut_down_started(started: tuple[models.ModelInfo, Any]) -> None:

@@ -62,24 +62,42 @@ class _PromptTracker:
         self.ids = chunk if meta.op is Op.UPDATE or not self.ids else self.ids + chunk
         self.cache_salt = prompt.get("cache_salt", self.cache_salt)
 
-    async def tap(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def tap(self, chunks: AsyncIterator[Any], pulls_kv: bool) -> AsyncIterator[Any]:
         async for chunk in chunks:
             meta = ChunkMeta.of(chunk.sampling_params)
             self.take(chunk.prompt, meta)
-            yield type(chunk)(
-                chunk.prompt, prefill_only(chunk.sampling_params) if meta.final else chunk.sampling_params
-            )
+            params = prefill_only(chunk.sampling_params, pulls_kv) if meta.final else chunk.sampling_params
+            yield type(chunk)(chunk.prompt, mark_remote_decode(params, pulls_kv))
 
 
-def prefill_only(sampling: Any) -> Any:
+def prefill_only(sampling: Any, pulls_kv: bool = False) -> Any:
     """The same request, generating one token: the prefill instance computes the prompt's KV and
     samples one throw-away token (vLLM has no prefill-only request); the decode instance answers."""
     params = sampling.clone()
     params.max_tokens, params.min_tokens, params.stop_token_ids = 1, 0, []
+    return mark_remote_decode(params, pulls_kv)
+
+
+def mark_remote_decode(params: Any, pulls_kv: bool) -> Any:
+    """A decode instance that pulls the KV (NIXL) needs vLLM's P/D request flag on the prefill's
+    request (vLLM reads it from a streaming request's first chunk), so that the prefill's
+    connector keeps the blocks and returns where they are."""
+    if not pulls_kv:
+        return params
+    params = params.clone()
+    params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
     return params
 
 
-def completion_body(model: str, ids: list[int], sampling: Any, cache_salt: str | None) -> dict[str, Any]:
+def foreign_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """The prefill connector's own kv_transfer_params (NIXL: where the blocks are), which the
+    decode instance gets with the request; stream2llm's counters are not for it."""
+    return {k: v for k, v in (params or {}).items() if k not in (CONFIG_KEY, KV_PARAMS_KEY)}
+
+
+def completion_body(
+    model: str, ids: list[int], sampling: Any, cache_salt: str | None, kv_params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The decode instance's ``/v1/completions`` body for the session's sampling parameters."""
     body: dict[str, Any] = {
         "model": model,
@@ -106,6 +124,8 @@ def completion_body(model: str, ids: list[int], sampling: Any, cache_salt: str |
         body["logprobs"] = sampling.logprobs
     if cache_salt is not None:
         body["cache_salt"] = cache_salt
+    if kv_params:
+        body["kv_transfer_params"] = kv_params
     return body
 
 
@@ -122,9 +142,17 @@ def _token_logprobs(raw: dict[str, Any] | None) -> list[dict[int, Logprob]]:
 class RemoteDecode:
     """Runs a session's request: prefill here (``local_generate``), decode on ``url``."""
 
-    def __init__(self, url: str, model: str, local_generate: Callable[..., AsyncIterator[Any]]) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        local_generate: Callable[..., AsyncIterator[Any]],
+        *,
+        pulls_kv: bool = False,
+    ) -> None:
         self.url = url.rstrip("/")
         self.model = model
+        self.pulls_kv = pulls_kv
         self._local_generate = local_generate
         self._http: aiohttp.ClientSession | None = None
 
@@ -138,9 +166,10 @@ class RemoteDecode:
             tracker.take(prompt, ChunkMeta(Op.UPDATE, True))
             local_prompt: Any = prompt
         else:
-            local_prompt = tracker.tap(prompt)
+            local_prompt = tracker.tap(prompt, self.pulls_kv)
         prefilled = None
-        async for out in self._local_generate(local_prompt, prefill_only(sampling), request_id=request_id):
+        local_sampling = prefill_only(sampling, self.pulls_kv)
+        async for out in self._local_generate(local_prompt, local_sampling, request_id=request_id):
             if out.finished:
                 prefilled = out  # the final chunk's throw-away token: the decode instance answers
             else:
@@ -163,7 +192,7 @@ class RemoteDecode:
         ids: list[int] = []
         lps: list[dict[int, Logprob]] = []
         finish: str | None = None
-        body = completion_body(self.model, tracker.ids, sampling, tracker.cache_salt)
+        body = completion_body(self.model, tracker.ids, sampling, tracker.cache_salt, foreign_params(params))
         async for event in self._events(body):
             transfer.update(_usage_counts(event.get("usage")))
             for choice in event.get("choices") or ():

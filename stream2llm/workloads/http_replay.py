@@ -132,6 +132,7 @@ def _fill(record: RequestRecord, result: dict, timing: Timing, done_s: float) ->
     record.final_chunk_tokens = result["chunks"][-1]["tokens"] if result["chunks"] else 0
     record.tokens_prefilled = result["tokens_prefilled"]
     record.tokens_recomputed = result["tokens_recomputed"]
+    record.kv_transfer = result.get("kv_transfer")
 
 
 async def run_once_http(

@@ -50,6 +50,7 @@ class RequestRecord:
     error: str | None = None
     # engine request id, then monotonic times of the final event, its hand-off, the first token
     timeline: tuple[str, float, float, float] | None = None
+    kv_transfer: dict[str, int] | None = None  # disaggregated deployments: what the KV connector moved
 
 
 @dataclass
@@ -86,6 +87,7 @@ class RunResult:
                 "final_chunk_tokens": [r.final_chunk_tokens for r in ok],
                 "prompt_tokens": [r.prompt_tokens for r in ok],
                 "timeline": [r.timeline for r in ok],  # to join with the step log
+                **({"kv_transfer": [r.kv_transfer for r in ok]} if any(r.kv_transfer for r in ok) else {}),
             },
         }
 

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,26 +30,23 @@ INSTANCE = "X-Stream2LLM-Instance"
 SAMPLING = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("replicas") / "serve.log"
     argv = [sys.executable, "-m", "stream2llm", "serve", "--replicas", "2", "--model", "tiny"]
-    argv += ["--port", str(port), "--dtype", "float32", "--kv-cache-gb", "0.25", "--max-model-len", "2048"]
+    argv += ["--port", "0", "--dtype", "float32", "--kv-cache-gb", "0.25", "--max-model-len", "2048"]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"COLUMNS": "200"}
         )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
+        found = re.search(r"replicas at (http://\S+)", log.read_text())
+        if found is None:
+            time.sleep(1)
+            continue
+        url = found.group(1)
         try:
             if httpx.get(f"{url}/readiness", timeout=2).status_code == 200:
                 break
