@@ -12,9 +12,23 @@ from __future__ import annotations
 
 import time
 
+from stream2llm.context.events import Op
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.policies import Policy, RequestView, VllmPolicy, make_policy
+from stream2llm.core.protocol import ChunkMeta
 from stream2llm.core.streams import StreamState, StreamTracker
+
+
+def queued_tokens(request: compat.Request) -> int:
+    """Tokens the chunks queued behind the one in work will prefill, at most: an update carries the
+    whole new prompt and replaces what was queued before it (its shared prefix is known only when
+    it is applied); appends add theirs. Summing every queued update counted a refinement's context
+    once per version and ranked the session behind far longer finals."""
+    total = 0
+    for chunk in compat.queued_chunks(request):
+        n = len(compat.chunk_ids(chunk))
+        total = n if ChunkMeta.of(chunk.sampling_params).op is Op.UPDATE else total + n
+    return total
 
 
 class Broker:
@@ -64,7 +78,7 @@ class Broker:
             pending,
             compat.blocks_held(self._scheduler, rid),
             state.next_chunk_eta(),
-            sum(len(compat.chunk_ids(u)) for u in compat.queued_chunks(request)),
+            queued_tokens(request),
         )
 
     def apply(self) -> None:

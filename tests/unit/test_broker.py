@@ -177,6 +177,19 @@ def test_the_broker_sees_chunks_queued_behind_the_one_in_work(tiny_model):
     assert view.tokens_pending == 600 - 104  # the chunk in work
 
 
+def test_queued_updates_count_once_the_last_one_replaces_the_rest(tiny_model):
+    """Two refinements queued behind the chunk in work: the later replaces the earlier, so the
+    broker counts its whole prompt once (counting both ranked the session behind longer finals)."""
+    scheduler, _ = prefilling_update(tiny_model)
+    second = list(range(100, 140)) + list(range(6000, 6300))
+    third = list(range(100, 140)) + list(range(7000, 7200))
+    scheduler.add_request(make_request(scheduler, "s", second, op="update"))
+    scheduler.add_request(make_request(scheduler, "s", third, op="update"))
+    scheduler.add_request(make_request(scheduler, "s", [9] * 10, final=True))
+    (view,) = [scheduler.broker.view(r, 0.0) for r in scheduler.requests.values()]
+    assert view.tokens_queued == len(third) + 10
+
+
 def test_stream_tracker_expects_the_next_chunk_after_the_smoothed_gap():
     streams = StreamTracker()
     assert not streams.chunk_arrived("s", 10.0, final=False, is_stream_chunk=True)  # a new stream

@@ -198,11 +198,16 @@ class Simulator:
 
 
 def _queued_tokens(r: _Req) -> int:
-    """What the broker sees queued in the engine core: an update's whole prompt (its shared prefix
-    is found only when it is applied), appends' new tokens."""
-    updates = sum(chunk.target for chunk in r.core_queue if chunk.replaces)
-    appends = [chunk for chunk in r.core_queue if not chunk.replaces]
-    return updates + (max(appends[-1].target - r.target, 0) if appends else 0)
+    """What the broker sees queued in the engine core (``broker.queued_tokens``): an update's whole
+    prompt (its shared prefix is found only when it is applied), replacing what was queued before
+    it; appends' new tokens."""
+    total, length = 0, r.target
+    for chunk in r.core_queue:
+        if chunk.replaces:
+            total, length = chunk.target, chunk.target
+        else:
+            total, length = total + max(chunk.target - length, 0), max(chunk.target, length)
+    return total
 
 
 class _Run:
