@@ -29,11 +29,12 @@ ENGINE += ["--max-num-seqs", "256", "--max-sessions", "512"]
 READY = {"single": r"at (http://\S+) \(OpenAI", "replicas": r"replicas at (http://\S+)"}
 
 
-def start(extra: list[str], log: Path) -> tuple[subprocess.Popen, str, str | None]:
+def start(extra: list[str], log: Path, cpus: dict[str, str]) -> tuple[subprocess.Popen, str, str | None]:
     """A deployment; its URL and (disaggregated) its decode instance's URL, read from its output."""
     out = open(log, "w")  # noqa: SIM115 - the process writes to it until it is stopped
     argv = [sys.executable, "-m", "stream2llm", "serve", *ENGINE, "--port", "0", *extra]
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={"COLUMNS": "300", **_env()})
+    env = {**_env(), "COLUMNS": "300", **cpus}
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     pattern = READY["replicas" if "--replicas" in extra else "single"]
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -139,18 +140,26 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--only", default="single,disaggregated,replicas")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="let the engines share every core")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # --pin: every engine on cores of its own (engines sharing cores thrash in their OpenMP
+    # barriers): one instance on core 0; the prefill instance on core 0 and the decode instance
+    # on core 1; replicas on core 0 and core 1
     plan = {
-        "single": ([], ["stream2llm", "nonstream"], args.qps),
-        "disaggregated": (["--disaggregate"], ["stream2llm", "nonstream"], args.qps),
-        "replicas": (["--replicas", "2"], ["stream2llm"], 2 * args.qps),
+        "single": ([], ["stream2llm", "nonstream"], args.qps, {"VLLM_CPU_OMP_THREADS_BIND": "0"}),
+        "disaggregated": (
+            ["--disaggregate"],
+            ["stream2llm", "nonstream"],
+            args.qps,
+            {"VLLM_CPU_OMP_THREADS_BIND": "0", "STREAM2LLM_DECODE_CPUS": "1"},
+        ),
+        "replicas": (["--replicas", "2"], ["stream2llm"], 2 * args.qps, {"STREAM2LLM_REPLICA_CPUS": "0|1"}),
     }
     rows = []
     for name in args.only.split(","):
-        extra, policies, qps = plan[name]
-        rows += run_deployment(name, extra, policies, qps, args, args.out)
+        rows += run_deployment(name, plan[name], args, args.out)
         (args.out / "summary.json").write_text(
             json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
         )

@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from stream2llm.core.kv_store import DEFAULT_ROOT
-from stream2llm.deploy.replicas import Child, free_ports, spawn, stop_all, wait_healthy
+from stream2llm.deploy.replicas import Child, cpus_for, free_ports, spawn, stop_all, wait_healthy
 from stream2llm.engine.config import EngineConfig
 
 DECODE_MODEL = "decode"  # the decode instance's served model name
@@ -86,7 +86,9 @@ async def start_decode(config: EngineConfig, transfer: dict[str, Any], timeout_s
     model = await asyncio.to_thread(models.resolve, config.model)
     (port,) = free_ports(1)
     argv = decode_argv(config, model, port, transfer)
-    child = await spawn("decode instance", f"http://127.0.0.1:{port}", argv)
+    child = await spawn(
+        "decode instance", f"http://127.0.0.1:{port}", argv, cpus_for("STREAM2LLM_DECODE_CPUS", 0)
+    )
     try:
         await wait_healthy(child, "/health", timeout_s)
     except BaseException:
