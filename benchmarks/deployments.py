@@ -102,10 +102,9 @@ def kv_moved(run: dict) -> dict[str, float]:
     }
 
 
-def run_deployment(
-    name: str, extra: list[str], policies: list[str], qps: float, args, root: Path
-) -> list[dict]:
-    proc, url, decode = start(extra, root / f"{name}.log")
+def run_deployment(name: str, plan: tuple, args: argparse.Namespace, root: Path) -> list[dict]:
+    extra, policies, qps, cpus = plan
+    proc, url, decode = start(extra, root / f"{name}.log", cpus if args.pin else {})
     rows = []
     try:
         for policy in policies:

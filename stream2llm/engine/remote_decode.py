@@ -23,6 +23,7 @@ from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta
 from stream2llm.errors import StreamError
 
 KV_PARAMS_KEY = "stream2llm_kv"  # the connector's per-request counts (core.kv_connector)
+KEEPALIVE_S = 2.0  # below the decode server's keep-alive timeout
 TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a logprob's token
 
 
@@ -215,7 +216,11 @@ class RemoteDecode:
     async def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The decode instance's server-sent events, parsed; a clear error if it fails."""
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            # idle connections are dropped before vLLM's server (uvicorn: 5 s) closes them: reusing
+            # one it is closing fails the request ("Server disconnected"; seen once in 60 under load)
+            connector = aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+            self._http = aiohttp.ClientSession(connector=connector, timeout=timeout)
         usage: dict[str, Any] | None = None
         try:
             async with self._http.post(self.url + "/v1/completions", json=body) as response:
