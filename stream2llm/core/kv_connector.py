@@ -31,13 +31,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.kv_store import DEFAULT_CAPACITY_BYTES, DEFAULT_ROOT, BlockStore, DirectoryStore
-from stream2llm.core.protocol import ChunkMeta
+from stream2llm.core.protocol import KV_PARAMS_KEY, ChunkMeta
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-KV_PARAMS_KEY = "stream2llm_kv"  # the producer's per-request transfer counts, in kv_transfer_params
 MODULE_PATH = __name__
 CONNECTOR_NAME = "StreamingKVConnector"
 

@@ -17,6 +17,7 @@ from typing import Any
 from stream2llm.context.events import Op
 
 CONFIG_KEY = "stream2llm"  # in VllmConfig.additional_config, SamplingParams.extra_args, kv_transfer_params
+KV_PARAMS_KEY = "stream2llm_kv"  # the KV connector's per-request transfer counts, in kv_transfer_params
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ from typing import Any
 import aiohttp
 
 from stream2llm.context.events import Op
-from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta
+from stream2llm.core.protocol import CONFIG_KEY, KV_PARAMS_KEY, ChunkMeta
 from stream2llm.errors import StreamError
 
-KV_PARAMS_KEY = "stream2llm_kv"  # the connector's per-request counts (core.kv_connector)
 KEEPALIVE_S = 2.0  # below the decode server's keep-alive timeout
 TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a logprob's token
 
