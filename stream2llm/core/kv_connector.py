@@ -8,10 +8,13 @@ already moving; when the final chunk comes, only its own blocks are left to save
 ExampleConnector saves a request's first scheduled step only, keyed by the whole prompt, so a
 streamed session's chunks would never be stored.
 
-Blocks are keyed by vLLM's chained block hashes (``core.kv_store``): the decode instance loads the
-longest run of leading blocks it finds, short of the prompt's last token (vLLM must compute at
-least one token to sample from), and computes the rest: at most one block. A block that vanished
-between the lookup and the load is reported to vLLM, which recomputes it.
+Blocks are keyed by vLLM's chained block hashes (``core.kv_store``). When a request's final prompt
+is computed, the producer also saves its partial last block, keyed by the last full block's key and
+the tokens it holds (``tail_key``). The decode instance loads the longest run of leading blocks it
+finds, partial last block included, up to the prompt's last token (vLLM must compute at least one
+token to sample from): with every block stored it computes that one token, as vLLM's own P/D
+connectors do. A block that vanished between the lookup and the load is reported to vLLM, which
+recomputes it.
 
 Configuration (``kv_connector_extra_config``): ``store_path`` (a directory; default under
 ``/dev/shm``), ``capacity_bytes`` (the producer removes its oldest blocks past it).
@@ -19,6 +22,7 @@ Configuration (``kv_connector_extra_config``): ``store_path`` (a directory; defa
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +104,9 @@ class StreamingKVConnector(KVConnectorBase_V1):
         if self.saves_kv:
             for request_id, n in compat.scheduled_tokens(scheduler_output).items():
                 if (request := self._requests.get(request_id)) is not None:
-                    meta.saves += self._blocks_to_save(request, compat.computed_tokens(request) + n)
+                    computed = compat.computed_tokens(request) + n
+                    meta.saves += self._blocks_to_save(request, computed)
+                    meta.saves += self._tail_to_save(request, computed)
         return meta
 
     def _blocks_to_save(self, request: Any, computed_after_step: int) -> list[tuple[int, str]]:
@@ -124,6 +130,28 @@ class StreamingKVConnector(KVConnectorBase_V1):
                 saved.before_final += 1
         return out
 
+    def _tail_to_save(self, request: Any, computed_after_step: int) -> list[tuple[int, str]]:
+        """The final prompt's partial last block, once this step computes the prompt's last token
+        (earlier chunks' tails are overwritten by the chunks after them: never saved)."""
+        prompt = compat.prompt_length(request)
+        full = prompt // self.block_size
+        if computed_after_step < prompt or prompt == full * self.block_size:
+            return []
+        if compat.is_stream_chunk(request) and not ChunkMeta.of(request.sampling_params).final:
+            return []  # a session's chunk that more will follow
+        keys = compat.block_hash_keys(request)[:full]
+        tokens = compat.token_ids_at(request, full * self.block_size, prompt)
+        key = tail_key(keys[-1] if keys else None, tokens)
+        saved = self._saved.setdefault(request.request_id, _Saved())
+        if key in saved.keys:
+            return []
+        saved.keys.add(key)
+        if self.store.has(key):
+            return []
+        saved.after_final += 1
+        block_id = compat.request_block_ids(self._kv_cache_manager, request.request_id)[full]
+        return [(block_id, key)]
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Report what was saved for the request (the front end gets it with the final output)."""
         rid = request.request_id
@@ -143,19 +171,31 @@ class StreamingKVConnector(KVConnectorBase_V1):
     # -- scheduler side: the consumer ------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens beyond ``num_computed_tokens`` covered by stored leading blocks (loaded in the
-        step that schedules the request, before its forward pass: synchronous)."""
+        """Tokens beyond ``num_computed_tokens`` covered by stored leading blocks, up to the
+        prompt's last token (loaded in the step that schedules the request, before its forward
+        pass: synchronous)."""
         if not self.loads_kv:
             return 0, False
-        keys = compat.block_hash_keys(request)
-        limit = min(len(keys), (compat.tokens_held(request) - 1) // self.block_size)
+        loadable = compat.tokens_held(request) - 1
+        keys = self._keys_covering(request, loadable)
         first = n = num_computed_tokens // self.block_size
-        while n < limit and self.store.has(keys[n]):
+        while n < len(keys) and self.store.has(keys[n]):
             n += 1
         if n <= first:
             return 0, False
         self._plans[request.request_id] = (first, keys[first:n])
-        return n * self.block_size - num_computed_tokens, False
+        return min(n * self.block_size, loadable) - num_computed_tokens, False
+
+    def _keys_covering(self, request: Any, tokens: int) -> list[str]:
+        """Keys of the blocks that hold the request's first ``tokens`` tokens: full blocks by
+        vLLM's hash, a partial last one by ``tail_key``."""
+        keys = compat.block_hash_keys(request)
+        wanted = -(-tokens // self.block_size)
+        if wanted <= len(keys):
+            return keys[:wanted]
+        start = len(keys) * self.block_size
+        tail = compat.token_ids_at(request, start, compat.tokens_held(request))
+        return [*keys, tail_key(keys[-1] if keys else None, tail)]
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         plan = self._plans.pop(request.request_id, None)
@@ -163,7 +203,7 @@ class StreamingKVConnector(KVConnectorBase_V1):
             return
         first, keys = plan
         block_ids = compat.group_block_ids(blocks)
-        n = num_external_tokens // self.block_size
+        n = -(-num_external_tokens // self.block_size)
         self._loads += [(block_ids[first + j], keys[j]) for j in range(n)]
 
     # -- worker side -----------------------------------------------------------------------------
@@ -205,6 +245,13 @@ class StreamingKVConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+
+def tail_key(last_full_key: str | None, tokens: list[int]) -> str:
+    """The store key of a prompt's partial last block: chained like vLLM's block hashes (the key of
+    the full block before it, then its own tokens), so it names the whole prompt."""
+    text = f"{last_full_key or 'root'}:{','.join(map(str, tokens))}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _block_dim(cache: torch.Tensor, num_blocks: int) -> int:

@@ -2,12 +2,13 @@
 the API in this process) and a decode instance (vLLM's own OpenAI server, a child process), with
 KV moving between them through vLLM's KV-connector API (``core.kv_connector``).
 
-What moves where: each session's chunks are prefilled here as they arrive; the connector saves
-every full KV block the step it is computed into a host-local store (a directory in shared
-memory); when the session's context is final, its last chunk is prefilled, and the whole prompt's
-token ids go to the decode instance, whose connector loads every stored leading block and which
-computes the rest (under one block) and generates. The decode instance is plain vLLM: it only
-gets ``--kv-transfer-config``. Either instance dying ends the deployment (the other is stopped).
+What moves where: each session's chunks are prefilled here as they arrive; the connector saves every
+full KV block the step it is computed (and the final prompt's partial last block) into a host-local
+store (a directory in shared memory); when the session's context is final, its last chunk is
+prefilled, and the whole prompt's token ids go to the decode instance, whose connector loads every
+stored leading block and which computes the rest (the last token, when every block was stored) and
+generates. The decode instance is plain vLLM: it only gets ``--kv-transfer-config``. Either instance
+dying ends the deployment (the other is stopped).
 """
 
 from __future__ import annotations

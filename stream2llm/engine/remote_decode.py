@@ -4,9 +4,9 @@ With ``EngineConfig.decode_url`` set, a session's vLLM request runs here instead
 ``generate`` alone: every chunk is prefilled on this (prefill) instance exactly as before, while
 ``core.kv_connector`` saves each full block as it is computed; the final chunk only prefills (one
 throw-away token, like an intermediate chunk); then the whole prompt's token ids go to the decode
-instance, a plain vLLM OpenAI server whose connector loads the stored blocks, computes the rest
-(less than one block) and generates. Its tokens come back as outputs shaped like vLLM's, so the
-session, its text deltas, its TTFT clocks and its counters work unchanged.
+instance, a plain vLLM OpenAI server whose connector loads the stored blocks, computes the rest (the
+last token, when every block was stored) and generates. Its tokens come back as outputs shaped like
+vLLM's, so the session, its text deltas, its TTFT clocks and its counters work unchanged.
 """
 
 from __future__ import annotations

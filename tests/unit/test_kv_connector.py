@@ -12,6 +12,7 @@ from stream2llm.core.kv_connector import (
     KV_PARAMS_KEY,
     StreamingKVConnector,
     StreamingKVMetadata,
+    tail_key,
     transfer_config,
 )
 from stream2llm.core.kv_store import DirectoryStore
@@ -80,7 +81,7 @@ def test_producer_does_not_save_a_block_the_store_has(tiny_model, tmp_path):
     assert saved == vllm_compat.block_hash_keys(request)[1:3]  # block 0 was stored already
 
 
-def test_consumer_loads_the_stored_leading_blocks_short_of_the_last_token(tiny_model, tmp_path):
+def test_consumer_loads_every_stored_block_up_to_the_last_token(tiny_model, tmp_path):
     scheduler = _scheduler(tiny_model, tmp_path, "kv_consumer")
     ids = list(range(200, 264))  # 64 tokens: 4 full blocks
     keys = vllm_compat.block_hash_keys(make_request(scheduler, "probe", ids))
@@ -91,10 +92,53 @@ def test_consumer_loads_the_stored_leading_blocks_short_of_the_last_token(tiny_m
     scheduler.add_request(request)
     out = step(scheduler)
     blocks = vllm_compat.request_block_ids(scheduler.kv_cache_manager, "d")
-    # 3 blocks (48 tokens) loaded, block 3 computed: vLLM samples from the last token's logits
-    assert out.kv_connector_metadata.loads == list(zip(blocks[:3], keys[:3]))
-    assert out.num_scheduled_tokens == {"d": 16}
-    assert vllm_compat.computed_tokens(request) == 64  # 48 loaded + 16 computed
+    # 63 tokens loaded (block 3 up to its last slot), the last token computed: vLLM samples from it
+    assert out.kv_connector_metadata.loads == list(zip(blocks[:4], keys[:4]))
+    assert out.num_scheduled_tokens == {"d": 1}
+    assert vllm_compat.computed_tokens(request) == 64  # 63 loaded + 1 computed
+
+
+def test_producer_saves_the_final_prompts_partial_last_block_and_the_consumer_loads_it(tiny_model, tmp_path):
+    producer = _scheduler(tiny_model, tmp_path, "kv_producer", max_num_batched_tokens=32)
+    ids = list(range(100, 150))  # 50 tokens: 3 full blocks and 2 tokens in block 3
+    request = make_request(producer, "p", ids, final=True, resumable=False, max_tokens=4)
+    producer.add_request(request)
+    keys = vllm_compat.block_hash_keys(request)
+    assert [key for _, key in _saves(step(producer))] == keys[:2]
+    second = step(producer)  # the step computing the last token saves block 2 and the partial block 3
+    blocks = vllm_compat.request_block_ids(producer.kv_cache_manager, "p")
+    tail = tail_key(keys[2], ids[48:])
+    assert _saves(second) == [(blocks[2], keys[2]), (blocks[3], tail)]
+
+    consumer = _scheduler(tiny_model, tmp_path, "kv_consumer")
+    store = DirectoryStore(tmp_path)
+    for key in [*keys, tail]:
+        store.put(key, torch.zeros(1))
+    decode = make_request(consumer, "d", ids, resumable=False, max_tokens=4)
+    consumer.add_request(decode)
+    out = step(consumer)
+    blocks = vllm_compat.request_block_ids(consumer.kv_cache_manager, "d")
+    assert out.kv_connector_metadata.loads == list(zip(blocks[:4], [*keys, tail]))
+    assert out.num_scheduled_tokens == {"d": 1}  # 49 tokens loaded
+
+
+def test_a_tail_key_names_the_whole_prompt():
+    assert tail_key("ab", [1, 2]) == tail_key("ab", [1, 2])
+    variants = [("ab", [1, 3]), ("ac", [1, 2]), (None, [1, 2]), ("ab", [12])]
+    assert len({tail_key("ab", [1, 2]), *(tail_key(k, t) for k, t in variants)}) == 5
+
+
+def test_consumer_without_the_tail_computes_it(tiny_model, tmp_path):
+    scheduler = _scheduler(tiny_model, tmp_path, "kv_consumer")
+    ids = list(range(50))
+    keys = vllm_compat.block_hash_keys(make_request(scheduler, "probe", ids))
+    store = DirectoryStore(tmp_path)
+    for key in keys:
+        store.put(key, torch.zeros(1))
+    scheduler.add_request(make_request(scheduler, "d", ids, resumable=False))
+    out = step(scheduler)
+    assert [key for _, key in out.kv_connector_metadata.loads] == keys
+    assert out.num_scheduled_tokens == {"d": 2}  # tokens 48 and 49
 
 
 def test_consumer_stops_at_the_first_missing_block(tiny_model, tmp_path):
