@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -21,10 +20,9 @@ from typing import Any
 
 import aiohttp
 
-from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.metrics import BENCH_SCHEMA, RequestRecord, RunResult
-from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions, replay_all, run_deadline
+from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions, plan_run, replay_all
 from stream2llm.workloads.trace import TraceRequest
 
 SESSION_HEADER = "X-Session-ID"
@@ -148,18 +146,14 @@ async def run_once_http(
 ) -> RunResult:
     """One (policy, qps) run over the whole trace, over HTTP; the same arrivals as ``run_once``."""
     mode = bench_policy(policy).mode
-    payloads = [texts.payloads(r) for r in requests]
-    arrivals = poisson_arrivals(len(requests), qps, options.seed + repeat)
-    records = [RequestRecord(r.id, a) for r, a in zip(requests, arrivals)]
-    salt = uuid.uuid4().hex
+    plan = plan_run(requests, texts, qps, options, repeat)
     start = asyncio.get_running_loop().time()
 
     async def replay(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
-        await replay_one(http, base, request, record, mode, start, events, options, salt)
+        await replay_one(http, base, request, record, mode, start, events, options, plan.salt)
 
-    await replay_all(replay, requests, records, payloads, run_deadline(requests, arrivals, options), on_done)
-    done = [r.done_s for r in records if r.done_s is not None]
-    return RunResult(policy, qps, repeat, records, completion_s=max(done, default=0.0))
+    await replay_all(replay, requests, plan.records, plan.payloads, plan.deadline, on_done)
+    return RunResult(policy, qps, repeat, plan.records, completion_s=plan.completion_s())
 
 
 def event_text(model: str, max_model_len: int, options: ReplayOptions) -> EventText:

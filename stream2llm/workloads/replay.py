@@ -144,29 +144,51 @@ async def run_once(
 
     sampling = SamplingParams(temperature=0, max_tokens=options.max_tokens, ignore_eos=True)
     engine.set_policy(bench_policy(policy).scheduler)
-    texts = EventText(engine, options)
-    payloads = [texts.payloads(r) for r in requests]
-    arrivals = poisson_arrivals(len(requests), qps, options.seed + repeat)
-    records = [RequestRecord(r.id, a) for r, a in zip(requests, arrivals)]
-    salt = uuid.uuid4().hex
+    plan = plan_run(requests, EventText(engine, options), qps, options, repeat)
     before = engine.stats()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = asyncio.get_running_loop().time()
 
     async def replay(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
-        await _replay_one(engine, request, record, policy, start, events, sampling, options, salt)
+        await _replay_one(engine, request, record, policy, start, events, sampling, options, plan.salt)
 
-    await replay_all(replay, requests, records, payloads, run_deadline(requests, arrivals, options), on_done)
-    done = [r.done_s for r in records if r.done_s is not None]
+    await replay_all(replay, requests, plan.records, plan.payloads, plan.deadline, on_done)
     after = engine.stats()
     await wait_idle(engine)
     return RunResult(
         policy,
         qps,
         repeat,
-        records,
-        completion_s=max(done) if done else 0.0,
+        plan.records,
+        completion_s=plan.completion_s(),
         preemptions={"recompute": after.preemptions - before.preemptions},
+    )
+
+
+@dataclass
+class RunPlan:
+    """What one run replays, the same for the in-process and the HTTP replay: each request's
+    payloads (built before the clock starts), arrival and record, the run's deadline, and a cache
+    salt that keeps runs from reusing each other's KV."""
+
+    payloads: list[list[str | list[str]]]
+    records: list[RequestRecord]
+    deadline: float | None
+    salt: str
+
+    def completion_s(self) -> float:
+        return max((r.done_s for r in self.records if r.done_s is not None), default=0.0)
+
+
+def plan_run(
+    requests: Sequence[TraceRequest], texts: EventText, qps: float, options: ReplayOptions, repeat: int
+) -> RunPlan:
+    """The payloads, Poisson arrivals (seeded per repeat) and records of one (policy, qps) run."""
+    arrivals = poisson_arrivals(len(requests), qps, options.seed + repeat)
+    return RunPlan(
+        payloads=[texts.payloads(r) for r in requests],
+        records=[RequestRecord(r.id, a) for r, a in zip(requests, arrivals)],
+        deadline=run_deadline(requests, arrivals, options),
+        salt=uuid.uuid4().hex,
     )
 
 
