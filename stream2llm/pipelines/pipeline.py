@@ -55,6 +55,7 @@ class RagAnswer:
     errors: list[str] = field(default_factory=list)  # "retriever: error", one per failed retriever
     failed: list[str] = field(default_factory=list)  # the retrievers that failed (their context is missing)
     context: str = ""  # the context body the answer was generated from
+    prompt_digest: str | None = None  # of the prompt token ids the engine computed (its counters)
 
 
 PipelineItem = ContextArrived | TokenDelta | RagAnswer
@@ -179,6 +180,7 @@ class _Run:
                 "total_s": done - self.t0,
             },
             prompt_tokens=len(result.prompt_token_ids),
+            prompt_digest=result.computed_prompt_digest,
             tokens_prefilled=result.tokens_prefilled,
             tokens_recomputed=result.tokens_recomputed,
             events=self.events,

@@ -34,6 +34,7 @@ async def test_demo_streams_both_retrievers_and_answers_like_nonstream(engine):
     assert ann["events"] >= 2 and len(ann["sources"]) == options.k
     for row in (crawl, ann):
         assert row["same_answer"], row  # streamed prefill answers exactly like one-shot prefill
+        assert row["same_prompt"], row  # and the engine computed the same prompt token ids
         assert row["prompt_tokens"] > 200
         assert row["retrieval_s"] > 0 and row["ttft_final_stream_s"] > 0
         assert row["ttft_query_nonstream_s"] > row["retrieval_s"]
