@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 
-from stream2llm.context.events import Op
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.policies import Policy, RequestView, VllmPolicy, make_policy
 from stream2llm.core.protocol import ChunkMeta
@@ -27,7 +26,7 @@ def queued_tokens(request: compat.Request) -> int:
     total = 0
     for chunk in compat.queued_chunks(request):
         n = len(compat.chunk_ids(chunk))
-        total = n if ChunkMeta.of(chunk.sampling_params).op is Op.UPDATE else total + n
+        total = n if ChunkMeta.of(chunk.sampling_params).replaces_prompt else total + n
     return total
 
 

@@ -12,21 +12,38 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
-
-from stream2llm.context.events import Op
 
 CONFIG_KEY = "stream2llm"  # in VllmConfig.additional_config, SamplingParams.extra_args, kv_transfer_params
 KV_PARAMS_KEY = "stream2llm_kv"  # the KV connector's per-request transfer counts, in kv_transfer_params
 
 
+# vLLM has no prefill-only request: every chunk but the one that answers samples this many tokens,
+# which the front end drops (engine.handover counts them off the front of the cumulative output)
+THROWAWAY_TOKENS_PER_CHUNK = 1
+
+
+class ChunkOp(str, Enum):
+    """What a chunk does to the prompt the engine holds (not what a retriever did: an update event
+    whose tokens extend what was sent goes as an append chunk, and a BPE merge reaching back turns
+    an appended page into an update chunk)."""
+
+    APPEND = "append"  # the chunk's ids follow what the engine holds
+    UPDATE = "update"  # the chunk's ids are the whole new prompt; KV is kept up to the common prefix
+
+
 @dataclass(frozen=True)
 class ChunkMeta:
-    """What the front end says about one chunk: how it changes the context, whether it is the last."""
+    """What the front end says about one chunk: how it changes the prompt, whether it is the last."""
 
-    op: Op = Op.APPEND
+    op: ChunkOp = ChunkOp.APPEND
     final: bool = False
     policy: str | None = None
+
+    @property
+    def replaces_prompt(self) -> bool:
+        return self.op is ChunkOp.UPDATE
 
     def as_extra_args(self) -> dict[str, Any]:
         return {CONFIG_KEY: {"op": self.op.value, "final": self.final, "policy": self.policy}}
@@ -36,7 +53,22 @@ class ChunkMeta:
         """The metadata a chunk's sampling parameters carry (a plain request: an append)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
         raw = extra.get(CONFIG_KEY) or {}
-        return cls(Op(raw.get("op", Op.APPEND.value)), bool(raw.get("final")), raw.get("policy"))
+        return cls(ChunkOp(raw.get("op", ChunkOp.APPEND.value)), bool(raw.get("final")), raw.get("policy"))
+
+
+def throwaway_tokens(chunks: int, answered_here: bool) -> int:
+    """Throw-away tokens at the front of a streaming request's output after ``chunks`` chunks: one
+    per chunk, except the final chunk's when this instance answers (its samples are the answer)."""
+    return THROWAWAY_TOKENS_PER_CHUNK * (chunks - 1 if answered_here else chunks)
+
+
+def split_transfer_params(params: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A final output's ``kv_transfer_params`` as (stream2llm's part: the engine core's counters and
+    the KV connector's transfer counts; the KV connector's own part, e.g. NIXL's block locations,
+    which a decode instance gets with the request)."""
+    ours = {k: v for k, v in (params or {}).items() if k in (CONFIG_KEY, KV_PARAMS_KEY)}
+    foreign = {k: v for k, v in (params or {}).items() if k not in ours}
+    return ours, foreign
 
 
 @dataclass

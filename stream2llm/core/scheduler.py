@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from stream2llm.context.events import Op
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.accounting import Accounting
 from stream2llm.core.broker import Broker
@@ -64,7 +63,7 @@ class StreamScheduler(compat.HookedScheduler):
         held = compat.find_request(self, rid)
         if held is None:
             return
-        if known and meta.op is Op.UPDATE:
+        if known and meta.replaces_prompt:
             self.updates.mark_if_superseded(held)  # vLLM may have queued it behind the chunk in work
         self.streams.admitted(rid, now, meta.final or not compat.is_stream_chunk(request))
 

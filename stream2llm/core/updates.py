@@ -9,7 +9,6 @@ is ended early: the rest of it would be replaced anyway.
 
 from __future__ import annotations
 
-from stream2llm.context.events import Op
 from stream2llm.context.prompt import common_prefix_len
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.accounting import Accounting
@@ -27,7 +26,7 @@ class UpdateMode:
 
     def next_chunk(self, session: compat.Request, update: compat.StreamingUpdate) -> compat.StreamingUpdate:
         """The chunk vLLM appends to a parked session, rewritten so that appending it is right."""
-        if ChunkMeta.of(update.sampling_params).op is Op.UPDATE:
+        if ChunkMeta.of(update.sampling_params).replaces_prompt:
             return self._cut_to_common_prefix(session, update)
         if compat.was_evicted(session):
             # evicted while parked: resend the whole prompt; vLLM's prefix cache returns what survived
@@ -54,7 +53,7 @@ class UpdateMode:
         """An update queued behind the chunk a session is working on replaces that chunk's context:
         prefilling the rest of it would be thrown away (an ANN pipeline refines faster than a
         long update prefills), so the chunk is ended early at the next step."""
-        if any(ChunkMeta.of(u.sampling_params).op is Op.UPDATE for u in compat.queued_chunks(request)):
+        if any(ChunkMeta.of(u.sampling_params).replaces_prompt for u in compat.queued_chunks(request)):
             self._superseded.add(request.request_id)
 
     def end_superseded_chunks(self) -> None:

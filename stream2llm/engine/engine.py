@@ -23,6 +23,7 @@ from stream2llm.core.policies import POLICIES
 from stream2llm.core.stats_board import EngineStats, StatsBoard
 from stream2llm.engine import models
 from stream2llm.engine.config import MODES, EngineConfig, Mode, engine_args
+from stream2llm.engine.decode import DecodeBackend, LocalDecode
 from stream2llm.engine.handover import tokens_prompt
 from stream2llm.engine.health import Watchdog, start_off_loop
 from stream2llm.engine.host import SessionHost
@@ -54,9 +55,10 @@ class StreamingEngine:
         self._policy = config.policy
         self._watchdog = Watchdog(llm, self._fail_all)
         self._shutdown: asyncio.Task | None = None
-        self._remote = _remote_decode(config, llm)
+        self._decode = decode_backend(config)
         self._host = SessionHost(
-            generate=self._remote.generate if self._remote is not None else llm.generate,
+            generate=llm.generate,
+            decode=self._decode,
             abort=llm.abort,
             closed=self._forget,
             tokenizer=self.tokenizer,
@@ -248,8 +250,7 @@ class StreamingEngine:
         if aborts:
             await asyncio.wait([asyncio.ensure_future(a) for a in aborts], timeout=timeout_s / 2)
         vllm_compat.shut_down(self._llm, timeout_s / 2)
-        if self._remote is not None:
-            await self._remote.close()
+        await self._decode.close()
         self._board.close()
         with contextlib.suppress(OSError):
             os.unlink(self._board.path)
@@ -261,11 +262,11 @@ class StreamingEngine:
         await self.shutdown()
 
 
-def _remote_decode(config: EngineConfig, llm: Any) -> RemoteDecode | None:
-    """Disaggregated: sessions prefill here and decode on ``config.decode_url``."""
+def decode_backend(config: EngineConfig) -> DecodeBackend:
+    """This engine answers, or (disaggregated) the decode instance at ``config.decode_url`` does."""
     if config.decode_url is None:
-        return None
-    return RemoteDecode(config.decode_url, config.decode_model, llm.generate, pulls_kv=config.decode_pulls_kv)
+        return LocalDecode()
+    return RemoteDecode(config.decode_url, config.decode_model, pulls_kv=config.decode_pulls_kv)
 
 
 def _shut_down_started(started: tuple[models.ModelInfo, Any]) -> None:

@@ -1,10 +1,14 @@
 """Handing a session's chunks to vLLM: one streaming request, fed one chunk at a time.
 
-The token diff of what was sent and what the context now tokenizes to says what each chunk is:
-new tokens after everything sent are an append (whatever changed the context); anything else (an
-update, or an append whose tokens do not extend what was sent: a BPE merge reaching back) is an
-update that carries the whole new prompt, and the engine core keeps KV up to the longest common
-prefix. Stock ``vllm`` mode aborts the request on an update and submits the whole prompt again.
+This is the only place where prompt ids become chunks and the engine's outputs become the answer's
+tokens. The token diff of what was sent and what the context now tokenizes to says what each chunk
+is (the one append-or-update decision of the front end): new tokens after everything sent are an
+append (whatever changed the context); anything else (an update, or an append whose tokens do not
+extend what was sent: a BPE merge reaching back) is an update that carries the whole new prompt,
+and the engine core keeps KV up to the longest common prefix. Stock ``vllm`` mode aborts the
+request on an update and submits the whole prompt again. Every chunk but the one that answers
+samples a throw-away token (``core.protocol.throwaway_tokens``); the decode backend says who
+answers (``engine.decode``).
 """
 
 from __future__ import annotations
@@ -13,42 +17,71 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
-from stream2llm.context.events import Op
-from stream2llm.core.protocol import ChunkMeta
+from stream2llm.core.protocol import (
+    CONFIG_KEY,
+    KV_PARAMS_KEY,
+    THROWAWAY_TOKENS_PER_CHUNK,
+    ChunkMeta,
+    ChunkOp,
+    split_transfer_params,
+    throwaway_tokens,
+)
 from stream2llm.engine.config import Mode
+from stream2llm.engine.decode import FinalPrompt
 from stream2llm.engine.host import SessionHost
-from stream2llm.engine.outputs import ChunkTiming
-from stream2llm.engine.sampling import chunk_params
+from stream2llm.engine.outputs import ChunkTiming, Generated
 
 
 class Chunk(NamedTuple):
     """Token ids for the engine: the new tail (append) or the whole prompt (update)."""
 
-    op: Op
+    op: ChunkOp
     ids: list[int]
     final: bool
 
 
-def chunk_op(sent: Sequence[int], target: Sequence[int], final: bool) -> Op | None:
+def chunk_op(sent: Sequence[int], target: Sequence[int], final: bool) -> ChunkOp | None:
     """The op of the chunk that takes the engine from ``sent`` to ``target`` (None: nothing to send).
 
     Tokens that extend what was sent are an append even when an update produced them (the engine
     keeps all it holds); tokens that do not are an update, even when an append produced them."""
     if len(target) > len(sent) and target[: len(sent)] == sent:
-        return Op.APPEND
+        return ChunkOp.APPEND
     if list(target) == list(sent) and not final:
         return None  # nothing new is safe to prefill yet
-    return Op.UPDATE
+    return ChunkOp.UPDATE
 
 
 def merge_chunks(held: Chunk | None, new: Chunk) -> Chunk:
     """One chunk with the effect of two: an update carries the whole new prompt, so it replaces
     whatever was held; an append extends what was held (an update's prompt or an append's tail)."""
-    if held is None or new.op is Op.UPDATE:
+    if held is None or new.op is ChunkOp.UPDATE:
         return new
     return Chunk(held.op, held.ids + new.ids, new.final)
+
+
+def chunk_params(final_sampling: Any, meta: ChunkMeta) -> Any:
+    """One chunk's sampling parameters. vLLM has no prefill-only request, so an intermediate chunk
+    samples one throw-away token (cumulative output, so the session can count them); the final
+    chunk samples with the caller's parameters. The chunk's metadata rides in ``extra_args``."""
+    import vllm
+
+    # an intermediate chunk asks for the final chunk's logprobs too: vLLM sizes a streaming
+    # request's logprob lists from its first chunk, and the front end drops the throw-away ones
+    logprobs = final_sampling.logprobs
+    base = (
+        final_sampling
+        if meta.final
+        else vllm.SamplingParams(temperature=0, max_tokens=THROWAWAY_TOKENS_PER_CHUNK, logprobs=logprobs)
+    )
+    params = base.clone()
+    params.extra_args = {**(params.extra_args or {}), **meta.as_extra_args()}
+    if not meta.final:
+        params.output_kind = vllm.sampling_params.RequestOutputKind.CUMULATIVE
+    return params
 
 
 def tokens_prompt(ids: Sequence[int], cache_salt: str | None) -> dict[str, Any]:
@@ -71,8 +104,8 @@ async def _wait_for(task: asyncio.Task) -> None:
 class Handover:
     """One session's vLLM request: its input queue, the chunk in flight, held chunks, the runner.
 
-    The runner reports each output to ``on_tokens(out, n_throwaway, now)`` once the final chunk
-    is sent, then ``on_end()``, or ``on_error(exc)`` when the engine fails the request."""
+    The runner reports the answer so far to ``on_tokens(generated, now)``, then ``on_end()``, or
+    ``on_error(exc)`` when the engine (or the decode instance) fails the request."""
 
     def __init__(
         self,
@@ -82,11 +115,12 @@ class Handover:
         sampling: Any,
         *,
         cache_salt: str | None,
-        on_tokens: Callable[[Any, int, float], None],
+        on_tokens: Callable[[Generated, float], None],
         on_end: Callable[[], None],
         on_error: Callable[[Exception], None],
     ) -> None:
         self._host, self._request_id, self._mode = host, request_id, mode
+        self._decode = host.decode
         self._sampling, self._cache_salt = sampling, cache_salt
         self._on_tokens, self._on_end, self._on_error = on_tokens, on_end, on_error
         self.sent: list[int] = []  # the prompt the engine holds (or will, once queued chunks run)
@@ -112,7 +146,7 @@ class Handover:
             op = chunk_op(self.sent, target, final)
             if op is None:
                 return
-            if op is Op.APPEND:
+            if op is ChunkOp.APPEND:
                 self._put(Chunk(op, target[len(self.sent) :], final))
             elif self._mode == "vllm":
                 self._restart(target, final)
@@ -147,10 +181,10 @@ class Handover:
             return
         self._hand_over(chunk)
 
-    def _may_send(self, op: Op) -> bool:
+    def _may_send(self, op: ChunkOp) -> bool:
         """An update may wait in vLLM behind the chunk in flight; anything else waits here."""
         outstanding = len(self.chunks) - self._chunks_before - self._chunks_done
-        return outstanding < (2 if op is Op.UPDATE else 1)
+        return outstanding < (2 if op is ChunkOp.UPDATE else 1)
 
     def _release_held(self) -> None:
         if self._held is not None and self._may_send(self._held.op):
@@ -161,8 +195,7 @@ class Handover:
         from vllm.engine.protocol import StreamingInput
 
         prompt = tokens_prompt(chunk.ids, self._cache_salt)
-        params = chunk_params(self._sampling, ChunkMeta(chunk.op, chunk.final, self._host.policy()))
-        self._inputs.put_nowait(StreamingInput(prompt, params))
+        self._inputs.put_nowait(StreamingInput(prompt, self._chunk_sampling(chunk.op, chunk.final)))
         self.chunks.append(ChunkTiming(sent=time.monotonic(), tokens=len(chunk.ids)))
         if chunk.final:
             self._final_sent = True
@@ -180,7 +213,7 @@ class Handover:
         self._inputs = asyncio.Queue()
         self._chunks_before = len(self.chunks)
         self._chunks_done, self._held = 0, None
-        self._put(Chunk(Op.APPEND, ids, final))
+        self._put(Chunk(ChunkOp.APPEND, ids, final))
         self.sent = list(ids)
         self._start_runner(_input_stream(self._inputs), internal_id)
 
@@ -198,33 +231,63 @@ class Handover:
     def _start_runner(self, prompt: Any, internal_id: str) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run(prompt, internal_id))
 
+    def _chunk_sampling(self, op: ChunkOp, final: bool) -> Any:
+        meta = ChunkMeta(op, final, self._host.policy())
+        return self._decode.chunk_sampling(chunk_params(self._sampling, meta), meta)
+
     async def _run(self, prompt: Any, internal_id: str) -> None:
-        final_sampling = chunk_params(self._sampling, ChunkMeta(Op.APPEND, True, self._host.policy()))
+        final_sampling = self._chunk_sampling(ChunkOp.APPEND, True)
+        last = None
         try:
             async for out in self._host.generate(prompt, final_sampling, request_id=internal_id):
                 now = time.monotonic()
-                n_throwaway = self._account(out, now)
-                if n_throwaway is not None:
-                    self._on_tokens(out, n_throwaway, now)
+                if (generated := self._account(out, now)) is not None:
+                    self._on_tokens(generated, now)
+                last = out
+            if not self._decode.answers_here and last is not None and last.finished:
+                await self._decode_remotely(last)
             self._on_end()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the engine failed this request; others go on
             self._on_error(exc)
 
-    def _account(self, out: Any, now: float) -> int | None:
+    def _account(self, out: Any, now: float) -> Generated | None:
         """Mark the chunks whose prefill finished (one output token each) and send what was held.
-        Returns how many of the output's tokens are throw-away, or None before the final chunk."""
-        n_ids = len(out.outputs[0].token_ids)
+        Returns the answer so far once the final chunk is sent (None before, or while the output
+        holds throw-away tokens only)."""
+        completion = out.outputs[0]
+        n_ids = len(completion.token_ids)
         current = self.chunks[self._chunks_before :]
-        n_throwaway = len(current) - 1 if self._final_sent else None
         for i, chunk in enumerate(current):
             if i < n_ids and chunk.done is None:
                 chunk.done = now
-        if n_throwaway is None:
+        if not self._final_sent:
             self._chunks_done = max(self._chunks_done, min(n_ids, len(current)))
             self._release_held()
-        return n_throwaway
+            return None
+        skip = throwaway_tokens(len(current), self._decode.answers_here)
+        if n_ids <= skip:
+            return None
+        logprobs = completion.logprobs
+        return Generated(
+            list(completion.token_ids)[skip:],
+            None if logprobs is None else [{t: lp.logprob for t, lp in d.items()} for d in logprobs[skip:]],
+            completion.finish_reason,
+            split_transfer_params(out.kv_transfer_params)[0].get(CONFIG_KEY),
+        )
+
+    async def _decode_remotely(self, prefilled: Any) -> None:
+        """Another instance answers: hand it the prompt prefilled here, with the KV connector's
+        parameters; the engine core's counters and the KV moved go with its last output."""
+        ours, foreign = split_transfer_params(prefilled.kv_transfer_params)
+        counters, moved = dict(ours.get(CONFIG_KEY) or {}), dict(ours.get(KV_PARAMS_KEY) or {})
+        prompt = FinalPrompt(list(self.sent), self._cache_salt, foreign)
+        async for generated in self._decode.decode(prompt, self._sampling):
+            if generated.finish_reason is not None:  # the decode instance's own counts come last
+                moved.update((generated.counters or {}).get("kv_transfer") or {})
+                generated = replace(generated, counters={**counters, "kv_transfer": moved})
+            self._on_tokens(generated, time.monotonic())
 
     def stop(self) -> Coroutine[Any, Any, None]:
         """Cancel the runner and abort the vLLM request (its KV is freed). Idempotent and

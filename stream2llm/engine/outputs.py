@@ -1,8 +1,8 @@
 """A session's outputs: the generated text as it comes, the result, and the engine core's counters.
 
-vLLM returns the final chunk's output cumulatively, after one throw-away token per intermediate
-chunk (vLLM has no prefill-only request); those never reach the caller. Text is pushed as deltas,
-holding back an incomplete UTF-8 character until the next token completes it.
+Handover turns the engine's outputs into ``Generated`` (the answer's tokens only: the throw-away
+tokens of intermediate chunks never get here). Text is pushed as deltas, holding back an
+incomplete UTF-8 character until the next token completes it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from stream2llm.context.prompt import TextTokenizer
-from stream2llm.core.protocol import CONFIG_KEY
 from stream2llm.errors import StreamError
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The answer so far (cumulative), whoever generated it: the real tokens, their top logprobs
+    (when asked for), why generation ended (with the last one) and the engine core's counters."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    counters: dict[str, Any] | None = None
 
 
 @dataclass
@@ -75,23 +85,19 @@ class SessionOutput:
     def done(self) -> bool:
         return self._done.done()
 
-    def on_output(self, out: Any, n_throwaway: int, now: float) -> None:
-        """Take one cumulative output of the final chunk; its first ``n_throwaway`` tokens are the
-        intermediate chunks' throw-away tokens."""
-        ids = list(out.outputs[0].token_ids)
-        if len(ids) <= n_throwaway:
+    def on_output(self, generated: Generated, now: float) -> None:
+        """Take the answer so far (``now``: when it arrived)."""
+        if not generated.token_ids:
             return
         if self.first_token_at is None:
             self.first_token_at = now
-        self._emit(ids[n_throwaway:])
-        if out.outputs[0].logprobs is not None:
-            self.logprobs = [
-                {t: lp.logprob for t, lp in d.items()} for d in out.outputs[0].logprobs[n_throwaway:]
-            ]
-        if out.outputs[0].finish_reason is not None:
-            self._finish_reason = out.outputs[0].finish_reason
-        if out.kv_transfer_params and CONFIG_KEY in out.kv_transfer_params:
-            self._counters = out.kv_transfer_params[CONFIG_KEY]
+        self._emit(list(generated.token_ids))
+        if generated.logprobs is not None:
+            self.logprobs = generated.logprobs
+        if generated.finish_reason is not None:
+            self._finish_reason = generated.finish_reason
+        if generated.counters is not None:
+            self._counters = generated.counters
 
     def _emit(self, real: list[int]) -> None:
         """Push the new part of the decoded text (holding back an incomplete UTF-8 character)."""

@@ -1,73 +1,28 @@
-"""The decode half of a disaggregated deployment, as the prefill instance's sessions see it.
+"""The decode half of a disaggregated deployment: a decode backend that answers on another instance.
 
-With ``EngineConfig.decode_url`` set, a session's vLLM request runs here instead of on vLLM's
-``generate`` alone: every chunk is prefilled on this (prefill) instance exactly as before, while
-``core.kv_connector`` saves each full block as it is computed; the final chunk only prefills (one
-throw-away token, like an intermediate chunk); then the whole prompt's token ids go to the decode
-instance, a plain vLLM OpenAI server whose connector loads the stored blocks, computes the rest (the
-last token, when every block was stored) and generates. Its tokens come back as outputs shaped like
-vLLM's, so the session, its text deltas, its TTFT clocks and its counters work unchanged.
+With ``EngineConfig.decode_url`` set, every chunk is prefilled on this (prefill) instance exactly
+as before, while ``core.kv_connector`` saves each full block as it is computed; the final chunk
+only prefills (one throw-away token, like an intermediate chunk); then handover hands the whole
+prompt's token ids to ``RemoteDecode.decode``, which asks the decode instance (a plain vLLM OpenAI
+server whose connector loads the stored blocks, computes the rest and generates) and streams its
+answer back as ``Generated``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
-from stream2llm.context.events import Op
-from stream2llm.core.protocol import CONFIG_KEY, KV_PARAMS_KEY, ChunkMeta
+from stream2llm.core.protocol import ChunkMeta
+from stream2llm.engine.decode import FinalPrompt
+from stream2llm.engine.outputs import Generated
 from stream2llm.errors import StreamError
 
 KEEPALIVE_S = 2.0  # below the decode server's keep-alive timeout
 TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a logprob's token
-
-
-@dataclass(frozen=True)
-class Logprob:
-    logprob: float
-
-
-@dataclass
-class DecodedCompletion:
-    """What the session reads of vLLM's ``CompletionOutput``."""
-
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass
-class DecodedOutput:
-    """What the session reads of vLLM's ``RequestOutput``."""
-
-    outputs: list[DecodedCompletion]
-    kv_transfer_params: dict[str, Any] | None = None
-    finished: bool = False
-
-
-@dataclass
-class _PromptTracker:
-    """The prompt a streaming request holds, rebuilt from its chunks (append: extend; update:
-    replace), and the same chunks with the final one turned into a prefill-only chunk."""
-
-    ids: list[int] = field(default_factory=list)
-    cache_salt: str | None = None
-
-    def take(self, prompt: dict[str, Any], meta: ChunkMeta) -> None:
-        chunk = list(prompt["prompt_token_ids"])
-        self.ids = chunk if meta.op is Op.UPDATE or not self.ids else self.ids + chunk
-        self.cache_salt = prompt.get("cache_salt", self.cache_salt)
-
-    async def tap(self, chunks: AsyncIterator[Any], pulls_kv: bool) -> AsyncIterator[Any]:
-        async for chunk in chunks:
-            meta = ChunkMeta.of(chunk.sampling_params)
-            self.take(chunk.prompt, meta)
-            params = prefill_only(chunk.sampling_params, pulls_kv) if meta.final else chunk.sampling_params
-            yield type(chunk)(chunk.prompt, mark_remote_decode(params, pulls_kv))
 
 
 def prefill_only(sampling: Any, pulls_kv: bool = False) -> Any:
@@ -87,12 +42,6 @@ def mark_remote_decode(params: Any, pulls_kv: bool) -> Any:
     params = params.clone()
     params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
     return params
-
-
-def foreign_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    """The prefill connector's own kv_transfer_params (NIXL: where the blocks are), which the
-    decode instance gets with the request; stream2llm's counters are not for it."""
-    return {k: v for k, v in (params or {}).items() if k not in (CONFIG_KEY, KV_PARAMS_KEY)}
 
 
 def completion_body(
@@ -129,88 +78,57 @@ def completion_body(
     return body
 
 
-def _token_logprobs(raw: dict[str, Any] | None) -> list[dict[int, Logprob]]:
+def _token_logprobs(raw: dict[str, Any] | None) -> list[dict[int, float]]:
     """vLLM's streamed completion logprobs (top_logprobs keyed ``token_id:N``) as the session's."""
     if not raw:
         return []
     out = []
     for top in raw.get("top_logprobs") or ():
-        out.append({int(k.removeprefix(TOKEN_PREFIX)): Logprob(float(v)) for k, v in (top or {}).items()})
+        out.append({int(k.removeprefix(TOKEN_PREFIX)): float(v) for k, v in (top or {}).items()})
     return out
 
 
 class RemoteDecode:
-    """Runs a session's request: prefill here (``local_generate``), decode on ``url``."""
+    """A decode backend: the final chunk only prefills here; the instance at ``url`` answers."""
 
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        local_generate: Callable[..., AsyncIterator[Any]],
-        *,
-        pulls_kv: bool = False,
-    ) -> None:
+    answers_here = False
+
+    def __init__(self, url: str, model: str, *, pulls_kv: bool = False) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.pulls_kv = pulls_kv
-        self._local_generate = local_generate
         self._http: aiohttp.ClientSession | None = None
 
-    def generate(self, prompt: Any, sampling: Any, *, request_id: str) -> AsyncIterator[Any]:
-        """vLLM's ``generate`` signature: a dict prompt (one request) or a stream of chunks."""
-        return self._generate(prompt, sampling, request_id)
+    def chunk_sampling(self, params: Any, meta: ChunkMeta) -> Any:
+        """The final chunk samples one throw-away token here; a pulling decode instance needs
+        vLLM's P/D flag on every chunk."""
+        if meta.final:
+            return prefill_only(params, self.pulls_kv)
+        return mark_remote_decode(params, self.pulls_kv)
 
-    async def _generate(self, prompt: Any, sampling: Any, request_id: str) -> AsyncIterator[Any]:
-        tracker = _PromptTracker()
-        if isinstance(prompt, dict):
-            tracker.take(prompt, ChunkMeta(Op.UPDATE, True))
-            local_prompt: Any = prompt
-        else:
-            local_prompt = tracker.tap(prompt, self.pulls_kv)
-        prefilled = None
-        local_sampling = prefill_only(sampling, self.pulls_kv)
-        async for out in self._local_generate(local_prompt, local_sampling, request_id=request_id):
-            if out.finished:
-                prefilled = out  # the final chunk's throw-away token: the decode instance answers
-            else:
-                yield out
-        if prefilled is None:
-            return
-        async for out in self._decode(tracker, sampling, prefilled):
-            yield out
-
-    async def _decode(
-        self, tracker: _PromptTracker, sampling: Any, prefilled: Any
-    ) -> AsyncIterator[DecodedOutput]:
-        """Stream the decode instance's answer as cumulative outputs after the throw-away tokens."""
-        local = prefilled.outputs[0]
-        head_ids = list(local.token_ids)[:-1]  # intermediate chunks' throw-away tokens
-        head_lp = [{t: Logprob(lp.logprob) for t, lp in d.items()} for d in (local.logprobs or [])[:-1]]
-        params = dict(prefilled.kv_transfer_params or {})
-        counters = dict(params.get(CONFIG_KEY) or {})
-        transfer = dict(params.get(KV_PARAMS_KEY) or {})
+    async def decode(self, prompt: FinalPrompt, sampling: Any) -> AsyncIterator[Generated]:
+        """The decode instance's answer, cumulatively; the last one carries what it computed itself
+        (``counters["kv_transfer"]``)."""
+        body = completion_body(self.model, prompt.token_ids, sampling, prompt.cache_salt, prompt.kv_params)
         ids: list[int] = []
-        lps: list[dict[int, Logprob]] = []
+        lps: list[dict[int, float]] = []
+        counts: dict[str, int] = {}
         finish: str | None = None
-        body = completion_body(self.model, tracker.ids, sampling, tracker.cache_salt, foreign_params(params))
         async for event in self._events(body):
-            transfer.update(_usage_counts(event.get("usage")))
+            counts.update(_usage_counts(event.get("usage")))
             for choice in event.get("choices") or ():
                 ids += choice.get("token_ids") or []
                 lps += _token_logprobs(choice.get("logprobs"))
                 finish = choice.get("finish_reason") or finish
                 if finish is None:
-                    yield DecodedOutput(
-                        [DecodedCompletion(head_ids + ids, self._logprobs(sampling, head_lp + lps))]
-                    )
+                    yield Generated(list(ids), self._logprobs(sampling, lps))
         if finish is None:
             raise StreamError(f"the decode instance at {self.url} ended its answer without a finish reason")
-        final = DecodedCompletion(head_ids + ids, self._logprobs(sampling, head_lp + lps), finish)
-        yield DecodedOutput([final], {CONFIG_KEY: {**counters, "kv_transfer": transfer}}, finished=True)
+        yield Generated(list(ids), self._logprobs(sampling, lps), finish, {"kv_transfer": counts})
 
     @staticmethod
-    def _logprobs(sampling: Any, lps: list[dict[int, Logprob]]) -> list[dict[int, Logprob]] | None:
-        return lps if sampling.logprobs is not None else None
+    def _logprobs(sampling: Any, lps: list[dict[int, float]]) -> list[dict[int, float]] | None:
+        return list(lps) if sampling.logprobs is not None else None
 
     async def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The decode instance's server-sent events, parsed; a clear error if it fails."""

@@ -1,11 +1,10 @@
-"""Sampling parameters of a streamed session: what it accepts, and what each chunk carries."""
+"""Sampling parameters of a streamed session: what it accepts, and the defaults it gets."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from stream2llm.core.protocol import ChunkMeta
 from stream2llm.errors import StreamError
 
 
@@ -49,22 +48,3 @@ def with_eos_stop(sampling: Any, eos_token_ids: Sequence[int]) -> Any:
     sampling = sampling.clone()
     sampling.stop_token_ids = [*(sampling.stop_token_ids or ()), *eos]
     return sampling
-
-
-def chunk_params(final_sampling: Any, meta: ChunkMeta) -> Any:
-    """One chunk's sampling parameters. vLLM has no prefill-only request, so an intermediate chunk
-    samples one throw-away token (cumulative output, so the session can count them); the final
-    chunk samples with the caller's parameters. The chunk's metadata rides in ``extra_args``."""
-    # an intermediate chunk asks for the final chunk's logprobs too: vLLM sizes a streaming
-    # request's logprob lists from its first chunk, and the front end drops the throw-away ones
-    logprobs = final_sampling.logprobs
-    base = (
-        final_sampling
-        if meta.final
-        else _vllm().SamplingParams(temperature=0, max_tokens=1, logprobs=logprobs)
-    )
-    params = base.clone()
-    params.extra_args = {**(params.extra_args or {}), **meta.as_extra_args()}
-    if not meta.final:
-        params.output_kind = _vllm().sampling_params.RequestOutputKind.CUMULATIVE
-    return params

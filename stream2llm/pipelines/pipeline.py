@@ -153,17 +153,10 @@ class _Run:
         )
 
     async def _fold(self, session: Session, name: str, event: ContextEvent) -> None:
-        """Hand the context's change to the session with its op: text added at the end of the
-        context is an append; anything else (an update, or a page appended to a retriever's
-        section that another section follows) replaces the context."""
-        before = self.assembler.body
-        if not self.assembler.apply(name, _clipped(event, self.pipeline.max_doc_chars)):
-            return
-        body = self.assembler.body
-        if event.op is Op.APPEND and body.startswith(before) and len(body) > len(before):
-            await session.append(body[len(before) :])
-        elif body:
-            await session.update(body)
+        """Hand the context as it now reads to the session. Whether that reaches the engine as an
+        append (new tokens at the end) or an update is decided once, by handover's token diff."""
+        if self.assembler.apply(name, _clipped(event, self.pipeline.max_doc_chars)) and self.assembler.body:
+            await session.update(self.assembler.body)
 
     async def answer(self, session: Session) -> RagAnswer:
         result = await session.result()

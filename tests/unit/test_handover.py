@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from stream2llm.context.events import Op
 from stream2llm.core.protocol import ChunkMeta
+from stream2llm.core.protocol import ChunkOp as Op
 from stream2llm.engine.handover import Chunk, chunk_op, merge_chunks
 
 
@@ -27,7 +27,7 @@ def test_merged_chunks_keep_the_effect_of_both():
 def test_a_chunks_op_reaches_the_engine_core_as_an_op():
     from vllm import SamplingParams
 
-    from stream2llm.engine.sampling import chunk_params
+    from stream2llm.engine.handover import chunk_params
 
     final = SamplingParams(temperature=0, max_tokens=24)
     middle = chunk_params(final, ChunkMeta(Op.UPDATE, False, "fcfs"))
