@@ -231,3 +231,55 @@ def test_cycle_check_sees_a_cycle_through_a_lazy_import(tmp_path):
     assert find_cycle(import_graph(pkg, lazy=False)) is None
     cycle = find_cycle(import_graph(pkg, lazy=True))
     assert cycle is not None and set(cycle) == {"pkg.a", "pkg.b"}
+
+
+# -- (e) what the engine-core process loads ----------------------------------------------------------------
+# the modules vLLM loads by name in its engine-core process: the scheduler class, the KV connector
+# (kv_connector_module_path) and the general-plugin entry point
+CORE_ENTRY_MODULES = ("stream2llm.core.scheduler", "stream2llm.core.kv_connector", "stream2llm.core.plugin")
+FRONT_END_LAYERS = tuple(f"stream2llm.{p}" for p in ("context", "engine", "server", "pipelines"))
+
+
+def _reachable(graph: dict[str, set[str]], roots: tuple[str, ...]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return seen
+
+
+def test_the_engine_core_entry_points_are_what_the_engine_names():
+    from stream2llm.core import kv_connector
+    from stream2llm.engine.config import SCHEDULER_CLS
+
+    assert SCHEDULER_CLS.rsplit(".", 1)[0] in CORE_ENTRY_MODULES
+    assert kv_connector.__name__ in CORE_ENTRY_MODULES
+    assert '"stream2llm.core.plugin:register"' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_the_engine_core_imports_no_front_end_module_and_no_tokenizers():
+    """Everything the engine-core process runs of ours, from the source: no module of context/,
+    engine/, server/ or pipelines/, and none of it imports ``tokenizers`` (vLLM's own scheduler
+    loads transformers and tokenizers there anyway; ours must not depend on them)."""
+    graph = import_graph(PACKAGE, lazy=True)
+    reached = _reachable(graph, CORE_ENTRY_MODULES)
+    assert sorted(m for m in reached if m.startswith(FRONT_END_LAYERS)) == []
+    files = module_files(PACKAGE)
+    users = sorted(m for m in reached if "tokenizers" in imports_of(files[m], set(files), type_checking=True))
+    assert users == []
+
+
+def test_the_engine_core_process_loads_only_core_modules_of_ours():
+    """The same, as a fresh interpreter sees it after importing the engine core's entry points."""
+    report = _loaded_in_subprocess(
+        f"""
+        import sys
+        for name in {CORE_ENTRY_MODULES!r}:
+            __import__(name)
+        report = {{"ours": sorted(m for m in sys.modules if m.startswith("stream2llm"))}}
+        """
+    )
+    outside = [m for m in report["ours"] if m.startswith(FRONT_END_LAYERS)]
+    assert outside == [] and "stream2llm.core.scheduler" in report["ours"]
