@@ -1,4 +1,4 @@
-"""Contract tests for every vLLM internal that stream2llm relies on (core/vllm_compat.py).
+"""Contract tests for every vLLM internal that stream2llm relies on (core/vllm_compat/).
 
 They run vLLM's real scheduler and KV block manager on a synthetic setup (no model), so a vLLM
 upgrade that moves or changes one of these internals fails here, by name, not as corrupt KV.
