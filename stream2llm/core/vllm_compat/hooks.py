@@ -11,7 +11,10 @@ from typing import Any
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, StreamingUpdate
 
-__all__ = ["HookedScheduler", "Scheduler", "StreamingUpdate"]
+__all__ = ["END_OF_INPUT_PROMPT", "HookedScheduler", "Scheduler", "StreamingUpdate"]
+
+# Prompt of vLLM's end-of-input marker, the non-resumable request AsyncLLM sends when a stream's input ends.
+END_OF_INPUT_PROMPT: tuple[int, ...] = (0,)
 
 
 class HookedScheduler(Scheduler):
@@ -50,7 +53,7 @@ class HookedScheduler(Scheduler):
     def _handle_stopped_request(self, request: Request) -> bool:
         if request.resumable and self.is_last_chunk(request):
             queue = request.streaming_queue
-            if not (queue and queue[0] is None):  # the marker is still on its way
+            if not (queue and queue[0] is None):  # the marker is still on its way (vLLM queues it as None)
                 self._awaiting_end_marker.add(request.request_id)
             return True  # finish now: the output carries finish_reason and on_request_freed's dict
         return super()._handle_stopped_request(request)
@@ -58,7 +61,7 @@ class HookedScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         rid = request.request_id
         if rid in self._awaiting_end_marker:
-            if not request.resumable and list(request.prompt_token_ids or ()) == [0]:
+            if not request.resumable and tuple(request.prompt_token_ids or ()) == END_OF_INPUT_PROMPT:
                 self._awaiting_end_marker.discard(rid)
                 return  # the end-of-input marker of a session that already finished
             self._awaiting_end_marker.discard(rid)
