@@ -25,6 +25,10 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from stream2llm.errors import ContextTooLong
+from stream2llm.tokens import ceil_div
+
+# re-exported from its old home (benchmarks/ann_layout.py imports it from here)
+from stream2llm.tokens import common_prefix_len as common_prefix_len
 
 HOLDBACK_CHARS = 32
 # No token of the models served here spans more characters than this: a text longer than this many
@@ -33,22 +37,9 @@ MAX_CHARS_PER_TOKEN = 16
 DOC_SEPARATOR = "\n\n"
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    # Compare in slices first: much faster than a Python loop for long equal prefixes.
-    step = 256
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def clearly_too_long(n_chars: int, limit: int) -> ContextTooLong:
     """ContextTooLong for a text that cannot fit even at the longest tokens (not tokenized)."""
-    error = ContextTooLong(-(-n_chars // MAX_CHARS_PER_TOKEN), limit)
+    error = ContextTooLong(ceil_div(n_chars, MAX_CHARS_PER_TOKEN), limit)
     error.args = (
         f"a prompt of {n_chars} characters (at most {MAX_CHARS_PER_TOKEN} characters a token) "
         f"needs {error.size} tokens but max_model_len is {limit}; shorten the context or open "

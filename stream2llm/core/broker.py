@@ -16,6 +16,7 @@ from stream2llm.core import vllm_compat as compat
 from stream2llm.core.policies import Policy, RequestView, VllmPolicy, make_policy
 from stream2llm.core.protocol import ChunkMeta
 from stream2llm.core.streams import StreamState, StreamTracker
+from stream2llm.tokens import ceil_div
 
 
 def queued_tokens(request: compat.Request) -> int:
@@ -129,7 +130,7 @@ class Broker:
                 continue
             take = min(v.tokens_pending, budget)
             budget -= take
-            want += max(-(-(v.tokens_computed + take) // block_size) - v.blocks_held, 0)
+            want += max(ceil_div(v.tokens_computed + take, block_size) - v.blocks_held, 0)
         short = want - compat.free_block_count(scheduler)
         parked_blocks = sum(v.blocks_held for v in views if v.parked)
         over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))

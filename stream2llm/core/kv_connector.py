@@ -36,6 +36,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.kv_store import DEFAULT_CAPACITY_BYTES, DEFAULT_ROOT, BlockStore, DirectoryStore
 from stream2llm.core.protocol import KV_PARAMS_KEY, ChunkMeta
+from stream2llm.tokens import ceil_div
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -190,7 +191,7 @@ class StreamingKVConnector(KVConnectorBase_V1):
         """Keys of the blocks that hold the request's first ``tokens`` tokens: full blocks by
         vLLM's hash, a partial last one by ``tail_key``."""
         keys = compat.block_hash_keys(request)
-        wanted = -(-tokens // self.block_size)
+        wanted = ceil_div(tokens, self.block_size)
         if wanted <= len(keys):
             return keys[:wanted]
         start = len(keys) * self.block_size
@@ -203,7 +204,7 @@ class StreamingKVConnector(KVConnectorBase_V1):
             return
         first, keys = plan
         block_ids = compat.group_block_ids(blocks)
-        n = -(-num_external_tokens // self.block_size)
+        n = ceil_div(num_external_tokens, self.block_size)
         self._loads += [(block_ids[first + j], keys[j]) for j in range(n)]
 
     # -- worker side -----------------------------------------------------------------------------

@@ -9,10 +9,10 @@ is ended early: the rest of it would be replaced anyway.
 
 from __future__ import annotations
 
-from stream2llm.context.prompt import common_prefix_len
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.accounting import Accounting
 from stream2llm.core.protocol import ChunkMeta, UpdateRecord
+from stream2llm.tokens import common_prefix_len
 
 
 class UpdateMode:

@@ -10,7 +10,6 @@ shards one after the other and appends each shard's new documents (append mode).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from stream2llm.context.layout import UpdateLayout, layout_named
 from stream2llm.context.prompt import DOC_SEPARATOR
 from stream2llm.retrievers.ann_index import AnnIndex, AnnIndexError, EmbedderMismatch, Hit, check_k
 from stream2llm.retrievers.base import EventNumberer
+from stream2llm.tokens import ceil_div
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,7 +76,7 @@ def stage_bounds(nprobe: int, stages: int) -> list[int]:
     """Ends of the probe-list slices: doubling up to ``nprobe`` (32, 4 stages: 4, 8, 16, 32)."""
     if stages < 1:
         raise ValueError(f"stages must be at least 1, got {stages}")
-    bounds = {max(1, math.ceil(nprobe / 2 ** (stages - 1 - i))) for i in range(stages)}
+    bounds = {max(1, ceil_div(nprobe, 2 ** (stages - 1 - i))) for i in range(stages)}
     return sorted(bounds)
 
 

@@ -11,8 +11,9 @@ import random
 import pytest
 from vllm import SamplingParams
 
-from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate, common_prefix_len
+from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate
 from stream2llm.core.protocol import token_digest
+from stream2llm.tokens import common_prefix_len
 from tests.conftest import corpus_text
 from tests.engine.helpers import oneshot, split_at_random
 

@@ -206,6 +206,13 @@ def test_shared_core_modules_import_no_vllm(module):
     assert _offending(module, ("vllm",)) == {}
 
 
+def test_tokens_is_a_leaf_every_layer_may_import():
+    """``stream2llm.tokens`` (token-id arithmetic) is imported by context, core, the simulator and
+    retrievers alike, in both processes: it may import nothing from stream2llm or vLLM."""
+    assert _all_imports("stream2llm.tokens")  # the module exists and was read
+    assert _offending("stream2llm.tokens", ("stream2llm", "vllm")) == {}
+
+
 def test_direction_check_sees_a_lazy_import(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from stream2llm.context.layout import StableLayout, invalidated, stable_layout
-from stream2llm.context.prompt import common_prefix_len
+from stream2llm.tokens import common_prefix_len
 
 
 def test_survivors_keep_previous_order_and_newcomers_follow_by_rank():

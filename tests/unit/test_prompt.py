@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from stream2llm.context.prompt import PromptBuilder, TextTokenizer, common_prefix_len
+from stream2llm.context.prompt import PromptBuilder, TextTokenizer
 from stream2llm.errors import ContextTooLong
+from stream2llm.tokens import common_prefix_len
 from tests.conftest import corpus_text
 
 
@@ -23,22 +24,6 @@ def hf_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model.path)
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "n"),
-    [
-        ([], [], 0),
-        ([1], [], 0),
-        ([1, 2, 3], [1, 2, 3], 3),
-        ([1, 2, 3], [1, 2, 4], 2),
-        ([5], [6], 0),
-        (list(range(1000)), list(range(999)) + [0], 999),
-        (list(range(600)), list(range(600)) + [1], 600),
-    ],
-)
-def test_common_prefix_len(a, b, n):
-    assert common_prefix_len(a, b) == n == common_prefix_len(b, a)
 
 
 def test_bos_is_added_once(tokenizer, tiny_model):

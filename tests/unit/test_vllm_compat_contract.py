@@ -1,4 +1,4 @@
-"""Contract tests for every vLLM internal that stream2llm relies on (core/vllm_compat.py).
+"""Contract tests for every vLLM internal that stream2llm relies on (core/vllm_compat/).
 
 They run vLLM's real scheduler and KV block manager on a synthetic setup (no model), so a vLLM
 upgrade that moves or changes one of these internals fails here, by name, not as corrupt KV.
@@ -7,7 +7,9 @@ upgrade that moves or changes one of these internals fails here, by name, not as
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
+from pathlib import Path
 
 import pytest
 import vllm
@@ -164,9 +166,13 @@ def test_last_chunk_finishes_the_session_and_drops_the_late_end_marker(scheduler
     assert request.is_finished() and "a" not in scheduler.requests
     assert scheduler.kv_cache_manager.usage == 0.0
     # vLLM's end-of-input marker (a non-resumable [0] request) arrives after the session ended
-    scheduler.add_request(make_request(scheduler, "a", [0], resumable=False))
+    marker = list(vllm_compat.END_OF_INPUT_PROMPT)
+    scheduler.add_request(make_request(scheduler, "a", marker, resumable=False))
     assert "a" not in scheduler.requests and not scheduler.waiting
     assert outputs  # the session's last step produced output (which carries its counters)
+    # AsyncLLM sends that marker (read from its source: importing it takes seconds)
+    source = Path(importlib.util.find_spec("vllm.v1.engine.async_llm").origin).read_text()
+    assert f"prompt=TokensPrompt(prompt_token_ids={marker})," in source
 
 
 def test_end_chunk_early_cuts_a_prefilling_request_one_token_past_what_was_scheduled(tiny_model):

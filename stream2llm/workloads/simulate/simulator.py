@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from stream2llm.core.policies import Costs, RequestView, VllmPolicy, make_policy
+from stream2llm.tokens import ceil_div
 from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.metrics import summary
@@ -359,7 +360,7 @@ class _Run:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
         r.target, r.last_chunk_at, r.waiting_chunk = max(chunk.target, 1), chunk.at, False
         r.computed = min(r.computed, chunk.keep, r.target - 1)  # one token always yields logits
-        kept_blocks = -(-r.computed // self.block_size)
+        kept_blocks = ceil_div(r.computed, self.block_size)
         self.free += max(r.blocks - kept_blocks, 0)
         r.blocks = min(r.blocks, kept_blocks)
         r.complete = r.complete or chunk.final
@@ -382,7 +383,7 @@ class _Run:
             take = min(r.pending, budget)
             if take <= 0:
                 continue
-            need = -(-(r.computed + take) // self.block_size) - r.blocks
+            need = ceil_div(r.computed + take, self.block_size) - r.blocks
             if need > self.free:
                 self._evict_for(r, need - self.free, ranked, list(views.values()), by_id)
                 if need > self.free:

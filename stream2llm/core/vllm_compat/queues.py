@@ -1,0 +1,87 @@
+"""Queue surgery: moving requests between vLLM's running list and waiting queues, and resetting them.
+
+These are the levers the broker and the update mode pull on vLLM's own structures: the order it
+schedules in, taking a partial prefill out of the running list, freeing a waiting request's KV, and
+ending a chunk early. vLLM then schedules and allocates as it always does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from stream2llm.core.vllm_compat.scheduler_state import blocks_held, is_parked, is_prefilling
+
+__all__ = ["defer_running_prefill", "end_chunk_early", "evict_waiting_kv", "sort_queues"]
+
+
+def sort_queues(scheduler: Scheduler, key: Any) -> None:
+    """Order the running list and the waiting requests by ``key`` (smallest first). vLLM
+    schedules in this order and preempts from the end of the running list.
+
+    vLLM keeps waiting requests that hold KV (resumed sessions, deferred prefills) in a queue it
+    drains before the one for requests without KV (new sessions, evicted ones), which would put
+    every partial stream's next chunk ahead of a higher-ranked request with no KV. Both kinds go
+    into the first queue, in rank order; vLLM schedules and removes requests from either queue
+    alike, and re-files them by their KV when it re-queues them."""
+    scheduler.running.sort(key=key)
+    first, second = scheduler.kv_holding_waiting, scheduler.waiting
+    if not isinstance(first, deque) or not isinstance(second, deque):
+        return  # a priority policy orders its own queues
+    ordered = sorted([*first, *second], key=key)
+    first.clear()
+    second.clear()
+    first.extend(ordered)
+
+
+def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:
+    """Free the KV of a request that is not running (a parked session, or one waiting for blocks);
+    it recomputes when it is scheduled again. Freed blocks keep their prefix-cache hashes, so if
+    nobody reuses them first, the request gets them back for free. Callers wait until no step of
+    the request is in flight (``step_in_flight``): its output would land on a reset request."""
+    assert request.status in (RequestStatus.WAITING_FOR_STREAMING_REQ, RequestStatus.WAITING), request.status
+    n = blocks_held(scheduler, request.request_id)
+    scheduler._free_request_blocks(request)  # vLLM's own free: deferred while a KV load may write them
+    request.num_computed_tokens = 0
+    request.num_preemptions += 1
+    return n
+
+
+def defer_running_prefill(scheduler: Scheduler, request: Request) -> None:
+    """Take a request that is still prefilling out of the running list, keeping its KV, so that
+    higher-ranked waiting work gets this step's tokens first. vLLM resumes it from the waiting
+    queue like a streaming session resumes (the worker gets its state anew). Safe with a step in
+    flight: a request still prefilling after it was scheduled is one whose step samples nothing."""
+    assert is_prefilling(request), request.status
+    scheduler.running.remove(request)
+    scheduler._inflight_prefills.discard(request)
+    request.status = RequestStatus.WAITING
+    scheduler.kv_holding_waiting.add_request(request)
+
+
+def end_chunk_early(scheduler: Scheduler, request: Request) -> bool:
+    """End the chunk a streaming session is prefilling after the tokens already scheduled plus one
+    (its throw-away token is sampled there); return whether anything was cut.
+
+    The rest of the chunk is about to be replaced by an update queued behind it. A running request
+    is moved back to the waiting queue, keeping its KV, so the worker takes its shortened state
+    anew when it is scheduled again (as a deferred prefill is).
+
+    Under async scheduling ``num_computed_tokens`` already counts the step in flight, so the cut
+    falls past it: that step is a partial prefill of positions that stay, and it samples nothing
+    (a step that samples holds an output placeholder; such a chunk is left alone)."""
+    keep = request.num_computed_tokens + 1
+    if is_parked(request) or request.num_output_tokens or keep >= request.num_prompt_tokens:
+        return False
+    if request.num_output_placeholders:
+        return False
+    if is_prefilling(request):
+        defer_running_prefill(scheduler, request)
+    del request._all_token_ids[keep:]
+    del request.prompt_token_ids[keep:]
+    del request.block_hashes[keep // scheduler.hash_block_size :]
+    request.num_prompt_tokens = keep
+    return True
