@@ -18,8 +18,9 @@ from stream2llm.context.layout import layout_named
 from stream2llm.engine.engine import EngineConfig, StreamingEngine
 from stream2llm.workloads import plots
 from stream2llm.workloads.bench_policies import check_policies
+from stream2llm.workloads.engine_replay import run_bench
 from stream2llm.workloads.metrics import summarize_repeats
-from stream2llm.workloads.replay import BenchPlan, ReplayOptions, run_bench
+from stream2llm.workloads.replay import BenchPlan, ReplayOptions
 from stream2llm.workloads.trace import TraceRequest, read_trace, with_stable_layout
 
 

@@ -18,9 +18,9 @@ from stream2llm.workloads.bench import (
     write_results,
 )
 from stream2llm.workloads.bench_policies import check_policies
-from stream2llm.workloads.http_replay import event_text, run_http_bench
+from stream2llm.workloads.http_replay import run_http_bench
 from stream2llm.workloads.metrics import summarize_repeats
-from stream2llm.workloads.replay import BenchPlan, ReplayOptions
+from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions
 
 
 async def run_http_bench_command(
@@ -42,7 +42,7 @@ async def run_http_bench_command(
     ``model`` and ``max_model_len`` size the payloads as the deployment's model counts tokens."""
     check_policies(policies)
     requests = load_requests(traces, limit, layout)
-    texts = event_text(model, max_model_len, options)
+    texts = EventText.for_model(model, max_model_len, options)
     progress, track = run_progress(console)
     plan = BenchPlan(tuple(policies), tuple(qps), repeat)
     with progress:

@@ -25,7 +25,7 @@ async def calibrate(
 ) -> CostProfile:
     """Idle-engine TTFT against prompt length, fitted per step of ``max_batched_tokens`` (the
     engine prefills longer prompts in chunks, each paying the step's fixed cost)."""
-    from stream2llm.workloads.replay import LowerBound
+    from stream2llm.workloads.engine_replay import LowerBound
 
     config = EngineConfig(model=model, max_model_len=max_model_len, max_num_batched_tokens=max_batched_tokens)
     with console.status(f"starting {model} ..."):
