@@ -190,7 +190,7 @@ def calibrate(
                     model,
                     max_model_len=max_model_len,
                     repeats=repeats,
-                    console=console,
+                    status=console.status,
                     max_batched_tokens=max_batched_tokens,
                 )
             )
