@@ -25,7 +25,6 @@ from stream2llm.cli.common import (
     source_options,
     write_json,
 )
-from stream2llm.cli.endpoint_bench import bench_endpoint
 
 
 def synth(
@@ -89,34 +88,29 @@ def bench(
     endpoint: Annotated[str | None, typer.Option(help="Replay over HTTP against this deployment.")] = None,
     debug: DebugOpt = False,
 ):
-    """Replay traces against one engine for every policy and rate; results JSON, table and plots."""
-    if endpoint:
-        return bench_endpoint(**locals())
-    from stream2llm.workloads.bench import run_bench_command
+    """Replay traces against one engine for every policy and rate; results JSON, table and plots.
+    With ``--endpoint``: the same replay over HTTP, the engine options being the deployment's."""
+    from stream2llm.cli.bench_runner import BenchArgs, EngineArgs, run_bench_command, run_http_bench_command
+    from stream2llm.workloads.replay import ReplayOptions
 
     try:
-        run_async(
-            run_bench_command(
-                traces,
-                qps=[float(q) for q in qps.split(",")],
-                policies=policies.split(","),
-                delay_multiplier=delay_multiplier,
-                kv_budget=kv_budget,
-                scale=scale,
-                repeat=repeat,
-                limit=limit,
-                max_tokens=max_tokens,
-                max_model_len=max_model_len,
-                max_batched_tokens=max_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                deadline=deadline,
-                layout=layout,
-                model=model,
-                out=out,
-                console=console,
-                step_log=step_log,
-            )
+        args = BenchArgs(
+            traces,
+            qps=[float(q) for q in qps.split(",")],
+            policies=policies.split(","),
+            options=ReplayOptions(delay_multiplier, scale, max_tokens, deadline_s=deadline),
+            repeat=repeat,
+            limit=limit,
+            layout=layout,
+            model=model,
+            max_model_len=max_model_len,
+            out=out,
         )
+        if endpoint:
+            run_async(run_http_bench_command(endpoint, args, console))
+        else:
+            engine = EngineArgs(kv_budget, max_batched_tokens, max_num_seqs, step_log)
+            run_async(run_bench_command(args, engine, console))
     except Exception as exc:
         fail(exc, debug)
 
@@ -140,7 +134,7 @@ def simulate(
 ):
     """Discrete-event model of the engine with the same policies, in seconds instead of hours;
     beside the published results where they exist (H200 profile, crawler or anns)."""
-    from stream2llm.workloads.simulate import simulate_command
+    from stream2llm.cli.simulate_runner import simulate_command
 
     try:
         report = simulate_command(
@@ -196,7 +190,7 @@ def calibrate(
                     model,
                     max_model_len=max_model_len,
                     repeats=repeats,
-                    console=console,
+                    status=console.status,
                     max_batched_tokens=max_batched_tokens,
                 )
             )

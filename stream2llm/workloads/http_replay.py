@@ -1,6 +1,6 @@
 """Replay traces over HTTP against any deployment (one ``stream2llm serve``, replicas behind
-vllm-router, instances on several hosts): the session API, with the in-process replay's arrivals,
-payloads and metrics.
+vllm-router, instances on several hosts): the session API as the replay's transport, with the
+in-process replay's arrivals, payloads and metrics.
 
 Per request: open (with its own ``X-Session-ID``, so a session-hashing router keeps it on one
 instance), read the SSE stream, send each event (append or update) at its time, the last one
@@ -14,15 +14,13 @@ import asyncio
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 
 from stream2llm.workloads.bench_policies import bench_policy
-from stream2llm.workloads.metrics import BENCH_SCHEMA, RequestRecord, RunResult
-from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions, plan_run, replay_all
+from stream2llm.workloads.metrics import BENCH_SCHEMA, RunResult
+from stream2llm.workloads.replay import BenchPlan, EventText, Outcome, ReplayOptions, plan_run, replay_run
 from stream2llm.workloads.trace import TraceRequest
 
 SESSION_HEADER = "X-Session-ID"
@@ -31,15 +29,6 @@ TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30)
 
 class HttpError(RuntimeError):
     """The deployment answered with an error (status and its message)."""
-
-
-@dataclass
-class Timing:
-    """Client-side times (event loop clock) of one request."""
-
-    opened: float = 0.0
-    final_sent: float | None = None
-    first_token: float | None = None
 
 
 def session_id(request_id: str, salt: str) -> str:
@@ -59,78 +48,84 @@ async def _call(http: aiohttp.ClientSession, method: str, url: str, sid: str, bo
         return json.loads(text)
 
 
-async def read_stream(http: aiohttp.ClientSession, url: str, sid: str, timing: Timing) -> dict:
-    """The session's SSE stream until its result; notes when the first token arrived."""
-    loop = asyncio.get_running_loop()
-    async with http.get(url, headers={SESSION_HEADER: sid}) as response:
-        if response.status >= 400:
-            raise HttpError(f"GET {url}: {response.status} {(await response.text())[:300]}")
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[5:])
-            if event["type"] in ("delta", "result") and timing.first_token is None:
-                timing.first_token = loop.time()
-            if event["type"] == "error":
-                raise HttpError(f"session {sid}: {event['error']['message']}")
-            if event["type"] == "result":
-                return event
-    raise HttpError(f"session {sid}: the stream ended without a result (its instance may have died)")
+class HttpSession:
+    """One session of the deployment: its SSE stream read in a task from the open on (noting when
+    the first token came, on the event loop's clock), its events POSTed. Closing the stream (on
+    an abort, or when a POST fails) makes the server abort the session."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, sid: str, opened: float) -> None:
+        self._http, self._url, self._sid = http, url, sid
+        self._opened = opened  # the open's time: TTFT from the query's arrival
+        self._final_sent: float | None = None  # sending the final event: TTFT from the final event
+        self._first_token: float | None = None
+        self._stream = asyncio.create_task(self._read_stream())
+
+    @property
+    def ended(self) -> bool:
+        return self._stream.done()
+
+    async def append(self, text: str, *, final: bool) -> None:
+        await self._post("append", {"text": text}, final)
+
+    async def update(self, docs: list[str], *, final: bool) -> None:
+        await self._post("update", {"docs": docs}, final)
+
+    async def abort(self) -> None:
+        self._stream.cancel()
+
+    async def _post(self, op: str, body: dict[str, Any], final: bool) -> None:
+        self._final_sent = asyncio.get_running_loop().time() if final else None
+        try:
+            await _call(self._http, "POST", f"{self._url}/{op}", self._sid, body | {"final": final})
+        except BaseException:
+            self._stream.cancel()
+            raise
+
+    async def result(self) -> Outcome:
+        result = await self._stream
+        assert self._first_token is not None
+        return Outcome(
+            ttft_final_s=self._first_token - (self._final_sent or self._opened),
+            ttft_query_s=self._first_token - self._opened,
+            prompt_tokens=result["prompt_tokens"],
+            final_chunk_tokens=result["chunks"][-1]["tokens"] if result["chunks"] else 0,
+            tokens_prefilled=result["tokens_prefilled"],
+            tokens_recomputed=result["tokens_recomputed"],
+            kv_transfer=result.get("kv_transfer"),
+        )
+
+    async def _read_stream(self) -> dict:
+        """The session's SSE stream until its result; notes when the first token arrived."""
+        loop, url, sid = asyncio.get_running_loop(), f"{self._url}/stream", self._sid
+        async with self._http.get(url, headers={SESSION_HEADER: sid}) as response:
+            if response.status >= 400:
+                raise HttpError(f"GET {url}: {response.status} {(await response.text())[:300]}")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if event["type"] in ("delta", "result") and self._first_token is None:
+                    self._first_token = loop.time()
+                if event["type"] == "error":
+                    raise HttpError(f"session {sid}: {event['error']['message']}")
+                if event["type"] == "result":
+                    return event
+        raise HttpError(f"session {sid}: the stream ended without a result (its instance may have died)")
 
 
-async def replay_one(
-    http: aiohttp.ClientSession,
-    base: str,
-    request: TraceRequest,
-    record: RequestRecord,
-    mode: str,
-    start: float,
-    payloads: list[str | list[str]],
-    options: ReplayOptions,
-    salt: str,
-) -> None:
-    loop = asyncio.get_running_loop()
-    arrival = start + record.arrival_s
-    await asyncio.sleep(max(0.0, arrival - loop.time()))
-    sid, timing = session_id(request.id, salt), Timing(opened=loop.time())
-    url = f"{base}/v1/sessions/{sid}"
-    opening = {"question": request.query, "max_tokens": options.max_tokens, "ignore_eos": True}
-    opening |= {"mode": mode, "cache_salt": salt, "session_id": sid}
-    await _call(http, "POST", f"{base}/v1/sessions", sid, opening)
-    stream = asyncio.create_task(read_stream(http, f"{url}/stream", sid, timing))
-    try:
-        last = len(request.events) - 1
-        for i, (event, payload) in enumerate(zip(request.events, payloads)):
-            await asyncio.sleep(max(0.0, arrival + event.t * options.delay_multiplier - loop.time()))
-            if stream.done():
-                break  # the session failed (its error is raised below)
-            timing.final_sent = loop.time() if i == last else None
-            body = {"text": payload} if isinstance(payload, str) else {"docs": payload}
-            await _call(
-                http,
-                "POST",
-                f"{url}/{'append' if isinstance(payload, str) else 'update'}",
-                sid,
-                body | {"final": i == last},
-            )
-        result = await stream
-    except BaseException:
-        stream.cancel()
-        raise
-    _fill(record, result, timing, loop.time() - start)
+class HttpTransport:
+    """Opens sessions through the deployment's ``/v1/sessions`` API in one session mode."""
 
+    def __init__(self, http: aiohttp.ClientSession, base: str, mode: str, options: ReplayOptions) -> None:
+        self._http, self._base, self._mode, self._max_tokens = http, base, mode, options.max_tokens
 
-def _fill(record: RequestRecord, result: dict, timing: Timing, done_s: float) -> None:
-    assert timing.first_token is not None
-    record.ttft_final_s = timing.first_token - (timing.final_sent or timing.opened)
-    record.ttft_query_s = timing.first_token - timing.opened
-    record.done_s = done_s
-    record.prompt_tokens = result["prompt_tokens"]
-    record.final_chunk_tokens = result["chunks"][-1]["tokens"] if result["chunks"] else 0
-    record.tokens_prefilled = result["tokens_prefilled"]
-    record.tokens_recomputed = result["tokens_recomputed"]
-    record.kv_transfer = result.get("kv_transfer")
+    async def open(self, request: TraceRequest, salt: str) -> HttpSession:
+        sid, opened = session_id(request.id, salt), asyncio.get_running_loop().time()
+        opening = {"question": request.query, "max_tokens": self._max_tokens, "ignore_eos": True}
+        opening |= {"mode": self._mode, "cache_salt": salt, "session_id": sid}
+        await _call(self._http, "POST", f"{self._base}/v1/sessions", sid, opening)
+        return HttpSession(self._http, f"{self._base}/v1/sessions/{sid}", sid, opened)
 
 
 async def run_once_http(
@@ -145,28 +140,10 @@ async def run_once_http(
     on_done: Callable[[], None] | None = None,
 ) -> RunResult:
     """One (policy, qps) run over the whole trace, over HTTP; the same arrivals as ``run_once``."""
-    mode = bench_policy(policy).mode
+    transport = HttpTransport(http, base, bench_policy(policy).mode, options)
     plan = plan_run(requests, texts, qps, options, repeat)
-    start = asyncio.get_running_loop().time()
-
-    async def replay(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
-        await replay_one(http, base, request, record, mode, start, events, options, plan.salt)
-
-    await replay_all(replay, requests, plan.records, plan.payloads, plan.deadline, on_done)
+    await replay_run(transport, requests, plan, options, on_done)
     return RunResult(policy, qps, repeat, plan.records, completion_s=plan.completion_s())
-
-
-def event_text(model: str, max_model_len: int, options: ReplayOptions) -> EventText:
-    """The in-process replay's payload builder, fed the model's tokenizer without an engine."""
-    from stream2llm.context.prompt import TextTokenizer
-    from stream2llm.engine import models
-
-    info = models.resolve(model)
-    shape = SimpleNamespace(
-        tokenizer=TextTokenizer(info.path, info.bos_token_id),
-        config=SimpleNamespace(max_model_len=max_model_len),
-    )
-    return EventText(shape, options)  # type: ignore[arg-type]
 
 
 async def run_http_bench(

@@ -1,31 +1,35 @@
-"""Replay traces against one engine: every policy, every rate, the same arrivals.
+"""The one replay of a trace, whatever carries it to the engine.
 
 Queries arrive as a Poisson process (fixed seed, the same for every rate and policy, as published).
 Each request replays its events at their recorded times (times ``delay_multiplier``): streaming
 policies hand each event to the engine as it comes; ``nonstream`` sends the whole prompt once the
-last event is in. Runs are separated by a cache salt, so no run reuses another's KV. The policies
-run in a rotated order from repeat to repeat, since the machine's speed drifts within a bench.
+last event is in. Runs are separated by a cache salt, so no run reuses another's KV.
+
+The walk over a request's events is written once (``replay_request``); what differs between an
+engine in this process and a deployment over HTTP is a small transport (``ReplayTransport``), as
+httpx separates a client from its transports: ``engine_replay`` and ``http_replay`` hold the two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from stream2llm.engine.engine import StreamingEngine
 from stream2llm.workloads.arrivals import poisson_arrivals
-from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.filler import FillerText
-from stream2llm.workloads.metrics import RequestRecord, RunResult
+from stream2llm.workloads.metrics import RequestRecord
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
 
+if TYPE_CHECKING:
+    from stream2llm.context.prompt import TextTokenizer
+
 TEMPLATE_ALLOWANCE = 96  # tokens of instructions and answer cue around the context
+Payload = str | list[str]  # an append's text or an update's documents
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,24 @@ class ReplayOptions:
 
 class EventText:
     """Turns trace events into text, scaling synthetic token counts and capping each request so it
-    fits the engine's context window."""
+    fits the context window. It needs the model's tokenizer (filler text is cut to a token count)
+    and the context length, not an engine: the HTTP replay has no engine in its process."""
 
-    def __init__(self, engine: StreamingEngine, options: ReplayOptions) -> None:
-        self._filler = FillerText(engine.tokenizer)
+    def __init__(self, tokenizer: TextTokenizer, max_model_len: int, options: ReplayOptions) -> None:
+        self._filler = FillerText(tokenizer)
         self._scale = options.scale
-        self._cap = engine.config.max_model_len - options.max_tokens - TEMPLATE_ALLOWANCE
+        self._cap = max_model_len - options.max_tokens - TEMPLATE_ALLOWANCE
 
-    def payloads(self, request: TraceRequest) -> list[str | list[str]]:
+    @classmethod
+    def for_model(cls, model: str, max_model_len: int, options: ReplayOptions) -> EventText:
+        """Payloads sized as ``model`` counts tokens (a name or a local HF directory), no engine."""
+        from stream2llm.context.prompt import TextTokenizer
+        from stream2llm.engine import models
+
+        info = models.resolve(model)
+        return cls(TextTokenizer(info.path, info.bos_token_id), max_model_len, options)
+
+    def payloads(self, request: TraceRequest) -> list[Payload]:
         """Each event's text (append) or documents (update), built before the run starts, so that
         making filler text takes no CPU from the engine while it is timed."""
         factor = self.factor(request)
@@ -77,28 +91,65 @@ class EventText:
         return out
 
 
-async def _replay_one(
-    engine: StreamingEngine,
+# -- the transport: how a session reaches the engine ---------------------------------------------------
+@dataclass
+class Outcome:
+    """What a finished session tells its record. A transport leaves at None (0 for
+    ``tokens_discarded``) what it cannot see: over HTTP there is no engine clock or step log."""
+
+    ttft_final_s: float
+    ttft_query_s: float
+    prompt_tokens: int
+    final_chunk_tokens: int
+    tokens_prefilled: int
+    tokens_recomputed: int
+    tokens_discarded: int = 0
+    first_token_at: float | None = None  # on the monotonic clock: with the due time, ttft_due_s
+    timeline: tuple[str, float, float, float] | None = None
+    kv_transfer: dict[str, int] | None = None
+
+
+class ReplaySession(Protocol):
+    """One open session, as the replay drives it."""
+
+    @property
+    def ended(self) -> bool:
+        """The session ended before its last event (over HTTP: its stream closed); ``result``
+        says why. An in-process session raises on its next event instead."""
+        ...
+
+    async def append(self, text: str, *, final: bool) -> None: ...
+
+    async def update(self, docs: list[str], *, final: bool) -> None: ...
+
+    async def result(self) -> Outcome: ...
+
+    async def abort(self) -> None:
+        """Stop the session and free its KV (the run's deadline passed, or the bench stopped)."""
+        ...
+
+
+class ReplayTransport(Protocol):
+    """Opens the sessions of one run (its policy's session mode, its cache salt)."""
+
+    async def open(self, request: TraceRequest, salt: str) -> ReplaySession: ...
+
+
+async def replay_request(
+    transport: ReplayTransport,
     request: TraceRequest,
     record: RequestRecord,
-    policy: str,
+    payloads: list[Payload],
     start: float,
-    payloads: list[str | list[str]],
-    sampling: Any,
     options: ReplayOptions,
     salt: str,
 ) -> None:
+    """Open the request's session at its arrival, send each event when the trace says it is due
+    (the last one final) and fill ``record`` from the session's outcome."""
     loop = asyncio.get_running_loop()
     arrival = start + record.arrival_s
     await asyncio.sleep(max(0.0, arrival - loop.time()))
-    spec = bench_policy(policy)
-    session = await engine.open(
-        request.query,
-        sampling,
-        mode=spec.mode,
-        request_id=f"{request.id}@{salt[:8]}",  # the trace's id, in the engine's step log too
-        cache_salt=salt,
-    )
+    session = await transport.open(request, salt)
     last = len(request.events) - 1
     due_at = None  # when the trace says the final event is due, on the engine's (monotonic) clock
     try:
@@ -107,70 +158,44 @@ async def _replay_one(
             if i == last:
                 due_at = time.monotonic() + (due - loop.time())
             await asyncio.sleep(max(0.0, due - loop.time()))
+            if session.ended:
+                break  # the session failed: its result raises why
             if isinstance(payload, str):
                 await session.append(payload, final=i == last)
             else:
                 await session.update(payload, final=i == last)
-        result = await session.result()
+        outcome = await session.result()
     except asyncio.CancelledError:
         await session.abort()  # the run's deadline passed: free its KV
         raise
-    record.ttft_final_s = result.ttft_final_s
-    if result.first_token_at is not None and due_at is not None:
-        record.ttft_due_s = result.first_token_at - due_at  # also counts the replay's own lateness
-    record.ttft_query_s = result.ttft_open_s
-    record.done_s = loop.time() - start
-    record.prompt_tokens = len(result.prompt_token_ids)
-    record.final_chunk_tokens = result.chunks[-1].tokens if result.chunks else 0
-    record.tokens_prefilled = result.tokens_prefilled
-    record.tokens_recomputed = result.tokens_recomputed
-    record.tokens_discarded = result.tokens_discarded
-    times = (result.final_event_at, result.final_handoff_at, result.first_token_at)
-    if None not in times:
-        record.timeline = (session.request_id, *times)
+    fill(record, outcome, due_at, done_s=loop.time() - start)
 
 
-async def run_once(
-    engine: StreamingEngine,
-    requests: Sequence[TraceRequest],
-    policy: str,
-    qps: float,
-    options: ReplayOptions,
-    repeat: int = 0,
-    on_done: Callable[[], None] | None = None,
-) -> RunResult:
-    """One (policy, qps) run over the whole trace."""
-    from vllm import SamplingParams
-
-    sampling = SamplingParams(temperature=0, max_tokens=options.max_tokens, ignore_eos=True)
-    engine.set_policy(bench_policy(policy).scheduler)
-    plan = plan_run(requests, EventText(engine, options), qps, options, repeat)
-    before = engine.stats()
-    start = asyncio.get_running_loop().time()
-
-    async def replay(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
-        await _replay_one(engine, request, record, policy, start, events, sampling, options, plan.salt)
-
-    await replay_all(replay, requests, plan.records, plan.payloads, plan.deadline, on_done)
-    after = engine.stats()
-    await wait_idle(engine)
-    return RunResult(
-        policy,
-        qps,
-        repeat,
-        plan.records,
-        completion_s=plan.completion_s(),
-        preemptions={"recompute": after.preemptions - before.preemptions},
-    )
+def fill(record: RequestRecord, outcome: Outcome, due_at: float | None, done_s: float) -> None:
+    """The record's fields from a finished session (``ttft_due_s`` where the transport saw the first
+    token on the monotonic clock: it also counts the replay's own lateness)."""
+    record.ttft_final_s = outcome.ttft_final_s
+    if outcome.first_token_at is not None and due_at is not None:
+        record.ttft_due_s = outcome.first_token_at - due_at
+    record.ttft_query_s = outcome.ttft_query_s
+    record.done_s = done_s
+    record.prompt_tokens = outcome.prompt_tokens
+    record.final_chunk_tokens = outcome.final_chunk_tokens
+    record.tokens_prefilled = outcome.tokens_prefilled
+    record.tokens_recomputed = outcome.tokens_recomputed
+    record.tokens_discarded = outcome.tokens_discarded
+    record.timeline = outcome.timeline
+    record.kv_transfer = outcome.kv_transfer
 
 
+# -- a run: every request of the trace at one rate -------------------------------------------------------
 @dataclass
 class RunPlan:
-    """What one run replays, the same for the in-process and the HTTP replay: each request's
-    payloads (built before the clock starts), arrival and record, the run's deadline, and a cache
-    salt that keeps runs from reusing each other's KV."""
+    """What one run replays, the same for every transport: each request's payloads (built before
+    the clock starts), arrival and record, the run's deadline, and a cache salt that keeps runs from
+    reusing each other's KV."""
 
-    payloads: list[list[str | list[str]]]
+    payloads: list[list[Payload]]
     records: list[RequestRecord]
     deadline: float | None
     salt: str
@@ -192,11 +217,28 @@ def plan_run(
     )
 
 
+async def replay_run(
+    transport: ReplayTransport,
+    requests: Sequence[TraceRequest],
+    plan: RunPlan,
+    options: ReplayOptions,
+    on_done: Callable[[], None] | None = None,
+) -> None:
+    """Replay every request of ``plan`` through ``transport``, the clock starting now; the records
+    of ``plan`` are filled in."""
+    start = asyncio.get_running_loop().time()
+
+    async def replay(request: TraceRequest, record: RequestRecord, payloads: list[Payload]) -> None:
+        await replay_request(transport, request, record, payloads, start, options, plan.salt)
+
+    await replay_all(replay, requests, plan.records, plan.payloads, plan.deadline, on_done)
+
+
 async def replay_all(
-    replay: Callable[[TraceRequest, RequestRecord, list[str | list[str]]], Awaitable[None]],
+    replay: Callable[[TraceRequest, RequestRecord, list[Payload]], Awaitable[None]],
     requests: Sequence[TraceRequest],
     records: list[RequestRecord],
-    payloads: list[list[str | list[str]]],
+    payloads: list[list[Payload]],
     deadline: float | None,
     on_done: Callable[[], None] | None = None,
 ) -> None:
@@ -205,7 +247,7 @@ async def replay_all(
     every request too (their sessions abort)."""
     past_deadline: list[bool] = []
 
-    async def guarded(request: TraceRequest, record: RequestRecord, events: list[str | list[str]]) -> None:
+    async def guarded(request: TraceRequest, record: RequestRecord, events: list[Payload]) -> None:
         try:
             await replay(request, record, events)
         except asyncio.CancelledError:
@@ -238,52 +280,6 @@ def run_deadline(
     return last_event + options.deadline_s
 
 
-async def wait_idle(engine: StreamingEngine, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        stats = engine.stats()
-        if stats.requests == 0:
-            return
-        await asyncio.sleep(0.05)
-
-
-class LowerBound:
-    """TTFT of a prompt of n tokens on the idle engine (interpolated between measured sizes)."""
-
-    def __init__(self, sizes: list[int], seconds: list[float]) -> None:
-        self.sizes, self.seconds = sizes, seconds
-
-    @classmethod
-    async def measure(cls, engine: StreamingEngine, max_tokens: int, repeats: int = 3) -> LowerBound:
-        from vllm import SamplingParams
-
-        sampling = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-        limit = engine.config.max_model_len - max_tokens - 1
-        sizes = sorted(
-            {s for s in (8, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768) if s <= limit} | {limit}
-        )
-        filler = FillerText(engine.tokenizer)
-        seconds = []
-        for size in sizes:
-            ids = engine.tokenizer.encode(filler.text(f"lb-{size}", size))[:size]
-            times = []
-            for _ in range(repeats):
-                t0 = time.monotonic()
-                await engine.complete(ids, sampling, use_prefix_cache=False)
-                times.append(time.monotonic() - t0)
-            seconds.append(sorted(times)[len(times) // 2])
-        return cls(sizes, seconds)
-
-    def __call__(self, n_tokens: int) -> float:
-        i = bisect.bisect_left(self.sizes, n_tokens)
-        if i == 0:
-            return self.seconds[0]
-        if i >= len(self.sizes):
-            return self.seconds[-1] * n_tokens / self.sizes[-1]
-        x0, x1, y0, y1 = self.sizes[i - 1], self.sizes[i], self.seconds[i - 1], self.seconds[i]
-        return y0 + (y1 - y0) * (n_tokens - x0) / (x1 - x0)
-
-
 @dataclass(frozen=True)
 class BenchPlan:
     policies: tuple[str, ...]
@@ -299,55 +295,3 @@ def rotated(policies: Sequence[str], repeat: int) -> list[str]:
         return []
     k = repeat % len(policies)
     return [*policies[k:], *policies[:k]]
-
-
-async def run_bench(
-    engine: StreamingEngine,
-    requests: Sequence[TraceRequest],
-    plan: BenchPlan,
-    options: ReplayOptions,
-    progress: Callable[[str, int], Callable[[], None]] | None = None,
-    checkpoint: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Every (policy, qps, repeat) on the same engine, the policies rotated per repeat (each run
-    records its ``position``); returns a ``stream2llm.bench/1`` document.
-    ``checkpoint`` gets the document after each finished run (``complete`` false until the last),
-    so an interrupted bench keeps what it measured."""
-    lower_bound = await LowerBound.measure(engine, options.max_tokens)
-    document = _bench_document(engine, requests, options, lower_bound)
-    for qps in plan.qps:
-        for repeat in range(plan.repeat):
-            for position, policy in enumerate(rotated(plan.policies, repeat)):
-                tick = progress(f"{policy} @ {qps} qps", len(requests)) if progress else None
-                result = await run_once(engine, requests, policy, qps, options, repeat, tick)
-                result.position = position
-                for record in result.records:
-                    if record.error is None:
-                        record.lower_bound_s = lower_bound(record.final_chunk_tokens)
-                document["runs"].append(result.to_json())
-                if checkpoint is not None:
-                    checkpoint(document)
-    document["complete"] = True
-    return document
-
-
-def _bench_document(
-    engine: StreamingEngine, requests: Sequence[TraceRequest], options: ReplayOptions, lower_bound: LowerBound
-) -> dict[str, Any]:
-    from stream2llm.workloads.metrics import BENCH_SCHEMA
-
-    return {
-        "schema": BENCH_SCHEMA,
-        "complete": False,
-        "engine": {
-            "model": engine.config.model,
-            "max_model_len": engine.config.max_model_len,
-            "kv_cache_bytes": engine.config.kv_cache_bytes,
-            "max_num_batched_tokens": engine.config.max_num_batched_tokens,
-            "max_num_seqs": engine.config.max_num_seqs,
-        },
-        "options": vars(options) | {"requests": len(requests)},
-        "policy_order": "rotated",  # repeat r runs policies[r % n:] + policies[:r % n]
-        "lower_bound_profile": {"tokens": lower_bound.sizes, "seconds": lower_bound.seconds},
-        "runs": [],
-    }

@@ -162,8 +162,8 @@ def test_openai_endpoints_through_the_router_match_each_instance(deployment):
 
 
 def test_http_bench_replays_a_trace_through_the_router(deployment):
-    from stream2llm.workloads.http_replay import event_text, run_http_bench
-    from stream2llm.workloads.replay import BenchPlan, ReplayOptions
+    from stream2llm.workloads.http_replay import run_http_bench
+    from stream2llm.workloads.replay import BenchPlan, EventText, ReplayOptions
     from stream2llm.workloads.trace import TraceEvent, TraceRequest
 
     events = (
@@ -173,7 +173,7 @@ def test_http_bench_replays_a_trace_through_the_router(deployment):
     )
     requests = [TraceRequest(f"q{i}", "test", f"Question {i}?", events) for i in range(4)]
     options = ReplayOptions(max_tokens=2)
-    texts = event_text("tiny", 2048, options)
+    texts = EventText.for_model("tiny", 2048, options)
     plan = BenchPlan(("stream2llm", "nonstream"), (20.0,))
     doc = asyncio.run(run_http_bench(deployment.url, requests, plan, options, texts))
     assert doc["complete"] and len(doc["runs"]) == 2

@@ -111,12 +111,12 @@ def test_simulator_imports_without_vllm_and_quickly():
         import stream2llm.workloads.simulate as sim
         report = {"seconds": time.perf_counter() - t0, "file": sim.__file__,
                   "names": sorted(n for n in ("Simulator", "SimResult", "TEMPLATE_TOKENS",
-                                              "simulate_command") if hasattr(sim, n))}
+                                              "simulate_runs") if hasattr(sim, n))}
         """
     )
     assert report["vllm"] == []
     assert Path(report["file"]).is_relative_to(PACKAGE)  # this worktree's code, not an installed copy
-    assert report["names"] == ["SimResult", "Simulator", "TEMPLATE_TOKENS", "simulate_command"]
+    assert report["names"] == ["SimResult", "Simulator", "TEMPLATE_TOKENS", "simulate_runs"]
     assert report["seconds"] < VLLM_FREE_IMPORT_SECONDS
 
 

@@ -294,7 +294,7 @@ def test_summaries_carry_ttft_from_the_due_time_where_every_repeat_has_it():
 
 
 def test_tables_show_the_gain_over_both_one_shot_baselines():
-    from stream2llm.workloads.bench import ratio_table, repeats_table
+    from stream2llm.cli.bench_tables import ratio_table, repeats_table
     from stream2llm.workloads.metrics import summarize_repeats
 
     runs = [_bench_run("nonstream", 1.0), _bench_run("nonstream-ranked", 0.5), _bench_run("stream2llm", 0.1)]

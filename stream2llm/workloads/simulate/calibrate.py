@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-
-from rich.console import Console
 
 from stream2llm.core.step_log import read_step_log
 from stream2llm.engine.engine import EngineConfig, StreamingEngine
@@ -20,18 +21,31 @@ CPU_OFFLOAD_NOTE = (
 )
 
 
+Status = Callable[[str], AbstractContextManager[object]]  # shows what is going on (rich's status)
+
+
+def _no_status(_: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
+
 async def calibrate(
-    model: str, *, max_model_len: int, repeats: int, console: Console, max_batched_tokens: int = 2048
+    model: str,
+    *,
+    max_model_len: int,
+    repeats: int,
+    status: Status = _no_status,
+    max_batched_tokens: int = 2048,
 ) -> CostProfile:
     """Idle-engine TTFT against prompt length, fitted per step of ``max_batched_tokens`` (the
-    engine prefills longer prompts in chunks, each paying the step's fixed cost)."""
-    from stream2llm.workloads.replay import LowerBound
+    engine prefills longer prompts in chunks, each paying the step's fixed cost). ``status`` shows
+    what it is doing (the command's console); the library itself writes nothing."""
+    from stream2llm.workloads.engine_replay import LowerBound
 
     config = EngineConfig(model=model, max_model_len=max_model_len, max_num_batched_tokens=max_batched_tokens)
-    with console.status(f"starting {model} ..."):
+    with status(f"starting {model} ..."):
         engine = await StreamingEngine.start(config)
     try:
-        with console.status("measuring prefill latency at powers of two ..."):
+        with status("measuring prefill latency at powers of two ..."):
             bound = await LowerBound.measure(engine, max_tokens=1, repeats=repeats)
     finally:
         await engine.shutdown()

@@ -1,5 +1,4 @@
-"""``stream2llm simulate``: run the simulator for every (policy, qps) and print it beside the
-published results where they exist (H200 profile, crawler or anns workloads)."""
+"""``stream2llm simulate``'s runner: the simulated sweep as a table beside the published results."""
 
 from __future__ import annotations
 
@@ -9,10 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from stream2llm.workloads.simulate.cost_model import CostProfile
-from stream2llm.workloads.simulate.simulator import Simulator
-from stream2llm.workloads.synth import published_stats, synthesize
-from stream2llm.workloads.trace import read_trace
+from stream2llm.workloads.simulate.runs import simulate_runs
 
 
 def simulate_command(
@@ -29,27 +25,20 @@ def simulate_command(
     console: Console,
 ) -> dict[str, Any]:
     """Run the model for every (policy, qps); print it beside the published results where they exist."""
-    requests = read_trace(traces) if traces else synthesize(workload, n, seed=42)
-    if requests and traces:
-        workload = requests[0].workload
-    cost = CostProfile.load(profile)
-    sim = Simulator(cost, block_size=block_size)
-    runs = [
-        sim.run(requests, p, q, scale=scale, delay_multiplier=delay_multiplier).to_json()
-        for q in qps
-        for p in policies
-    ]
-    published = published_stats()["results_h200"].get(f"{workload}_ttft_s", {})
-    console.print(
-        results_table(runs, published, f"simulated ttft_final (s): {workload}, profile {cost.name}")
+    report = simulate_runs(
+        traces,
+        workload=workload,
+        n=n,
+        profile=profile,
+        qps=qps,
+        policies=policies,
+        delay_multiplier=delay_multiplier,
+        scale=scale,
+        block_size=block_size,
     )
-    return {
-        "profile": cost.name,
-        "workload": workload,
-        "requests": len(requests),
-        "runs": runs,
-        "published": published,
-    }
+    title = f"simulated ttft_final (s): {report['workload']}, profile {report['profile']}"
+    console.print(results_table(report["runs"], report["published"], title))
+    return report
 
 
 def results_table(runs: list[dict[str, Any]], published: dict[str, Any], title: str) -> Table:
