@@ -80,6 +80,20 @@ def stage_bounds(nprobe: int, stages: int) -> list[int]:
     return sorted(bounds)
 
 
+class StagePacer:
+    """Holds each search stage to at least ``min_stage_s`` from the end of the one before (a
+    slower, remote index simulated); 0 paces nothing."""
+
+    def __init__(self, min_stage_s: float) -> None:
+        self.min_stage_s = min_stage_s
+        self._stage_started = time.monotonic()
+
+    async def stage_done(self) -> None:
+        if self.min_stage_s:
+            await asyncio.sleep(max(0.0, self._stage_started + self.min_stage_s - time.monotonic()))
+        self._stage_started = time.monotonic()
+
+
 class ProgressiveAnnRetriever:
     """Update-mode retriever: each probe slice refines the top-k; the last event is the answer a
     one-shot search at ``nprobe`` gives. A flat index has a single (final) stage.
@@ -127,7 +141,7 @@ class ProgressiveAnnRetriever:
         check_k(k)
         numberer = EventNumberer(request_id)
         layout = UpdateLayout(self.layout)
-        t0 = time.monotonic()
+        pacer = StagePacer(self.min_stage_s)
         q = await asyncio.to_thread(self.index.embed_query, query)
         search = await asyncio.to_thread(ProgressiveSearch, self.index, q, k, self.nprobe)
         bounds = self.bounds()
@@ -136,9 +150,7 @@ class ProgressiveAnnRetriever:
             hits = await asyncio.to_thread(search.probe, start, stop)
             start = stop
             final = i == len(bounds) - 1
-            if self.min_stage_s:
-                await asyncio.sleep(max(0.0, t0 + self.min_stage_s - time.monotonic()))
-            t0 = time.monotonic()
+            await pacer.stage_done()
             if not hits:
                 if final:
                     raise AnnIndexError(f"the index {self.index.meta.name!r} returned no documents")
@@ -187,7 +199,7 @@ class ShardedAnnRetriever:
         k = k or self.k
         check_k(k)
         numberer = EventNumberer(request_id)
-        t0 = time.monotonic()
+        pacer = StagePacer(self.min_stage_s)
         q = await asyncio.to_thread(self.shards[0].embed_query, query)
         heap = faiss.ResultHeap(1, k, keep_max=True)
         offsets = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
@@ -201,9 +213,7 @@ class ShardedAnnRetriever:
             top = set(heap.I[0].tolist())
             new = [h for h, row in zip(hits, rows) if row in top and row not in sent]
             final = i == len(self.shards) - 1
-            if self.min_stage_s:
-                await asyncio.sleep(max(0.0, t0 + self.min_stage_s - time.monotonic()))
-            t0 = time.monotonic()
+            await pacer.stage_done()
             if not new and not final:
                 continue
             text = DOC_SEPARATOR.join(h.doc.render() for h in new)
