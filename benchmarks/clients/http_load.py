@@ -50,14 +50,6 @@ SESSION_ROUTES = [
 ]
 
 
-async def session_open_over_http(http: aiohttp.ClientSession, session_id: str) -> bool:
-    """Whether the server still runs the session (no engine at hand: its state over HTTP)."""
-    async with http.get(f"/v1/sessions/{session_id}") as r:
-        if r.status == 404:
-            return False
-        return (await r.json()).get("state") in ("open", "generating")
-
-
 class HttpLoad:
     """The HTTP scenarios against the server at ``url`` (``model``: its model name; ``max_body``: its
     body limit; ``ttl``: its engine's session_ttl_s)."""
@@ -103,6 +95,12 @@ class HttpLoad:
         if r.status >= 500:
             raise Unexpected(f"{method} {path}: HTTP {r.status}: {text[:300]}")
         return r.status, body
+
+    async def still_open(self, session_id: str) -> bool:
+        """Whether the server still runs the session, as HTTP shows it: for a run with no engine at
+        hand, ``ctx.still_open = load.still_open`` (the soak asks its engine instead)."""
+        status, data = await self.call("GET", f"/v1/sessions/{session_id}")
+        return status != 404 and expect(status, data, 200).get("state") in ("open", "generating")
 
     async def post_ok(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return expect(*await self.call("POST", path, json=body), 200)

@@ -20,7 +20,7 @@ Gone = Callable[[str], Awaitable[bool]]  # whether a session (by id) is still he
 
 class LoadContext:
     """What every scenario of a run shares: one random stream, the tally, the delayed checks, and
-    how to tell that a session left the engine (``still_open``)."""
+    how to tell that a session left the engine (``still_open``; it may be set after construction)."""
 
     def __init__(self, seed: int, still_open: Gone) -> None:
         self.rng = random.Random(seed)
