@@ -1,8 +1,8 @@
 """Abusive clients against the HTTP server, while a well-behaved client measures what it gets.
 
-The server (tiny-model engine, ``create_app`` + ``start_site`` on 127.0.0.1) runs in this process
-with a ticker task that measures its event loop's lag. The attackers run in a subprocess of this
-script as raw asyncio sockets:
+The server (tiny-model engine and its HTTP server on 127.0.0.1, embedded through the public API)
+runs in this process with a ticker task that measures its event loop's lag. The attackers
+(``clients.abuse``) run in a subprocess of this script as raw asyncio sockets:
 
 - slowloris: connections that send a request's headers one byte per second, never ending them;
 - trickled bodies: POST /v1/completions with a complete header and a body sent one byte per second;
@@ -10,11 +10,12 @@ script as raw asyncio sockets:
   receive buffer, never read from (the server's writes back up);
 - maximum-size appends: append bodies just under the server's body limit.
 
-Meanwhile the well-behaved client (aiohttp, in this process) polls GET /health and runs one
-streaming session after another, measuring /health latency and TTFT (final append to first delta).
-Three phases: quiet (no attackers), attack, settle (attackers gone: do connections, descriptors,
-tasks and sessions come back?). Everything observed is recorded, not asserted: ``--check`` asserts
-only loop lag p99 < 0.25 s and /health p99 < 0.5 s during the attack.
+Meanwhile the well-behaved client (``clients.wellbehaved``, aiohttp, in a second subprocess) polls
+GET /health and runs one streaming session after another, measuring /health latency and TTFT (final
+append to first delta). Three phases: quiet (no attackers), attack, settle (attackers gone: do
+connections, descriptors, tasks and sessions come back? read with psutil on this process and from
+the server's /metrics). Everything observed is recorded, not asserted: ``--check`` asserts only
+loop lag p99 < 0.25 s and /health p99 < 0.5 s during the attack.
 
     .venv/bin/python benchmarks/abusive_clients.py --seconds 180 --out benchmarks/results/abusive-tiny
 """
@@ -23,404 +24,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import random
-import socket
-import statistics
 import sys
 import time
 from pathlib import Path
-from pydoc_data.topics import topics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-TEXT = "\n\n".join(topics[k] for k in sorted(topics))
-QUESTION = "What does the documentation say about this?"
+from clients.abuse import attacker_main
+from clients.common import MIB, summary
+from clients.probe import ServerProbe
+from clients.wellbehaved import client_main
+
+if TYPE_CHECKING:
+    from clients.host import Hosted
+
 TICK_S = 0.02
-MIB = 1 << 20
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
-def summary(values: list[float], scale: float = 1.0) -> dict[str, Any]:
-    """n, p50, p99, max (times ``scale``: 1000 for milliseconds)."""
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "p50": round(pct(values, 50) * scale, 3),
-        "p99": round(pct(values, 99) * scale, 3),
-        "max": round(max(values) * scale, 3),
-        "mean": round(statistics.fmean(values) * scale, 3),
-    }
-
-
-def filler(n_bytes: int) -> str:
-    """English text of about ``n_bytes`` (Python's help topics, repeated)."""
-    reps = n_bytes // len(TEXT) + 1
-    return (TEXT * reps)[:n_bytes]
-
-
-# == the attackers (a subprocess) =====================================================================
-
-
-class Attack:
-    """One kind of abusive connection: how many opened, how the server ended them, what it said."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.opened = 0
-        self.closed_by_server: list[float] = []  # seconds each lived before the server closed it
-        self.statuses: dict[str, int] = {}
-        self.survived = 0  # still open when the attack ended: the server never closed them
-        self.errors: dict[str, int] = {}
-        self.latencies: list[float] = []
-        self.received: list[float] = []  # bytes a never-reading client had been sent by the end
-
-    def status(self, label: str) -> None:
-        self.statuses[label] = self.statuses.get(label, 0) + 1
-
-    def error(self, exc: BaseException) -> None:
-        key = type(exc).__name__
-        self.errors[key] = self.errors.get(key, 0) + 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "opened": self.opened,
-            "closed_by_server": len(self.closed_by_server),
-            "lived_before_close_s": summary(self.closed_by_server),
-            "open_at_deadline": self.survived,
-            "statuses": self.statuses,
-            "errors": self.errors,
-            "latency_s": summary(self.latencies),
-            "bytes_received_at_end": summary(self.received),
-        }
-
-
-def status_of(data: bytes) -> str:
-    line = data.split(b"\r\n", 1)[0].decode(errors="replace")
-    parts = line.split(" ")
-    return parts[1] if len(parts) > 1 and line.startswith("HTTP/") else "no-status"
-
-
-def head(method: str, path: str, host: str, length: int | None = None, extra: str = "") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
-
-
-async def request(addr: tuple[str, int], method: str, path: str, body: bytes = b"") -> tuple[str, bytes]:
-    """One request on its own connection (Connection: close): (status, response body)."""
-    reader, writer = await asyncio.open_connection(*addr)
-    try:
-        host = f"{addr[0]}:{addr[1]}"
-        writer.write(head(method, path, host, len(body), "Connection: close\r\n") + body)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(-1), 120)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    return status_of(data), data.partition(b"\r\n\r\n")[2]
-
-
-async def drip(
-    attack: Attack, addr: tuple[str, int], first: bytes, drip_bytes: bytes, deadline: float
-) -> None:
-    """Connections that send ``first`` at once and then ``drip_bytes`` one byte per second; reopened
-    when the server closes them, until ``deadline``."""
-    while time.monotonic() < deadline:
-        t_open = time.monotonic()
-        try:
-            reader, writer = await asyncio.open_connection(*addr)
-        except OSError as exc:
-            attack.error(exc)
-            await asyncio.sleep(1.0)
-            continue
-        attack.opened += 1
-        answer = asyncio.ensure_future(reader.read(4096))
-        try:
-            writer.write(first)
-            for i in range(len(drip_bytes)):
-                if answer.done() or time.monotonic() >= deadline:
-                    break
-                writer.write(drip_bytes[i : i + 1])
-                await writer.drain()
-                await asyncio.wait({answer}, timeout=1.0)
-        except OSError as exc:
-            attack.error(exc)
-        if not answer.done() and time.monotonic() >= deadline:
-            attack.survived += 1
-        if answer.done() and not answer.cancelled() and answer.exception() is None:
-            attack.closed_by_server.append(time.monotonic() - t_open)
-            attack.status(status_of(answer.result()) if answer.result() else "closed")
-        elif answer.done() and answer.exception() is not None:
-            attack.closed_by_server.append(time.monotonic() - t_open)
-            attack.error(answer.exception())
-        answer.cancel()
-        writer.close()
-        await asyncio.sleep(0.1)
-
-
-def slowloris(attack: Attack, addr: tuple[str, int], deadline: float) -> Any:
-    host = f"{addr[0]}:{addr[1]}"
-    pad = "".join(f"X-Pad-{i}: {'a' * 40}\r\n" for i in range(200))
-    return drip(attack, addr, b"GET /health HTTP/1.1\r\n", f"Host: {host}\r\n{pad}\r\n".encode(), deadline)
-
-
-def trickle(attack: Attack, addr: tuple[str, int], deadline: float, model: str) -> Any:
-    body = json.dumps({"model": model, "prompt": filler(4000), "max_tokens": 4}).encode()
-    return drip(
-        attack, addr, head("POST", "/v1/completions", f"{addr[0]}:{addr[1]}", len(body)), body, deadline
-    )
-
-
-async def stalled_reader(
-    attack: Attack, addr: tuple[str, int], deadline: float, cfg: dict[str, Any], session: bool
-) -> None:
-    """A streamed answer requested on a socket with a small receive buffer, never read until the end:
-    a session stream or a streamed completion."""
-    loop = asyncio.get_running_loop()
-    if session:
-        opened = {"question": QUESTION, "max_tokens": cfg["stall_tokens"], "ignore_eos": True}
-        status, body = await request(addr, "POST", "/v1/sessions", json.dumps(opened).encode())
-        if status != "201":
-            attack.status(f"open:{status}")
-            return
-        session_id = json.loads(body)["id"]
-        final = json.dumps({"text": filler(400), "final": True}).encode()
-        status, _ = await request(addr, "POST", f"/v1/sessions/{session_id}/append", final)
-        attack.status(f"append:{status}")
-        raw = head("GET", f"/v1/sessions/{session_id}/stream", f"{addr[0]}:{addr[1]}")
-    else:
-        body = json.dumps(
-            {
-                "model": cfg["model"],
-                "prompt": filler(400),
-                "max_tokens": cfg["stall_tokens"],
-                "ignore_eos": True,
-                "stream": True,
-            }
-        ).encode()
-        raw = head("POST", "/v1/completions", f"{addr[0]}:{addr[1]}", len(body)) + body
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    attack.opened += 1
-    try:
-        await loop.sock_connect(sock, addr)
-        await loop.sock_sendall(sock, raw)
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))  # never read
-        got, closed = await read_rest(loop, sock)
-        attack.survived += not closed
-        attack.status(f"{'closed' if closed else 'open'}-at-end:{status_of(got)}")
-        attack.received.append(len(got))
-    except OSError as exc:
-        attack.error(exc)
-    finally:
-        sock.close()
-
-
-async def read_rest(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, bool]:
-    """What the server wrote (up to 8 MiB, for 1 s), and whether it had closed the connection."""
-    got = bytearray()
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end and len(got) < 8 * MIB:
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), max(0.01, end - time.monotonic()))
-        except asyncio.TimeoutError:
-            return bytes(got), False
-        except OSError:
-            return bytes(got), True
-        if not chunk:
-            return bytes(got), True
-        got += chunk
-    return bytes(got), False
-
-
-async def max_appends(attack: Attack, addr: tuple[str, int], deadline: float, cfg: dict[str, Any]) -> None:
-    """Open a session, append a body just under the server's limit, delete it; repeat."""
-    text = filler(cfg["max_body"] - 64)
-    body = json.dumps({"text": text})
-    body = body[: cfg["max_body"] - 16 - 2] + '"}' if len(body) > cfg["max_body"] - 16 else body
-    payload = body.encode()
-    for _ in range(cfg["max_appends"]):
-        if time.monotonic() >= deadline:
-            return
-        try:
-            opened = json.dumps({"question": QUESTION, "max_tokens": 2}).encode()
-            status, data = await request(addr, "POST", "/v1/sessions", opened)
-            if status != "201":
-                attack.status(f"open:{status}")
-                await asyncio.sleep(0.5)
-                continue
-            sid = json.loads(data)["id"]
-            attack.opened += 1
-            t = time.monotonic()
-            status, _ = await request(addr, "POST", f"/v1/sessions/{sid}/append", payload)
-            attack.latencies.append(time.monotonic() - t)
-            attack.status(f"append:{status}")
-            await request(addr, "DELETE", f"/v1/sessions/{sid}")
-        except (OSError, asyncio.TimeoutError) as exc:
-            attack.error(exc)
-            await asyncio.sleep(0.5)
-
-
-async def attackers(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Every attack at once until ``seconds`` pass; what each saw."""
-    addr = (cfg["host"], cfg["port"])
-    deadline = time.monotonic() + cfg["seconds"]
-    attacks = {k: Attack(k) for k in ("slowloris", "trickle", "sse_never_read", "max_appends")}
-    tasks = []
-
-    async def ramp(i: int, n: int, coro_fn: Any) -> None:
-        await asyncio.sleep(min(5.0, cfg["seconds"] / 4) * i / max(1, n))  # spread the opening
-        await coro_fn()
-
-    for i in range(cfg["slowloris"]):
-        tasks.append(ramp(i, cfg["slowloris"], lambda: slowloris(attacks["slowloris"], addr, deadline)))
-    for i in range(cfg["trickle"]):
-        tasks.append(
-            ramp(i, cfg["trickle"], lambda: trickle(attacks["trickle"], addr, deadline, cfg["model"]))
-        )
-    for i in range(cfg["stall"]):
-        fn = lambda s=i % 2 == 1: stalled_reader(attacks["sse_never_read"], addr, deadline, cfg, s)  # noqa: E731
-        tasks.append(ramp(i, cfg["stall"], fn))
-    for i in range(cfg["appenders"]):
-        tasks.append(
-            ramp(i, cfg["appenders"], lambda: max_appends(attacks["max_appends"], addr, deadline, cfg))
-        )
-    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), cfg["seconds"] + 60)
-    crashed = [repr(r) for r in results if isinstance(r, BaseException)]
-    return {"attacks": {k: a.as_dict() for k, a in attacks.items()}, "crashed": crashed[:10]}
-
-
-def attacker_main(cfg_json: str) -> int:
-    cfg = json.loads(cfg_json)
-    result = asyncio.run(attackers(cfg))
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-# == the well-behaved client (a subprocess, so that a blocked server loop cannot hide its own lag) ==
-
-
-async def probe(http: Any, records: list[list[Any]]) -> None:
-    """One GET /health: [sent at (monotonic, shared by every process), seconds, outcome]."""
-    t = time.monotonic()
-    try:
-        async with http.get("/health") as r:
-            await r.read()
-            label = "ok" if r.status == 200 else f"HTTP {r.status}"
-    except Exception as exc:
-        label = type(exc).__name__
-    records.append([t, time.monotonic() - t, label])
-
-
-async def health_probes(http: Any, every_s: float, stop: asyncio.Event, records: list[list[Any]]) -> None:
-    """Probes on a fixed schedule, not one after another: a stalled server shows as many slow probes
-    rather than as one (no coordinated omission)."""
-    in_flight: set[asyncio.Task] = set()
-    while not stop.is_set():
-        if len(in_flight) < 200:
-            task = asyncio.ensure_future(probe(http, records))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        else:
-            records.append([time.monotonic(), None, "skipped: 200 in flight"])
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
-    if in_flight:
-        await asyncio.wait(in_flight, timeout=40)
-
-
-async def one_session(http: Any, rng: random.Random) -> tuple[float, float]:
-    """Open a streaming session, append two pieces, read its stream: (final sent at, TTFT)."""
-    opened = {"question": QUESTION, "max_tokens": 8, "ignore_eos": True}
-    async with http.post("/v1/sessions", json=opened) as r:
-        body = await r.json()
-        if r.status != 201:
-            raise RuntimeError(f"open: HTTP {r.status}")
-    sid = body["id"]
-    start = rng.randrange(0, len(TEXT) - 2000)
-    for k in range(2):
-        async with http.post(f"/v1/sessions/{sid}/append", json={"text": TEXT[start + k * 600 :][:600]}) as r:
-            if r.status != 200:
-                raise RuntimeError(f"append: HTTP {r.status}")
-        await asyncio.sleep(0.05)
-    first: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-
-    async def read() -> None:
-        async with http.get(f"/v1/sessions/{sid}/stream") as r:
-            async for line in r.content:
-                if line.startswith(b"data: ") and not first.done():
-                    first.set_result(time.monotonic())
-
-    reader = asyncio.ensure_future(read())
-    await asyncio.sleep(0.05)
-    t_final = time.monotonic()
-    async with http.post(f"/v1/sessions/{sid}/finish") as r:
-        if r.status != 200:
-            raise RuntimeError(f"finish: HTTP {r.status}")
-    await reader
-    if not first.done():
-        raise RuntimeError("the stream ended without a delta")
-    return t_final, first.result() - t_final
-
-
-async def session_loop(http: Any, pause_s: float, stop: asyncio.Event, out: dict[str, list]) -> None:
-    rng = random.Random(0)
-    while not stop.is_set():
-        t = time.monotonic()
-        try:
-            out["ttft"].append(list(await asyncio.wait_for(one_session(http, rng), 30)))
-        except Exception as exc:
-            out["session_errors"].append([t, f"{type(exc).__name__}: {exc}"[:80]])
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), pause_s)
-
-
-async def client(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Warm up, say ``ready``, then measure until stdin closes (or ``max_s`` passes)."""
-    import aiohttp
-
-    out: dict[str, list] = {"health": [], "ttft": [], "session_errors": []}
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=300)
-    headers = {"Content-Type": "application/json"}
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(
-        cfg["url"], headers=headers, timeout=timeout, connector=connector
-    ) as http:
-        rng = random.Random(1)
-        for _ in range(3):
-            with contextlib.suppress(Exception):
-                await one_session(http, rng)
-        print("ready", flush=True)
-        stdin_closed = loop.run_in_executor(None, sys.stdin.buffer.read)
-        stdin_closed.add_done_callback(lambda _: stop.set())
-        loop.call_later(cfg["max_s"], stop.set)
-        await asyncio.gather(
-            health_probes(http, cfg["health_every_s"], stop, out["health"]),
-            session_loop(http, cfg["session_pause_s"], stop, out),
-        )
-    return out
-
-
-def client_main(cfg_json: str) -> int:
-    result = asyncio.run(client(json.loads(cfg_json)))
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-# == the server and its ticker (this process) ========================================================
+# what each sample of the server records (psutil on this process, /metrics, the engine's stats)
+STATE_KEYS = (
+    "connections",
+    "client_connections",
+    "fds",
+    "tasks",
+    "rss_mb",
+    "open_sessions",
+    "http_running",
+    "kv_usage",
+    "sched_requests",
+)
 
 
 class Observed:
@@ -430,7 +60,6 @@ class Observed:
         self.bounds: list[tuple[str, float]] = [("warmup", time.monotonic())]
         self.lag: list[tuple[float, float]] = []
         self.samples: list[dict[str, Any]] = []
-        self.client_pid: int | None = None
 
     @property
     def phase(self) -> str:
@@ -456,43 +85,34 @@ async def ticker(obs: Observed) -> None:
         obs.lag.append((time.monotonic(), loop.time() - t - TICK_S))
 
 
-def server_state(engine: Any, server: Any, port: int, client_pid: int | None) -> dict[str, Any]:
-    import psutil
+async def server_state(probe: ServerProbe, hosted: Hosted) -> dict[str, Any]:
+    """Connections on the server's port, descriptors, tasks, RSS (this process: the server's),
+    sessions and KV (its /metrics), the scheduler's requests (``engine.stats()``)."""
 
-    proc = psutil.Process()
-    conns = [c for c in proc.net_connections("tcp") if c.laddr and c.laddr.port == port and c.raddr]
-    mine: set[int] = set()
-    if client_pid is not None:
-        with contextlib.suppress(psutil.Error):
-            mine = {c.laddr.port for c in psutil.Process(client_pid).net_connections("tcp") if c.laddr}
-    stats = engine.stats()
-    return {
-        "connections": len(conns),
-        "client_connections": sum(1 for c in conns if c.raddr.port in mine),  # the well-behaved client's
-        "fds": proc.num_fds(),
-        "tasks": len(asyncio.all_tasks()),
-        "rss_mb": round(proc.memory_info().rss / MIB, 1),
-        "open_sessions": len(engine.open_sessions()),
-        "http_running": server.running(),
-        "kv_usage": round(stats.kv_usage, 4),
-        "sched_requests": stats.requests,
-    }
+    def local() -> dict[str, Any]:
+        return {"tasks": len(asyncio.all_tasks()), "sched_requests": hosted.engine.stats().requests}
+
+    state = await probe.snapshot(local)
+    state["rss_mb"] = round(state["rss_mb"], 1)
+    if state["kv_usage"] is not None:
+        state["kv_usage"] = round(state["kv_usage"], 4)
+    return {k: state[k] for k in STATE_KEYS}
 
 
-async def sampler(obs: Observed, engine: Any, server: Any, port: int) -> None:
+async def sampler(obs: Observed, probe: ServerProbe, hosted: Hosted) -> None:
     t0 = obs.bounds[0][1]
     while True:
         state = {
             "t_s": round(time.monotonic() - t0, 1),
             "phase": obs.phase,
-            **server_state(engine, server, port, obs.client_pid),
+            **await server_state(probe, hosted),
         }
         obs.samples.append(state)
         recent = [lag for t, lag in obs.lag[-200:] if t > time.monotonic() - 1.5]
         print(
             f"[{obs.phase:6} {state['t_s']:6.1f}s] conns={state['connections']} "
             f"(client {state['client_connections']}) fds={state['fds']} "
-            f"tasks={state['tasks']} open={state['open_sessions']} kv={state['kv_usage']:.3f} "
+            f"tasks={state['tasks']} open={state['open_sessions']} kv={state['kv_usage'] or 0:.3f} "
             f"lag_max={max(recent, default=0) * 1000:.0f}ms rss={state['rss_mb']:.0f}MiB",
             flush=True,
         )
@@ -548,13 +168,33 @@ def phase_report(obs: Observed, client: dict[str, Any], name: str) -> dict[str, 
         "health_outcomes": outcomes,
         "session_ttft_ms": summary([v for t, v in client.get("ttft", []) if obs.phase_of(t) == name], 1000),
         "session_errors": errors,
-        "peak": {k: max((s[k] for s in samples), default=None) for k in keys},
+        "peak": {k: max((s[k] for s in samples if s[k] is not None), default=None) for k in keys},
         "last": samples[-1] if samples else None,
     }
 
 
-async def start_engine(args: argparse.Namespace) -> Any:
-    from stream2llm.engine.engine import EngineConfig, StreamingEngine
+def attack_config(args: argparse.Namespace, hosted: Hosted, model: str) -> dict[str, Any]:
+    """What the attacker subprocess is told: where the server is, how many of each attack."""
+    return {
+        "host": "127.0.0.1",
+        "port": hosted.port,
+        "seconds": args.seconds,
+        "model": model,
+        "slowloris": args.slowloris,
+        "trickle": args.trickle,
+        "stall": args.stall,
+        "stall_tokens": args.stall_tokens,
+        "appenders": args.appenders,
+        "max_appends": args.max_appends,
+        "max_body": args.max_body or hosted.max_body,
+    }
+
+
+async def start(args: argparse.Namespace) -> Hosted:
+    from clients.host import host
+
+    from stream2llm import EngineConfig
+    from stream2llm.server import ServerSettings
 
     config = EngineConfig(
         model=args.model,
@@ -563,74 +203,79 @@ async def start_engine(args: argparse.Namespace) -> Any:
         session_ttl_s=60.0,
         fast_start=args.fast_start,
     )
-    return await StreamingEngine.start(config)
+    return await host(config, ServerSettings())
+
+
+async def run_phases(
+    args: argparse.Namespace, obs: Observed, probe: ServerProbe, hosted: Hosted, cfg: dict[str, Any]
+) -> dict[str, Any]:
+    """Quiet, attack, settle; then every client gone: what each side saw."""
+    client_cfg = {
+        "url": hosted.url,
+        "health_every_s": args.health_every_s,
+        "session_pause_s": args.session_pause_s,
+        "max_s": args.quiet_s + args.seconds + args.settle_s + 120,
+    }
+    good = await spawn("--client", client_cfg, stdin=True)
+    probe.client_pid = good.pid
+    line = await asyncio.wait_for(good.stdout.readline(), 180)
+    if line.strip() != b"ready":
+        raise RuntimeError(f"the well-behaved client did not start: {line!r}")
+    obs.mark("quiet")
+    await asyncio.sleep(args.quiet_s)
+    obs.mark("attack")
+    attacked = await last_json(await spawn("--attacker", cfg), args.seconds + 90)
+    obs.mark("settle")
+    await asyncio.sleep(args.settle_s)
+    obs.mark("end")
+    good.stdin.close()
+    measured = await last_json(good, 60)
+    await asyncio.sleep(1.0)  # the server closes the client's keep-alive connections
+    probe.client_pid = None
+    return {"measured": measured, "attacked": attacked, "after": await server_state(probe, hosted)}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from stream2llm.server.app import ServerSettings, create_app, start_site
-    from stream2llm.server.registry import SERVER
     from stream2llm.workloads.bench import machine
 
     t_start = time.time()
-    engine = await start_engine(args)
-    app = create_app(engine, ServerSettings())
-    server = app[SERVER]
-    runner, url = await start_site(app, "127.0.0.1", 0)
-    port = int(url.rsplit(":", 1)[1])
-    max_body = args.max_body or int(getattr(server.settings, "max_body_bytes", 4 * MIB))
-    cfg = {
-        "host": "127.0.0.1",
-        "port": port,
-        "seconds": args.seconds,
-        "model": server.model_name,
-        "slowloris": args.slowloris,
-        "trickle": args.trickle,
-        "stall": args.stall,
-        "stall_tokens": args.stall_tokens,
-        "appenders": args.appenders,
-        "max_appends": args.max_appends,
-        "max_body": max_body,
-    }
-    total_s = args.quiet_s + args.seconds + args.settle_s
-    client_cfg = {
-        "url": url,
-        "health_every_s": args.health_every_s,
-        "session_pause_s": args.session_pause_s,
-        "max_s": total_s + 120,
-    }
+    hosted = await start(args)
+    seen: dict[str, Any] = {"measured": {}, "attacked": {}, "after": {}}
     obs = Observed()
-    background = [
-        asyncio.ensure_future(ticker(obs)),
-        asyncio.ensure_future(sampler(obs, engine, server, port)),
-    ]
-    measured: dict[str, Any] = {}
-    after: dict[str, Any] = {}
-    attacked: dict[str, Any] = {}
     try:
-        good = await spawn("--client", client_cfg, stdin=True)
-        obs.client_pid = good.pid
-        line = await asyncio.wait_for(good.stdout.readline(), 180)
-        if line.strip() != b"ready":
-            raise RuntimeError(f"the well-behaved client did not start: {line!r}")
-        obs.mark("quiet")
-        await asyncio.sleep(args.quiet_s)
-        obs.mark("attack")
-        attacked = await last_json(await spawn("--attacker", cfg), args.seconds + 90)
-        obs.mark("settle")
-        await asyncio.sleep(args.settle_s)
-        obs.mark("end")
-        good.stdin.close()
-        measured = await last_json(good, 60)
-        await asyncio.sleep(1.0)  # the server closes the client's keep-alive connections
-        after = server_state(engine, server, port, None)
+        probe = hosted.probe(with_port=True)
+        cfg = attack_config(args, hosted, (await probe.health())["model"])
+        background = [
+            asyncio.ensure_future(ticker(obs)),
+            asyncio.ensure_future(sampler(obs, probe, hosted)),
+        ]
+        try:
+            seen = await run_phases(args, obs, probe, hosted, cfg)
+        finally:
+            await stop(background)
     finally:
-        for task in background:
-            task.cancel()
-        for outcome in await asyncio.gather(*background, return_exceptions=True):
-            if not isinstance(outcome, asyncio.CancelledError):
-                print(f"a background task failed: {outcome!r}", file=sys.stderr)
-        await runner.cleanup()
-        await engine.shutdown()
+        await hosted.close()
+    return {
+        "command": " ".join(sys.argv),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+        "wall_s": round(time.time() - t_start, 1),
+        "config": {**vars(args), "attackers": cfg},
+        **outcome(obs, seen),
+    }
+
+
+async def stop(background: list[asyncio.Future]) -> None:
+    for task in background:
+        task.cancel()
+    for outcome in await asyncio.gather(*background, return_exceptions=True):
+        if not isinstance(outcome, asyncio.CancelledError):
+            print(f"a background task failed: {outcome!r}", file=sys.stderr)
+
+
+def outcome(obs: Observed, seen: dict[str, Any]) -> dict[str, Any]:
+    """Per phase what both sides saw, the attackers' reports, and the checks."""
+    measured = seen["measured"]
     phases = {name: phase_report(obs, measured, name) for name in PHASES}
     attack = phases["attack"]
     checks = {
@@ -640,14 +285,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for c in checks.values():
         c["ok"] = c["value"] < c["limit"]
     return {
-        "command": " ".join(sys.argv),
-        "machine": machine(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
-        "wall_s": round(time.time() - t_start, 1),
-        "config": {**vars(args), "attackers": cfg},
         "phases": phases,
-        "after_client_left": after,
-        "attackers": attacked,
+        "after_client_left": seen["after"],
+        "attackers": seen["attacked"],
         "client_error": measured.get("error"),
         "checks": checks,
         "samples": obs.samples,

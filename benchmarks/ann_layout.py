@@ -93,20 +93,25 @@ async def run(args: argparse.Namespace) -> dict:
         "layouts": {},
     }  # fmt: skip
     for name, data in per_layout.items():
-        lost, per_query = data["invalidated"], data["per_query"]
-        result["layouts"][name] = {
-            "invalidated_tokens_total": sum(lost),
-            "invalidated_per_update_mean": statistics.mean(lost),
-            "invalidated_per_changed_update_mean": sum(lost) / max(updates_changed, 1),
-            "invalidated_per_query_mean": statistics.mean(per_query),
-            "invalidated_per_query_p50": pct(per_query, 50),
-            "invalidated_per_query_p95": pct(per_query, 95),
-            "invalidated_fraction_of_final_prompt": sum(per_query) / sum(final_tokens),
-            "kept_documents_per_update_mean": statistics.mean(data["doc_lcp"]),
-        }
+        result["layouts"][name] = _layout_summary(data, updates_changed, final_tokens)
     score, stable = (result["layouts"][n]["invalidated_tokens_total"] for n in ("score", "stable"))
     result["stable_vs_score_invalidated_ratio"] = stable / score if score else None
     return result
+
+
+def _layout_summary(data: dict, updates_changed: int, final_tokens: list[int]) -> dict:
+    """One layout's invalidated tokens per update and per query, and the documents it kept."""
+    lost, per_query = data["invalidated"], data["per_query"]
+    return {
+        "invalidated_tokens_total": sum(lost),
+        "invalidated_per_update_mean": statistics.mean(lost),
+        "invalidated_per_changed_update_mean": sum(lost) / max(updates_changed, 1),
+        "invalidated_per_query_mean": statistics.mean(per_query),
+        "invalidated_per_query_p50": pct(per_query, 50),
+        "invalidated_per_query_p95": pct(per_query, 95),
+        "invalidated_fraction_of_final_prompt": sum(per_query) / sum(final_tokens),
+        "kept_documents_per_update_mean": statistics.mean(data["doc_lcp"]),
+    }
 
 
 def _stable(rankings: list[list[str]]) -> list[list[str]]:

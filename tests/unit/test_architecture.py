@@ -290,3 +290,60 @@ def test_the_engine_core_process_loads_only_core_modules_of_ours():
     )
     outside = [m for m in report["ours"] if m.startswith(FRONT_END_LAYERS)]
     assert outside == [] and "stream2llm.core.scheduler" in report["ours"]
+
+
+# -- (e) benchmarks: the same sizes, and the server only through its public API or HTTP ---------------------
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _benchmark_cases() -> list:
+    paths = sorted(BENCHMARKS.rglob("*.py"))
+    return [pytest.param(path, id=str(path.relative_to(BENCHMARKS))) for path in paths]
+
+
+def _public_names(package_init: Path) -> set[str]:
+    """A package's ``__all__``, read from its ``__init__.py``."""
+    for node in ast.parse(package_init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def server_internals_imported(path: Path, public: set[str]) -> list[str]:
+    """What ``path`` imports of ``stream2llm.server`` beyond its public API (``__all__``): any of
+    its submodules, or a name the package does not export."""
+    server = "stream2llm.server"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith(server + ".")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith(server + "."):
+                found.append(node.module)
+            elif node.module == server:
+                found += [f"{server}.{a.name}" for a in node.names if a.name not in public]
+    return found
+
+
+@pytest.mark.parametrize("path", _benchmark_cases())
+def test_benchmark_module_and_function_sizes(path):
+    assert oversized(path) == []
+
+
+@pytest.mark.parametrize("path", _benchmark_cases())
+def test_benchmarks_use_no_server_internals(path):
+    assert server_internals_imported(path, _public_names(PACKAGE / "server" / "__init__.py")) == []
+
+
+def test_server_internals_check_sees_them(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "from stream2llm.server import create_app, SessionRegistry\n"
+        "def f():\n    from stream2llm.server.registry import SERVER\n    import stream2llm.server.app\n"
+        "from stream2llm import server\nfrom .clients import host\n"
+    )
+    assert server_internals_imported(script, {"create_app"}) == [
+        "stream2llm.server.SessionRegistry",
+        "stream2llm.server.registry",
+        "stream2llm.server.app",
+    ]
