@@ -39,9 +39,11 @@ def demo(
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Answer real questions with streamed retrieval (a crawl of the local pygame docs, progressive
-    ANN search over Wikipedia), showing context arriving and tokens streaming, and compare TTFT with
-    sending the same context after retrieval (non-streaming) on the same engine."""
+    """Answer real questions with streamed retrieval, showing context arriving and tokens streaming.
+
+    A crawl of the local pygame docs and a progressive ANN search over Wikipedia find the context.
+
+    TTFT is compared with sending the same context after retrieval (non-streaming) on the same engine."""
     from stream2llm.cli.demo import run_demo
 
     quiet_engine_logs()
@@ -211,6 +213,7 @@ def run(
     debug: DebugOpt = False,
 ):
     """Answer one question: print context events as the retrievers find them, then the answer.
+
     Exits 1 (after the answer and --json) when a retriever failed."""
     from stream2llm.cli.show import retrieval_failure, run_question
 
