@@ -19,8 +19,9 @@ def index_build(
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Embed the Wikipedia lead extracts (all-MiniLM-L6-v2, CPU) and save a FAISS index (where
-    `run`, `capture` and `demo` look for it: `--index-docs N` uses the N-article one)."""
+    """Embed the Wikipedia lead extracts (all-MiniLM-L6-v2, CPU) and save a FAISS index.
+
+    It is saved where `run`, `capture` and `demo` look for it; `--index-docs N` uses the N-article one."""
     from stream2llm.pipelines.sources import SourceOptions, index_name
     from stream2llm.retrievers import ann_index
 

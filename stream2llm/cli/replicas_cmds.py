@@ -14,7 +14,8 @@ def serve_replicas(
     replicas: int, routing: str, host: str, port: int, token: str | None, debug: bool, **instance: object
 ) -> None:
     """Run N instances behind vllm-router until a signal (status 0 on SIGTERM, as ``serve``)."""
-    from stream2llm.deploy.replicas import ReplicaPlan, run_replicas, serve_args
+    from stream2llm.deploy.instance_flags import instance_flags
+    from stream2llm.deploy.replicas import ReplicaPlan, run_replicas
 
     if token:
         fail(
@@ -24,7 +25,7 @@ def serve_replicas(
             ),
             debug,
         )
-    plan = ReplicaPlan(replicas, host, port, routing, serve_args(**instance))
+    plan = ReplicaPlan(replicas, host, port, routing, instance_flags(instance))
 
     def ready(url: str, instances: list) -> None:
         for child in instances:

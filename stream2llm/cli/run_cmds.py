@@ -39,9 +39,11 @@ def demo(
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Answer real questions with streamed retrieval (a crawl of the local pygame docs, progressive
-    ANN search over Wikipedia), showing context arriving and tokens streaming, and compare TTFT with
-    sending the same context after retrieval (non-streaming) on the same engine."""
+    """Answer real questions with streamed retrieval, showing context arriving and tokens streaming.
+
+    A crawl of the local pygame docs and a progressive ANN search over Wikipedia find the context.
+
+    TTFT is compared with sending the same context after retrieval (non-streaming) on the same engine."""
     from stream2llm.cli.demo import run_demo
 
     quiet_engine_logs()
@@ -118,14 +120,16 @@ def serve(
             max_num_seqs=max_num_seqs,
         )  # fmt: skip
     _serve_one(
-        model, host, port, token, max_sessions, kv_cache_gb, max_model_len, policy, dtype, debug,
-        kv_connector if disaggregate else None, engine_sizes=(max_batched_tokens, max_num_seqs),
-        allow_insecure_bind=allow_insecure_bind, allowed_origins=tuple(allowed_origin or ()),
-        allowed_hosts=tuple(allowed_host or ()),
+        model=model, host=host, port=port, token=token, max_sessions=max_sessions, kv_cache_gb=kv_cache_gb,
+        max_model_len=max_model_len, policy=policy, dtype=dtype, debug=debug,
+        kv_connector=kv_connector if disaggregate else None, max_batched_tokens=max_batched_tokens,
+        max_num_seqs=max_num_seqs, allow_insecure_bind=allow_insecure_bind,
+        allowed_origins=tuple(allowed_origin or ()), allowed_hosts=tuple(allowed_host or ()),
     )  # fmt: skip
 
 
 def _serve_one(
+    *,
     model: str,
     host: str,
     port: int,
@@ -136,11 +140,15 @@ def _serve_one(
     policy: str,
     dtype: str,
     debug: bool,
-    disaggregate: str | None,
-    engine_sizes: tuple[int, int] = (2048, 64),
-    **guards: Any,
+    kv_connector: str | None,
+    max_batched_tokens: int = 2048,
+    max_num_seqs: int = 64,
+    allow_insecure_bind: bool = False,
+    allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
-    """One engine serving HTTP in this process until a signal (SIGTERM: status 0) or its death."""
+    """One engine serving HTTP in this process until a signal (SIGTERM: status 0) or its death;
+    with a ``kv_connector`` (``--disaggregate``) it prefills and a vLLM decode instance answers."""
     from stream2llm.engine.engine import EngineConfig
     from stream2llm.server.app import ServerSettings
     from stream2llm.server.app import serve as run_server
@@ -152,15 +160,17 @@ def _serve_one(
         max_model_len=max_model_len,
         max_sessions=max(max_sessions, 1),
         dtype=dtype,
-        max_num_batched_tokens=engine_sizes[0],
-        max_num_seqs=engine_sizes[1],
+        max_num_batched_tokens=max_batched_tokens,
+        max_num_seqs=max_num_seqs,
     )
     settings = ServerSettings(
         host=host,
         port=port,
         token=token,
         max_sessions=max_sessions,
-        **guards,
+        allow_insecure_bind=allow_insecure_bind,
+        allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
     )
 
     def ready(url: str) -> None:
@@ -171,7 +181,7 @@ def _serve_one(
 
     try:
         console.print(f"starting the engine ({model}) ...")
-        run_async(_disaggregated(config, serving, disaggregate) if disaggregate else serving(config))
+        run_async(_disaggregated(config, serving, kv_connector) if kv_connector else serving(config))
     except Stopped as stop:
         if stop.signal != signal.SIGTERM:
             fail(stop, debug)
@@ -203,6 +213,7 @@ def run(
     debug: DebugOpt = False,
 ):
     """Answer one question: print context events as the retrievers find them, then the answer.
+
     Exits 1 (after the answer and --json) when a retriever failed."""
     from stream2llm.cli.show import retrieval_failure, run_question
 

@@ -132,8 +132,9 @@ def simulate(
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
-    """Discrete-event model of the engine with the same policies, in seconds instead of hours;
-    beside the published results where they exist (H200 profile, crawler or anns)."""
+    """Discrete-event model of the engine with the same policies, in seconds instead of hours.
+
+    Shows its results beside the published ones where they exist (H200 profile, crawler or anns)."""
     from stream2llm.cli.simulate_runner import simulate_command
 
     try:

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from stream2llm.core.kv_store import DEFAULT_ROOT
+from stream2llm.deploy.instance_flags import instance_flags
 from stream2llm.deploy.replicas import Child, cpus_for, free_ports, spawn, stop_all, wait_healthy
 from stream2llm.engine.config import EngineConfig
 
@@ -60,19 +61,7 @@ def decode_argv(config: EngineConfig, model: Any, port: int, transfer: dict[str,
     argv += ["--kv-transfer-config", json.dumps(transfer)]
     if config.block_size is not None:
         argv += ["--block-size", str(config.block_size)]
-    return argv + _flags(model.engine_overrides)
-
-
-def _flags(overrides: dict[str, Any]) -> list[str]:
-    """Engine overrides a model needs (e.g. Gemma's hybrid-KV switch) as vLLM CLI flags."""
-    out: list[str] = []
-    for name, value in overrides.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is not False:
-            out += [flag, str(value)]
-    return out
+    return argv + list(instance_flags(model.engine_overrides))  # what the model needs (Gemma: full KV)
 
 
 def new_store(root: str | None = None) -> str:

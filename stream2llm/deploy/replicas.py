@@ -37,7 +37,7 @@ class ReplicaPlan:
     host: str = "127.0.0.1"  # where the router listens
     port: int = 8000  # the router's port (0: any free port)
     routing: str = "consistent_hash"
-    serve_args: tuple[str, ...] = ()  # passed to every ``stream2llm serve`` instance
+    serve_args: tuple[str, ...] = ()  # passed to every ``stream2llm serve`` (deploy.instance_flags)
     startup_timeout_s: float = 900.0
 
 
@@ -50,17 +50,6 @@ class Child:
 
     def __post_init__(self) -> None:
         self.waiter = asyncio.ensure_future(self.process.wait())
-
-
-def serve_args(**options: object) -> tuple[str, ...]:
-    """``--name value`` for each option that is set (underscores become dashes)."""
-    out: list[str] = []
-    for name, value in options.items():
-        if value is True:
-            out.append(f"--{name.replace('_', '-')}")
-        elif value is not None:
-            out += [f"--{name.replace('_', '-')}", str(value)]
-    return tuple(out)
 
 
 def free_ports(n: int) -> list[int]:
@@ -149,6 +138,12 @@ async def watch(instances: list[Child], router: Child, notify: Notify) -> None:
             raise RuntimeError("every instance exited")
 
 
+def instance_argv(plan: ReplicaPlan, port: int) -> list[str]:
+    """One instance's command line: ``stream2llm serve`` with the plan's flags, on a loopback port."""
+    argv = [sys.executable, "-m", "stream2llm", "serve", *plan.serve_args]
+    return argv + ["--host", "127.0.0.1", "--port", str(port)]
+
+
 async def run_replicas(
     plan: ReplicaPlan, on_ready: Callable[[str, list[Child]], None], notify: Notify
 ) -> None:
@@ -162,8 +157,7 @@ async def run_replicas(
     children: list[Child] = []
     try:
         for i, port in enumerate(ports):
-            argv = [sys.executable, "-m", "stream2llm", "serve", *plan.serve_args]
-            argv += ["--host", "127.0.0.1", "--port", str(port)]
+            argv = instance_argv(plan, port)
             cpus = cpus_for("STREAM2LLM_REPLICA_CPUS", i)
             children.append(await spawn(f"instance {i}", f"http://127.0.0.1:{port}", argv, cpus))
         instances = list(children)

@@ -26,7 +26,7 @@ from stream2llm.errors import StreamError
 from stream2llm.server import openai_api, sessions_api
 from stream2llm.server.errors import ApiError, api_error, too_large
 from stream2llm.server.guards import Guard, InsecureBind, check_bind
-from stream2llm.server.registry import SERVER, SessionRegistry
+from stream2llm.server.registry import SESSIONS, SessionRegistry
 from stream2llm.server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ DEATH_503_S = 2.0  # how long a server whose engine died answers 503 before it e
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Admission (connections, Host, Origin), auth, body size, error rendering and request counting
     for every route."""
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     try:
         response = await _checked(request, handler, server)
     except ApiError as exc:
@@ -106,7 +106,7 @@ async def _tag(request: web.Request, response: web.StreamResponse) -> None:
 
 async def health(request: web.Request) -> web.Response:
     """200 while the engine lives; 503 at once when its engine core died (a supervisor restarts)."""
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     if (died := server.engine.died) is not None:
         return web.json_response(
             {"status": "engine_dead", "model": server.model_name, "error": str(died)}, status=503
@@ -115,7 +115,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVER].metrics.registry
+    registry = request.app[SESSIONS].metrics.registry
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -125,7 +125,7 @@ def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) 
     settings = replace(settings, max_body_bytes=settings.body_limit(engine.config.max_model_len))
     app = web.Application(middlewares=[_guard], client_max_size=settings.max_body_bytes)
     server = SessionRegistry(engine, settings)
-    app[SERVER] = server
+    app[SESSIONS] = server
     app[GUARD] = guard = Guard(settings)
     app.on_response_prepare.append(guard.add_cors_headers)  # streamed answers too
     app.on_response_prepare.append(_tag)
@@ -144,7 +144,7 @@ def create_app(engine: StreamingEngine, settings: ServerSettings | None = None) 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Run the app on host:port (0: any free port) in this event loop; returns the runner and URL.
     Raises InsecureBind for a non-loopback host without a token (unless allowed)."""
-    settings = app[SERVER].settings
+    settings = app[SESSIONS].settings
     check_bind(settings, host)
     runner = web.AppRunner(
         app,

@@ -20,7 +20,7 @@ from stream2llm.server.errors import (
     unsupported_media_type,
     validation_error,
 )
-from stream2llm.server.registry import SERVER
+from stream2llm.server.registry import SESSIONS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -166,14 +166,14 @@ async def read_json(request: web.Request, model: type[M], *, allow_empty: bool =
     """Parse and validate a JSON body; every failure is a 4xx that names what was wrong: 415 without
     ``Content-Type: application/json`` (a browser page can send any other type cross-origin without a
     preflight), 408 past the body deadline, 413 past the size limit, 400 for the rest."""
-    settings = request.app[SERVER].settings
+    settings = request.app[SESSIONS].settings
     if request.body_exists and request.content_type != "application/json":
         raise unsupported_media_type(request.headers.get(hdrs.CONTENT_TYPE))
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise too_large(request.app[SERVER].settings.max_body_bytes) from exc
+        raise too_large(request.app[SESSIONS].settings.max_body_bytes) from exc
     except TimeoutError:
         raise body_timeout(settings.body_timeout_s) from None
     if not raw.strip():

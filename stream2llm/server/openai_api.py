@@ -21,7 +21,7 @@ from stream2llm.context.chat import StopScanner, render_chat
 from stream2llm.context.prompt import DOC_SEPARATOR, PromptTemplate
 from stream2llm.server.bodies import ChatBody, ChatMessage, CompletionBody, OpenAIBody, read_json, sampling
 from stream2llm.server.errors import ApiError
-from stream2llm.server.registry import SERVER, Entry, SessionRegistry
+from stream2llm.server.registry import SESSIONS, Entry, SessionRegistry
 from stream2llm.server.sse import abort_if_dropped, deltas, sse, start_sse
 
 # A raw completion: the prompt is the whole text, nothing is added around it.
@@ -132,7 +132,7 @@ async def generate(
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     body = await read_json(request, CompletionBody)
     prompt = body.prompt
     if isinstance(prompt, list):
@@ -152,7 +152,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     body = await read_json(request, ChatBody)
     question, history = render_messages(body.messages)
     text = DOC_SEPARATOR.join([*(body.context or []), *([history] if history else [])])
@@ -227,7 +227,7 @@ async def stream_openai(
 
 
 async def list_models(request: web.Request) -> web.Response:
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     model = {
         "id": server.model_name,
         "object": "model",

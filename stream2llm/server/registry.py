@@ -124,4 +124,4 @@ class SessionRegistry:
         await asyncio.gather(*watchers, return_exceptions=True)
 
 
-SERVER = web.AppKey("stream2llm_server", SessionRegistry)
+SESSIONS = web.AppKey("stream2llm_sessions", SessionRegistry)  # the sessions this server owns

@@ -27,7 +27,7 @@ from aiohttp import web
 from stream2llm.errors import UnknownSession
 from stream2llm.server.bodies import AppendBody, FinishBody, OpenSessionBody, UpdateBody, read_json, sampling
 from stream2llm.server.errors import ApiError
-from stream2llm.server.registry import SERVER, Entry
+from stream2llm.server.registry import SESSIONS, Entry
 from stream2llm.server.sse import abort_if_dropped, deltas, sse, start_sse
 
 SESSION_ID_HEADER = "X-Session-ID"
@@ -74,14 +74,14 @@ def session_entry(request: web.Request) -> Entry:
     """The session named in the path; one opened by the OpenAI endpoints is not this API's (404
     as if unknown: its answer is read only by the request that asked for it)."""
     session_id = request.match_info["id"]
-    entry = request.app[SERVER].entry(session_id)
+    entry = request.app[SESSIONS].entry(session_id)
     if entry.api != "sessions":
         raise UnknownSession(f"no session with id {session_id!r}")
     return entry
 
 
 async def open_session(request: web.Request) -> web.Response:
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     body = await read_json(request, OpenSessionBody)
     params = sampling(
         temperature=body.temperature,
@@ -119,7 +119,7 @@ def chosen_id(request: web.Request, in_body: str | None) -> str:
             code="invalid_value",
             param="session_id",
         )
-    if chosen in request.app[SERVER].entries:
+    if chosen in request.app[SESSIONS].entries:
         raise ApiError(409, f"session {chosen!r} already exists", code="conflict", param="session_id")
     return chosen
 
@@ -166,7 +166,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def stream_session(request: web.Request) -> web.StreamResponse:
     """SSE of the generated text; the client leaving aborts the session."""
-    server = request.app[SERVER]
+    server = request.app[SESSIONS]
     entry = session_entry(request)
     if entry.streaming:
         raise ApiError(

@@ -17,7 +17,7 @@ from vllm import SamplingParams
 
 from stream2llm.errors import StreamError
 from stream2llm.server.app import ServerSettings, create_app, start_site
-from stream2llm.server.registry import SERVER
+from stream2llm.server.registry import SESSIONS
 from tests.conftest import corpus_text
 
 QUESTION = "What does the documentation say about this?"
@@ -31,7 +31,7 @@ async def server(engine):
     app = create_app(engine, ServerSettings(max_sessions=64))
     runner, url = await start_site(app, "127.0.0.1", 0)
     async with aiohttp.ClientSession(url) as http:
-        yield app[SERVER], http
+        yield app[SESSIONS], http
     await runner.cleanup()
 
 

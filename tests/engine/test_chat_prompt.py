@@ -10,7 +10,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from stream2llm.context.chat import Turn, render_chat
 from stream2llm.integrations.langchain import ChatStream2LLM
 from stream2llm.server.app import ServerSettings, create_app, start_site
-from stream2llm.server.registry import SERVER
+from stream2llm.server.registry import SESSIONS
 from tests.engine.test_server import wait_until
 
 CONVERSATION = [
@@ -34,7 +34,7 @@ async def server_answer(engine) -> tuple[dict, list[int]]:
         async with aiohttp.ClientSession(url) as http, http.post("/v1/chat/completions", json=body) as r:
             answer = await r.json()
             assert r.status == 200, answer
-        result = app[SERVER].entries[answer["id"]].result
+        result = app[SESSIONS].entries[answer["id"]].result
         assert result is not None
         return answer, result.prompt_token_ids
     finally:

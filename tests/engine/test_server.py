@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm import SamplingParams
 
 from stream2llm.server.app import ServerSettings, create_app, start_site
-from stream2llm.server.registry import SERVER
+from stream2llm.server.registry import SESSIONS
 from tests.conftest import corpus_text
 from tests.engine.helpers import GREEDY, oneshot, split_at_random
 
@@ -177,7 +177,7 @@ async def test_stop_strings_cut_completions_and_chat_and_end_the_session(server,
         ]
         assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
         for sid in (stopped.id, chunks[0].id):
-            entry = app[SERVER].entries[sid]  # OpenAI sessions are not the session API's
+            entry = app[SESSIONS].entries[sid]  # OpenAI sessions are not the session API's
             assert entry.current_state() == "stopped" and entry.error is None, entry
 
 
@@ -413,7 +413,7 @@ async def test_client_leaving_an_openai_stream_aborts_it_and_frees_kv(server, op
     await stream.close()
 
     assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
-    entry = app[SERVER].entries[sid]
+    entry = app[SESSIONS].entries[sid]
     assert entry.current_state() == "aborted"
     assert entry.result is None
 
@@ -430,7 +430,7 @@ async def test_client_leaving_a_non_streamed_completion_aborts_it(server, engine
         await request
 
     assert await wait_until(lambda: _idle(engine)), (engine.stats(), engine.open_sessions())
-    assert app[SERVER].entries[sid].current_state() == "aborted"
+    assert app[SESSIONS].entries[sid].current_state() == "aborted"
 
 
 # -- operations -----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from stream2llm.server.app import InsecureBind, ServerSettings, create_app, start_site
-from stream2llm.server.registry import SERVER
+from stream2llm.server.registry import SESSIONS
 
 pytestmark = pytest.mark.engine
 
@@ -77,12 +77,12 @@ async def test_json_bodies_need_the_json_content_type(engine):
                 )
         async with http.post("/v1/sessions", data=body, skip_auto_headers=["Content-Type"]) as r:
             await error_of(r, 415)
-        chat = {"model": app[SERVER].model_name, "messages": [{"role": "user", "content": "hi"}]}
+        chat = {"model": app[SESSIONS].model_name, "messages": [{"role": "user", "content": "hi"}]}
         async with http.post(
             "/v1/chat/completions", data=json.dumps(chat), headers={"Content-Type": "text/plain"}
         ) as r:
             await error_of(r, 415)
-        assert open_count(engine) == before and not app[SERVER].entries
+        assert open_count(engine) == before and not app[SESSIONS].entries
 
         typed = {"Content-Type": "application/json; charset=utf-8"}
         async with http.post("/v1/sessions", data=body, headers=typed) as r:
@@ -102,7 +102,7 @@ async def test_a_foreign_origin_is_refused_and_an_allowed_one_may_read(engine):
             assert error["code"] == "origin_not_allowed" and "evil.example" in error["message"]
         async with http.get("/v1/models", headers={"Origin": "null"}) as r:  # sandboxed page, file://
             await error_of(r, 403)
-        assert not app[SERVER].entries
+        assert not app[SESSIONS].entries
         async with http.get("/v1/models") as r:  # no Origin: not a browser page
             assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
 
@@ -119,7 +119,7 @@ async def test_a_foreign_origin_is_refused_and_an_allowed_one_may_read(engine):
             assert "Content-Type" in r.headers["Access-Control-Allow-Headers"]
         async with http.options("/v1/chat/completions", headers={**preflight, **evil}) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
-        body = {"model": app[SERVER].model_name, "prompt": "Hello", "max_tokens": 2, "stream": True}
+        body = {"model": app[SESSIONS].model_name, "prompt": "Hello", "max_tokens": 2, "stream": True}
         async with http.post("/v1/completions", json=body, headers={"Origin": site}) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == site  # a stream too
             assert (await r.text()).rstrip().endswith("data: [DONE]")
@@ -134,7 +134,7 @@ async def test_dns_rebinding_host_is_misdirected_on_a_loopback_bind(engine):
                 assert error["code"] == "misdirected_request" and host in error["message"]
             async with http.post("/v1/sessions", json={"question": "q"}, headers={"Host": host}) as r:
                 await error_of(r, 421)
-        assert not app[SERVER].entries
+        assert not app[SESSIONS].entries
         for host in (
             f"localhost:{port}",
             f"127.0.0.1:{port}",
@@ -252,14 +252,14 @@ async def test_a_body_must_arrive_within_the_body_deadline(engine):
         await asyncio.wait_for(reader.read(), 3)  # then the connection closes (after the linger)
         assert time.monotonic() - start < 3.5
         writer.close()
-        assert not app[SERVER].entries
+        assert not app[SESSIONS].entries
 
 
 async def test_connections_beyond_the_cap_get_503_and_health_still_answers(engine):
     async with running(engine, max_connections=3) as (url, app):
         port = port_of(url)
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        server = app[SERVER]
+        server = app[SESSIONS]
         async with aiohttp.ClientSession(url) as http:
             async with http.get("/v1/models") as r:
                 error = await error_of(r, 503)
@@ -291,7 +291,7 @@ async def test_oversized_headers_are_refused(engine):
 async def test_the_body_limit_follows_the_context_window(engine):
     window = engine.config.max_model_len
     async with running(engine) as (url, app), aiohttp.ClientSession(url) as http:
-        limit = app[SERVER].settings.max_body_bytes
+        limit = app[SESSIONS].settings.max_body_bytes
         assert limit == window * 16 + (64 << 10)  # not a fixed 4 MiB
         async with http.post(
             "/v1/sessions", data=b" " * (limit + 1), headers={"Content-Type": "application/json"}
@@ -303,7 +303,7 @@ async def test_the_body_limit_follows_the_context_window(engine):
         async with http.delete(f"/v1/sessions/{sid}") as r:
             assert r.status == 200
     async with running(engine, max_body_bytes=1000) as (url, app):
-        assert app[SERVER].settings.max_body_bytes == 1000  # an explicit limit wins
+        assert app[SESSIONS].settings.max_body_bytes == 1000  # an explicit limit wins
 
 
 # -- bad input ------------------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ async def test_the_body_limit_follows_the_context_window(engine):
 
 async def test_deep_nesting_and_out_of_range_seeds_are_400(engine):
     async with running(engine) as (url, app), aiohttp.ClientSession(url) as http:
-        model = app[SERVER].model_name
+        model = app[SESSIONS].model_name
         deep = "[" * 50000 + "]" * 50000
         for path, head in [
             ("/v1/sessions", '{"question": '),
@@ -327,7 +327,7 @@ async def test_deep_nesting_and_out_of_range_seeds_are_400(engine):
             body = {"model": model, "prompt": "Hello", "max_tokens": 2, "seed": seed}
             async with http.post("/v1/completions", json=body) as r:
                 assert (await error_of(r, 400))["param"] == "seed"
-        assert not app[SERVER].entries
+        assert not app[SESSIONS].entries
         body = {"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 1.0, "seed": 2**63 - 1}
         async with http.post("/v1/completions", json=body) as r:
             answer = await r.json()
@@ -336,7 +336,7 @@ async def test_deep_nesting_and_out_of_range_seeds_are_400(engine):
 
 async def test_openai_sessions_are_invisible_to_the_session_api(engine):
     async with running(engine) as (url, app), aiohttp.ClientSession(url) as http:
-        model = app[SERVER].model_name
+        model = app[SESSIONS].model_name
         async with http.post(
             "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2}
         ) as r:
@@ -345,7 +345,7 @@ async def test_openai_sessions_are_invisible_to_the_session_api(engine):
         async with http.post("/v1/completions", json=body) as stream:
             first = json.loads((await stream.content.readline()).decode().removeprefix("data: "))
             live = first["id"]
-            assert app[SERVER].entries[live].state == "open"  # still generating
+            assert app[SESSIONS].entries[live].state == "open"  # still generating
             for sid in (done, live):
                 for method, path, payload in [
                     ("GET", f"/v1/sessions/{sid}", None),
@@ -357,9 +357,9 @@ async def test_openai_sessions_are_invisible_to_the_session_api(engine):
                     async with http.request(method, path, json=payload) as r:
                         error = await error_of(r, 404)
                         assert error["code"] == "session_not_found", (method, path)
-            assert app[SERVER].entries[live].state == "open"  # untouched by all of that
+            assert app[SESSIONS].entries[live].state == "open"  # untouched by all of that
         for _ in range(100):  # the client left the stream: aborted
-            if app[SERVER].entries[live].state != "open":
+            if app[SESSIONS].entries[live].state != "open":
                 break
             await asyncio.sleep(0.05)
-        assert app[SERVER].entries[live].state == "aborted"
+        assert app[SESSIONS].entries[live].state == "aborted"
