@@ -89,6 +89,7 @@ def bench(
     debug: DebugOpt = False,
 ):
     """Replay traces against one engine for every policy and rate; results JSON, table and plots.
+
     With ``--endpoint``: the same replay over HTTP, the engine options being the deployment's."""
     from stream2llm.cli.bench_runner import BenchArgs, EngineArgs, run_bench_command, run_http_bench_command
     from stream2llm.workloads.replay import ReplayOptions
