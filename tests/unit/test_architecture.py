@@ -347,3 +347,58 @@ def test_server_internals_check_sees_them(tmp_path):
         "stream2llm.server.registry",
         "stream2llm.server.app",
     ]
+
+
+# -- (f) ARCHITECTURE.md's arrows are the code's ------------------------------------------------------------
+ARROWS_HEADING = "## Import arrows"
+
+
+def layer_of(module: str, importer: str | None = None) -> str:
+    """The node an import arrow names: a top-level module or package of stream2llm, and for an
+    import into core/ from outside it, the core module itself (which of them the front end may
+    touch is the point of the map)."""
+    parts = module.split(".")[1:] or ["stream2llm"]
+    if parts[0] == "core" and len(parts) > 1 and importer is not None and layer_of(importer) != "core":
+        return f"core.{parts[1]}"
+    return parts[0]
+
+
+def code_arrows() -> dict[str, set[str]]:
+    files = module_files(PACKAGE)
+    known = set(files)
+    arrows: dict[str, set[str]] = {}
+    for name, path in files.items():
+        for imported in imports_of(path, known, type_checking=True):
+            if imported in known and (target := layer_of(imported, name)) != layer_of(name):
+                arrows.setdefault(layer_of(name), set()).add(target)
+    return arrows
+
+
+def documented_arrows(text: str) -> dict[str, set[str]]:
+    """The ``a -> b, c`` lines of the first code block under ARCHITECTURE.md's arrows heading."""
+    section = text.split(ARROWS_HEADING, 1)[1]
+    block = section.split("```", 2)[1]
+    arrows = {}
+    for line in block.splitlines():
+        if "->" in line:
+            source, targets = (part.strip() for part in line.split("->", 1))
+            arrows[source] = {t.strip() for t in targets.split("#")[0].split(",") if t.strip()}
+    return arrows
+
+
+def test_architecture_md_names_every_import_arrow_and_no_other():
+    documented = documented_arrows((ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8"))
+    actual = code_arrows()
+    missing = {
+        a: sorted(b - documented.get(a, set())) for a, b in actual.items() if b - documented.get(a, set())
+    }
+    stale = {a: sorted(b - actual.get(a, set())) for a, b in documented.items() if b - actual.get(a, set())}
+    assert missing == {}, "imports ARCHITECTURE.md does not draw"
+    assert stale == {}, "arrows ARCHITECTURE.md draws that no import makes"
+
+
+def test_the_arrow_reader_reads_a_block():
+    text = "# x\n## Import arrows\n\n```text\ncli -> engine, workloads  # why\nengine -> core.protocol\n```\n"
+    assert documented_arrows(text) == {"cli": {"engine", "workloads"}, "engine": {"core.protocol"}}
+    assert layer_of("stream2llm.core.protocol", "stream2llm.engine.session") == "core.protocol"
+    assert layer_of("stream2llm.core.protocol", "stream2llm.core.broker") == "core"
