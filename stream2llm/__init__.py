@@ -1,6 +1,6 @@
 """stream2llm: streaming-aware RAG serving on vLLM.
 
-The public names are imported lazily: ``import vllm`` takes seconds, and the CLI, the connectors
+The public names are imported lazily: ``import vllm`` takes seconds, and the CLI, the context code
 and the workload tools often need none of it.
 """
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
+from stream2llm.context.assembler import score_order
 from stream2llm.context.prompt import common_prefix_len
-from stream2llm.context.stream import score_order
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
