@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from stream2llm.errors import (
     AdmissionRejected,
     ContextTooLong,
+    EngineDied,
     InvalidEvent,
     SequenceError,
     SessionClosed,
@@ -25,6 +26,7 @@ __all__ = [
     "ContextEvent",
     "ContextTooLong",
     "EngineConfig",
+    "EngineDied",
     "InvalidEvent",
     "Op",
     "SamplingParams",
