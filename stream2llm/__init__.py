@@ -1,6 +1,6 @@
 """stream2llm: streaming-aware RAG serving on vLLM.
 
-The public names are imported lazily: ``import vllm`` takes seconds, and the CLI, the connectors
+The public names are imported lazily: ``import vllm`` takes seconds, and the CLI, the context code
 and the workload tools often need none of it.
 """
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from stream2llm.errors import (
     AdmissionRejected,
     ContextTooLong,
+    EngineDied,
     InvalidEvent,
     SequenceError,
     SessionClosed,
@@ -25,6 +26,7 @@ __all__ = [
     "ContextEvent",
     "ContextTooLong",
     "EngineConfig",
+    "EngineDied",
     "InvalidEvent",
     "Op",
     "SamplingParams",

@@ -80,7 +80,7 @@ def bench(
     ] = None,
     layout: Annotated[
         str,
-        typer.Option(help="Update documents: the trace's score order, or the connector's layout (stable)."),
+        typer.Option(help="Update documents: the trace's score order, or the assembler's stable layout."),
     ] = "score",
     step_log: Annotated[bool, typer.Option(help="Log each engine step to OUT/steps.jsonl.")] = False,
     model: ModelOpt = "tiny",

@@ -1,4 +1,4 @@
-"""Context events: what a retriever emits and the connector turns into engine input."""
+"""Context events: what a retriever emits and the context assembler turns into engine input."""
 
 from __future__ import annotations
 

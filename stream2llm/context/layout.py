@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
-from stream2llm.context.stream import score_order
+from stream2llm.context.assembler import score_order
 from stream2llm.tokens import common_prefix_len
 
 K = TypeVar("K", bound=Hashable)

@@ -25,7 +25,7 @@ from stream2llm.engine import models
 from stream2llm.engine.config import MODES, EngineConfig, Mode, engine_args
 from stream2llm.engine.decode import DecodeBackend, LocalDecode
 from stream2llm.engine.handover import tokens_prompt
-from stream2llm.engine.health import Watchdog, start_off_loop
+from stream2llm.engine.health import Watchdog, explain_unguarded_main, refuse_unguarded_start, start_off_loop
 from stream2llm.engine.host import SessionHost
 from stream2llm.engine.outputs import SessionResult
 from stream2llm.engine.remote_decode import RemoteDecode
@@ -68,6 +68,7 @@ class StreamingEngine:
 
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> StreamingEngine:
+        refuse_unguarded_start()  # a spawned engine core re-importing an unguarded script
         config = config or EngineConfig()
         fd, board_path = tempfile.mkstemp(prefix="stream2llm-stats-")
         os.close(fd)
@@ -85,7 +86,7 @@ class StreamingEngine:
             return model, vllm_compat.start_async_llm(args, fork=config.fast_start)
 
         try:
-            model, llm = await start_off_loop(start_vllm, _shut_down_started)
+            model, llm = await start_off_loop(explain_unguarded_main(start_vllm), _shut_down_started)
         except BaseException:
             board.close()
             os.unlink(board_path)

@@ -8,6 +8,11 @@ refusing new work at once, and ending the process so that a supervisor restarts 
 
 Whoever runs a command registers a callback with ``on_engine_death`` (a context variable, so an
 engine started anywhere below that command finds it) to stop the command when its engine dies.
+
+vLLM starts its engine core with ``spawn``: the new process re-imports the caller's main module. A
+script that starts the engine outside ``if __name__ == "__main__":`` starts it again there, and
+multiprocessing refuses with a RuntimeError deep in vLLM's start-up. ``refuse_unguarded_start``
+says what to do instead, in the child and, through ``explain_unguarded_main``, in the caller.
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import multiprocessing.process
+import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from stream2llm.errors import EngineDied
+from stream2llm.errors import EngineDied, StreamError
 
 DeathCallback = Callable[[EngineDied], None]
 T = TypeVar("T")
 POLL_S = 0.2  # how often the watchdog looks at vLLM's dead flag
+
+UNGUARDED_MAIN = (
+    "StreamingEngine.start() ran while the main module was being imported: vLLM starts its engine core "
+    "in a new process that re-imports your script; put the call under "
+    '`if __name__ == "__main__":`'
+)
 
 _death_callback: contextvars.ContextVar[DeathCallback | None] = contextvars.ContextVar(
     "stream2llm_engine_death_callback", default=None
@@ -136,3 +150,39 @@ async def start_off_loop(start: Callable[[], T], discard: Callable[[T], None]) -
     except asyncio.CancelledError:
         abandoned.set()
         raise
+
+
+def _unguarded_marker(parent_pid: int) -> str:
+    """Where a spawned child leaves word for its parent that it re-imported an unguarded script."""
+    return os.path.join(tempfile.gettempdir(), f"stream2llm-unguarded-main-{parent_pid}")
+
+
+def refuse_unguarded_start() -> None:
+    """Raise StreamError when called while a spawned child re-imports its parent's main module
+    (multiprocessing's own test, ``spawn._check_not_importing_main``), before vLLM tries to
+    start yet another process; the marker lets the parent name the cause of its failed start."""
+    if not getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        return
+    with contextlib.suppress(OSError):
+        open(_unguarded_marker(os.getppid()), "w").close()
+    raise StreamError(UNGUARDED_MAIN)
+
+
+def explain_unguarded_main(start: Callable[[], T]) -> Callable[[], T]:
+    """``start`` (vLLM's start-up, in the parent), whose failure raises StreamError naming the fix
+    when the engine core it spawned died re-importing an unguarded main module."""
+
+    def run() -> T:
+        marker = _unguarded_marker(os.getpid())
+        with contextlib.suppress(OSError):
+            os.unlink(marker)
+        try:
+            return start()
+        except Exception as exc:
+            if not os.path.exists(marker):
+                raise
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+            raise StreamError(UNGUARDED_MAIN) from exc
+
+    return run

@@ -18,9 +18,9 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Literal
 
+from stream2llm.context.assembler import SequenceCheck
 from stream2llm.context.events import ContextEvent, Op
 from stream2llm.context.prompt import PromptBuilder
-from stream2llm.context.stream import SequenceCheck
 from stream2llm.engine.config import Mode
 from stream2llm.engine.handover import Handover
 from stream2llm.engine.host import SessionHost

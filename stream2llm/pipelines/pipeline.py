@@ -1,4 +1,4 @@
-"""A RAG pipeline: retrievers, the connector and the engine, for many queries at once.
+"""A RAG pipeline: retrievers, the context assembler and the engine, for many queries at once.
 
 Each query opens a session first (in ``stream`` mode the instructions and the question start
 prefilling right away), then runs its retrievers concurrently; every event is folded into the
@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from stream2llm.context.assembler import ContextAssembler, Layout, RetrieverFailed, SequenceCheck, merge
 from stream2llm.context.events import ContextEvent, Op
-from stream2llm.context.stream import ContextAssembler, Layout, RetrieverFailed, SequenceCheck, merge
 from stream2llm.engine.engine import Session, StreamingEngine
 from stream2llm.retrievers.base import StreamingRetriever
 

@@ -1,4 +1,4 @@
-"""The connector's ordering, merging and assembly logic (no model)."""
+"""The context assembler's ordering, merging and assembly logic (no model)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
+from stream2llm.context.assembler import ContextAssembler, RetrieverFailed, SequenceCheck, merge
 from stream2llm.context.events import ContextEvent, Op
 from stream2llm.context.prompt import DOC_SEPARATOR
-from stream2llm.context.stream import ContextAssembler, RetrieverFailed, SequenceCheck, merge
 from stream2llm.errors import InvalidEvent, SequenceError
 
 

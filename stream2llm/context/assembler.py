@@ -26,7 +26,7 @@ Layout = Callable[[Sequence[str], Sequence[str]], list[str]]
 
 
 def score_order(previous: Sequence[str], new: Sequence[str]) -> list[str]:
-    """The documents as the retriever ranked them (what a naive connector sends)."""
+    """The documents as the retriever ranked them (what a naive assembler sends)."""
     return list(new)
 
 
