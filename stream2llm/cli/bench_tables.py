@@ -8,6 +8,13 @@ from typing import Any
 from rich.table import Table
 
 BASELINES = ("nonstream", "nonstream-ranked")  # one-shot prompts: FIFO (vLLM's), then ranked as ours
+PERCENTILES = ("p50", "p95", "p99")
+RUN_COLUMNS = ("qps", "policy", *PERCENTILES)  # how every per-run table (bench, simulate) begins
+
+
+def run_cells(qps: float, policy: str, seconds: dict[str, float]) -> list[str]:
+    """The cells under ``RUN_COLUMNS``, one format for the bench's and the simulator's tables."""
+    return [f"{qps:g}", policy, *(f"{seconds[p]:.3f}" for p in PERCENTILES)]
 
 
 def _baselines(policies: set[str]) -> list[str]:
@@ -54,11 +61,7 @@ def ratio_table(result: dict[str, Any], metric: str = "ttft_final_s") -> Table:
     bases = _baselines({policy for _, policy in by_key})
     due = all("ttft_due_s" in r for r in by_key.values())
     table = Table(
-        "qps",
-        "policy",
-        "p50",
-        "p95",
-        "p99",
+        *RUN_COLUMNS,
         *(("due p50", "due p99") if due else ()),
         "completion",
         *(f"{pct} vs {b}" for b in bases for pct in ("p50", "p99")),
@@ -74,9 +77,7 @@ def ratio_table(result: dict[str, Any], metric: str = "ttft_final_s") -> Table:
             for pct in ("p50", "p99") if b != "vllm" else ("p99",):
                 gains.append(_ratio(base and base[metric][pct], run[metric][pct]))
         table.add_row(
-            f"{qps:g}",
-            policy,
-            *(f"{run[metric][p]:.3f}" for p in ("p50", "p95", "p99")),
+            *run_cells(qps, policy, run[metric]),
             *((f"{run['ttft_due_s']['p50']:.3f}", f"{run['ttft_due_s']['p99']:.3f}") if due else ()),
             f"{run['completion_s']:.1f}s",
             *gains,

@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from stream2llm.workloads.simulate.runs import simulate_runs
+from stream2llm.cli.bench_tables import PERCENTILES, RUN_COLUMNS, run_cells
 
 
-def simulate_command(
-    traces: Path | None,
-    *,
-    workload: str,
-    n: int,
-    profile: str,
-    qps: list[float],
-    policies: list[str],
-    delay_multiplier: float,
-    scale: float,
-    block_size: int,
-    console: Console,
-) -> dict[str, Any]:
-    """Run the model for every (policy, qps); print it beside the published results where they exist."""
-    report = simulate_runs(
-        traces,
-        workload=workload,
-        n=n,
-        profile=profile,
-        qps=qps,
-        policies=policies,
-        delay_multiplier=delay_multiplier,
-        scale=scale,
-        block_size=block_size,
-    )
+def print_report(report: dict[str, Any], console: Console) -> None:
+    """The sweep ``simulate_runs`` returned, as one table beside the published results."""
     title = f"simulated ttft_final (s): {report['workload']}, profile {report['profile']}"
     console.print(results_table(report["runs"], report["published"], title))
-    return report
 
 
 def results_table(runs: list[dict[str, Any]], published: dict[str, Any], title: str) -> Table:
@@ -47,11 +22,7 @@ def results_table(runs: list[dict[str, Any]], published: dict[str, Any], title: 
     by_key = {(r["qps"], r["policy"]): r for r in runs}
     ranked = any(p == "nonstream-ranked" for _, p in by_key)
     table = Table(
-        "qps",
-        "policy",
-        "p50",
-        "p95",
-        "p99",
+        *RUN_COLUMNS,
         "published p50/p95/p99",
         "speedup p50/p95/p99 vs nonstream",
         *(("speedup vs nonstream-ranked",) if ranked else ()),
@@ -68,7 +39,7 @@ def results_table(runs: list[dict[str, Any]], published: dict[str, Any], title: 
 
 def _speedup(base: dict[str, Any] | None, run: dict[str, Any]) -> str:
     s = run["ttft_final_s"]
-    return "/".join(f"{base['ttft_final_s'][k] / s[k]:.2f}" for k in ("p50", "p95", "p99")) if base else "-"
+    return "/".join(f"{base['ttft_final_s'][k] / s[k]:.2f}" for k in PERCENTILES) if base else "-"
 
 
 def _row(
@@ -79,11 +50,7 @@ def _row(
     pub = {"nonstream": published.get("nonstream", {}), "vllm": published.get("vllm_stream", {})}.get(p, {})
     pub_speed = published.get("fcfs_speedup_vs_nonstream", {}).get(key) if p == "fcfs" else None
     return [
-        key,
-        p,
-        f"{s['p50']:.3f}",
-        f"{s['p95']:.3f}",
-        f"{s['p99']:.3f}",
+        *run_cells(q, p, s),
         "/".join(f"{v:.3f}" for v in pub[key]) if key in pub else "",
         _speedup(base, run),
         "/".join(f"{v:.2f}" for v in pub_speed) if pub_speed else "",

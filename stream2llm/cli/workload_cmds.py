@@ -136,10 +136,11 @@ def simulate(
     """Discrete-event model of the engine with the same policies, in seconds instead of hours.
 
     Shows its results beside the published ones where they exist (H200 profile, crawler or anns)."""
-    from stream2llm.cli.simulate_runner import simulate_command
+    from stream2llm.cli.simulate_runner import print_report
+    from stream2llm.workloads.simulate.runs import simulate_runs
 
     try:
-        report = simulate_command(
+        report = simulate_runs(
             traces,
             workload=workload,
             n=n,
@@ -149,10 +150,10 @@ def simulate(
             delay_multiplier=delay_multiplier,
             scale=scale,
             block_size=block_size,
-            console=console,
         )
     except (ValueError, OSError) as exc:
         fail(exc, debug)
+    print_report(report, console)
     write_json(json_out, report)
 
 

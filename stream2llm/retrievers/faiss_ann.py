@@ -94,6 +94,17 @@ class StagePacer:
         self._stage_started = time.monotonic()
 
 
+async def _start_stream(
+    index: AnnIndex, query: str, k: int, request_id: str, min_stage_s: float
+) -> tuple[EventNumberer, StagePacer, np.ndarray]:
+    """How both retrievers' streams begin: ``k`` refused before any work, and the stage clock
+    started before the query is embedded (embedding is part of the first stage's time)."""
+    check_k(k)
+    numberer = EventNumberer(request_id)
+    pacer = StagePacer(min_stage_s)
+    return numberer, pacer, await asyncio.to_thread(index.embed_query, query)
+
+
 class ProgressiveAnnRetriever:
     """Update-mode retriever: each probe slice refines the top-k; the last event is the answer a
     one-shot search at ``nprobe`` gives. A flat index has a single (final) stage.
@@ -138,11 +149,8 @@ class ProgressiveAnnRetriever:
         self, query: str, *, request_id: str = "", k: int | None = None
     ) -> AsyncIterator[ContextEvent]:
         k = k or self.k
-        check_k(k)
-        numberer = EventNumberer(request_id)
+        numberer, pacer, q = await _start_stream(self.index, query, k, request_id, self.min_stage_s)
         layout = UpdateLayout(self.layout)
-        pacer = StagePacer(self.min_stage_s)
-        q = await asyncio.to_thread(self.index.embed_query, query)
         search = await asyncio.to_thread(ProgressiveSearch, self.index, q, k, self.nprobe)
         bounds = self.bounds()
         start = 0
@@ -197,10 +205,7 @@ class ShardedAnnRetriever:
         import numpy as np
 
         k = k or self.k
-        check_k(k)
-        numberer = EventNumberer(request_id)
-        pacer = StagePacer(self.min_stage_s)
-        q = await asyncio.to_thread(self.shards[0].embed_query, query)
+        numberer, pacer, q = await _start_stream(self.shards[0], query, k, request_id, self.min_stage_s)
         heap = faiss.ResultHeap(1, k, keep_max=True)
         offsets = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
         sent: set[int] = set()

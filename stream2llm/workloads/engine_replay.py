@@ -20,8 +20,7 @@ from stream2llm.workloads.replay import (
     EventText,
     Outcome,
     ReplayOptions,
-    plan_run,
-    replay_run,
+    replay_once,
     rotated,
 )
 from stream2llm.workloads.trace import TraceRequest
@@ -98,19 +97,13 @@ async def run_once(
     spec = bench_policy(policy)
     engine.set_policy(spec.scheduler)
     texts = EventText(engine.tokenizer, engine.config.max_model_len, options)
-    plan = plan_run(requests, texts, qps, options, repeat)
+    transport = EngineTransport(engine, sampling, spec.mode)
     before = engine.stats()
-    await replay_run(EngineTransport(engine, sampling, spec.mode), requests, plan, options, on_done)
+    result = await replay_once(transport, requests, texts, policy, qps, options, repeat, on_done)
     after = engine.stats()
     await wait_idle(engine)
-    return RunResult(
-        policy,
-        qps,
-        repeat,
-        plan.records,
-        completion_s=plan.completion_s(),
-        preemptions={"recompute": after.preemptions - before.preemptions},
-    )
+    result.preemptions = {"recompute": after.preemptions - before.preemptions}
+    return result
 
 
 async def wait_idle(engine: StreamingEngine, timeout_s: float = 30.0) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 
 from stream2llm.workloads.bench_policies import bench_policy
-from stream2llm.workloads.metrics import BENCH_SCHEMA, RunResult
-from stream2llm.workloads.replay import BenchPlan, EventText, Outcome, ReplayOptions, plan_run, replay_run
+from stream2llm.workloads.metrics import BENCH_SCHEMA
+from stream2llm.workloads.replay import BenchPlan, EventText, Outcome, ReplayOptions, replay_once
 from stream2llm.workloads.trace import TraceRequest
 
 SESSION_HEADER = "X-Session-ID"
@@ -128,24 +128,6 @@ class HttpTransport:
         return HttpSession(self._http, f"{self._base}/v1/sessions/{sid}", sid, opened)
 
 
-async def run_once_http(
-    http: aiohttp.ClientSession,
-    base: str,
-    requests: Sequence[TraceRequest],
-    texts: EventText,
-    policy: str,
-    qps: float,
-    options: ReplayOptions,
-    repeat: int = 0,
-    on_done: Callable[[], None] | None = None,
-) -> RunResult:
-    """One (policy, qps) run over the whole trace, over HTTP; the same arrivals as ``run_once``."""
-    transport = HttpTransport(http, base, bench_policy(policy).mode, options)
-    plan = plan_run(requests, texts, qps, options, repeat)
-    await replay_run(transport, requests, plan, options, on_done)
-    return RunResult(policy, qps, repeat, plan.records, completion_s=plan.completion_s())
-
-
 async def run_http_bench(
     endpoint: str,
     requests: Sequence[TraceRequest],
@@ -169,9 +151,8 @@ async def run_http_bench(
             for repeat in range(plan.repeat):
                 for policy in plan.policies:
                     tick = progress(f"{policy} @ {qps} qps", len(requests)) if progress else None
-                    result = await run_once_http(
-                        http, base, requests, texts, policy, qps, options, repeat, tick
-                    )
+                    transport = HttpTransport(http, base, bench_policy(policy).mode, options)
+                    result = await replay_once(transport, requests, texts, policy, qps, options, repeat, tick)
                     document["runs"].append(result.to_json())
                     if checkpoint is not None:
                         checkpoint(document)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.filler import FillerText
-from stream2llm.workloads.metrics import RequestRecord
+from stream2llm.workloads.metrics import RequestRecord, RunResult
 from stream2llm.workloads.synth import FILLER_PREFIX, request_tokens
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
 
@@ -232,6 +232,23 @@ async def replay_run(
         await replay_request(transport, request, record, payloads, start, options, plan.salt)
 
     await replay_all(replay, requests, plan.records, plan.payloads, plan.deadline, on_done)
+
+
+async def replay_once(
+    transport: ReplayTransport,
+    requests: Sequence[TraceRequest],
+    texts: EventText,
+    policy: str,
+    qps: float,
+    options: ReplayOptions,
+    repeat: int = 0,
+    on_done: Callable[[], None] | None = None,
+) -> RunResult:
+    """One (policy, qps) run over the whole trace: planned, replayed and recorded the same way
+    whichever transport carries it, so engine and HTTP runs compare."""
+    plan = plan_run(requests, texts, qps, options, repeat)
+    await replay_run(transport, requests, plan, options, on_done)
+    return RunResult(policy, qps, repeat, plan.records, completion_s=plan.completion_s())
 
 
 async def replay_all(

@@ -73,30 +73,26 @@ def _first_wait(w: dict) -> tuple[float, float]:
 
 def shapes() -> dict[str, WorkloadShape]:
     w = published_stats()["workloads"]
-    c, a = w["crawler"], w["anns"]
     return {
-        "crawler": WorkloadShape(
-            "append",
-            c["chunks_per_query"]["mean"],
-            c["chunks_per_query"]["max"],
-            0,
-            c["inter_chunk_gap_ms"]["median"] / 1000,
-            c["inter_chunk_gap_ms"]["mean"] / 1000,
-            c["tokens_per_query"]["p50"],
-            c["tokens_per_query"]["mean"],
-        ),
-        "anns": WorkloadShape(
-            "update",
-            a["chunks_per_query"]["mean"],
-            a["chunks_per_query"]["max"],
-            1,
-            a["inter_chunk_gap_ms"]["median"] / 1000,
-            a["inter_chunk_gap_ms"]["mean"] / 1000,
-            a["tokens_per_query"]["p50"],
-            a["tokens_per_query"]["mean"],
-            *_first_wait(a),
-        ),
+        "crawler": _shape(w["crawler"], "append", 0),
+        "anns": _shape(w["anns"], "update", 1, *_first_wait(w["anns"])),
     }
+
+
+def _shape(w: dict, op: str, chunks_offset: int, *first_wait: float) -> WorkloadShape:
+    """One workload's shape from its published statistics (both workloads read the same ones)."""
+    chunks, gaps, tokens = w["chunks_per_query"], w["inter_chunk_gap_ms"], w["tokens_per_query"]
+    return WorkloadShape(
+        op,
+        chunks["mean"],
+        chunks["max"],
+        chunks_offset,
+        gaps["median"] / 1000,
+        gaps["mean"] / 1000,
+        tokens["p50"],
+        tokens["mean"],
+        *first_wait,
+    )
 
 
 def _poisson(rng: random.Random, lam: float) -> int:
