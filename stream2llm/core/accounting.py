@@ -19,7 +19,7 @@ from typing import Any
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.protocol import RequestCounters, UpdateRecord, token_digest
 from stream2llm.core.stats_board import EngineStats, StatsBoard
-from stream2llm.core.step_log import PrefillItem, StepLog
+from stream2llm.core.step_log import Eviction, PrefillItem, StepLog
 
 
 class Accounting:
@@ -54,6 +54,13 @@ class Accounting:
         """The request's KV was cut back to ``keep`` tokens."""
         del self._computed.get(request_id, [])[keep:]
 
+    def _recomputed(self, request_id: str, start: int, n: int) -> int:
+        """Of positions ``start:start+n``, those whose KV the request had computed before: it lost
+        them to an eviction or a preemption (an update's cut shortens the record first, so its
+        own recompute is counted by ``record_update``, not here)."""
+        held = len(self._computed.get(request_id, ()))
+        return max(0, min(held, start + n) - start)
+
     def _note_computed(self, request: compat.Request, start: int, n: int) -> None:
         """Positions ``start:start+n`` are computed this step from the tokens the runner holds: the
         prompt copied when the request was (re)started, then its own sampled tokens. Positions the
@@ -70,9 +77,18 @@ class Accounting:
             tokens += compat.token_ids_at(request, start + len(tokens), stop)
         return tokens
 
-    def step_scheduled(self, output: Any, t0: float, policy: str, is_complete: Callable[[str], bool]) -> None:
-        """Count the prompt tokens a step scheduled (not decodes) and log the step."""
+    def step_scheduled(
+        self,
+        output: Any,
+        t0: float,
+        policy: str,
+        is_complete: Callable[[str], bool],
+        evicted: list[Eviction] | None = None,
+    ) -> None:
+        """Count the prompt tokens a step scheduled (not decodes), those computed again after
+        their KV was lost, and log the step with what gave KV back before it."""
         logged: list[PrefillItem] = []
+        again_logged: list[tuple[str, int]] = []
         scheduled = compat.scheduled_tokens(output)
         self._sent.update(compat.sent_prompts(output))
         for request_id, n in scheduled.items():
@@ -82,15 +98,26 @@ class Accounting:
             computed_before = compat.computed_tokens(request) - n
             prompt_part = max(0, min(n, compat.prompt_length(request) - computed_before))
             if prompt_part:
+                again = self._recomputed(request_id, computed_before, prompt_part)
                 self._note_computed(request, computed_before, prompt_part)
-                self._counters_for(request_id).tokens_prefilled += prompt_part
-                self._totals.tokens_prefilled += prompt_part
+                self._count_prefill(request_id, prompt_part, again)
                 if self._step_log is not None:
                     submitted_as = compat.external_request_id(request_id)
                     logged.append((prompt_part, computed_before, is_complete(request_id), submitted_as))
+                    if again:
+                        again_logged.append((submitted_as, again))
         if self._step_log is not None:
             decodes = len(scheduled) - len(logged)  # requests past their prompt
-            self._step_log.scheduled(policy, logged, decodes, compat.num_requests(self._scheduler), t0)
+            preempted = [compat.external_request_id(r) for r in compat.preempted_ids(output)]
+            held = compat.num_requests(self._scheduler)
+            self._step_log.scheduled(policy, logged, decodes, held, t0, evicted, preempted, again_logged)
+
+    def _count_prefill(self, request_id: str, tokens: int, recomputed: int) -> None:
+        counters = self._counters_for(request_id)
+        counters.tokens_prefilled += tokens
+        counters.tokens_recomputed += recomputed
+        self._totals.tokens_prefilled += tokens
+        self._totals.tokens_recomputed += recomputed
 
     def step_done(self) -> None:
         """The step's output came back."""

@@ -43,6 +43,7 @@ class Broker:
         self.parked_kv_cap = parked_kv_cap  # fraction of KV blocks parked sessions may hold
         self._policies: dict[str, Policy] = {}
         self.evictions = 0
+        self.evicted_last: list[tuple[str, int, int]] = []  # before the last step: id, tokens, blocks
         self.evictions_waited = 0  # victims left for a step because a step of theirs was in flight
         self.deferrals = 0
 
@@ -85,6 +86,7 @@ class Broker:
         """Before a step: rank, reorder vLLM's queues, defer and evict as the policy decides."""
         scheduler = self._scheduler
         policy = self.policy()
+        self.evicted_last = []
         if isinstance(policy, VllmPolicy) or not compat.num_requests(scheduler):
             return
         now = time.monotonic()
@@ -113,7 +115,9 @@ class Broker:
             if compat.step_in_flight(request):
                 self.evictions_waited += 1
                 continue
-            compat.evict_waiting_kv(self._scheduler, request)
+            tokens = compat.computed_tokens(request)
+            blocks = compat.evict_waiting_kv(self._scheduler, request)
+            self.evicted_last.append((compat.external_request_id(rid), tokens, blocks))
             self.evictions += 1
 
     def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:

@@ -96,7 +96,9 @@ class StreamScheduler(compat.HookedScheduler):
         self.updates.end_superseded_chunks()
         self.broker.apply()
         output = super().schedule(*args, **kwargs)
-        self.accounting.step_scheduled(output, t0, self.broker.policy_name, self.streams.is_complete)
+        self.accounting.step_scheduled(
+            output, t0, self.broker.policy_name, self.streams.is_complete, self.broker.evicted_last
+        )
         self._publish()
         return output
 

@@ -5,7 +5,11 @@ prefill chunks deep in long contexts, decodes and the front end's work on the sa
 records, per step, when it was scheduled, when its output came back, how many requests the engine
 core held (running, waiting or parked between chunks), and each scheduled request's tokens,
 context, whether its stream was complete and its id, so step cost can be fitted under load
-and a TTFT can be traced to the steps it waited for. One JSON object per line.
+and a TTFT can be traced to the steps it waited for. A step that gave KV back says so: the
+requests the broker evicted before it (``evicted``: id as submitted, tokens and blocks it held) and
+those vLLM's allocator preempted while scheduling it (``preempted``), and the prefill items' tokens
+that were computed once already (``recomputed``: id as submitted, tokens; KV lost to either). One
+JSON object per line.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 PrefillItem = tuple[int, int, bool, str]  # prompt tokens, context, stream complete, id as submitted
+Eviction = tuple[str, int, int]  # id as submitted, tokens computed, blocks freed
 
 
 class StepLog:
@@ -29,20 +34,35 @@ class StepLog:
         # the next step is scheduled before the last one's output arrives (outputs come in order)
         self._open: deque[dict[str, Any]] = deque()
 
-    def scheduled(self, policy: str, items: list[PrefillItem], decodes: int, held: int, t0: float) -> None:
+    def scheduled(
+        self,
+        policy: str,
+        items: list[PrefillItem],
+        decodes: int,
+        held: int,
+        t0: float,
+        evicted: list[Eviction] | None = None,
+        preempted: list[str] | None = None,
+        recomputed: list[tuple[str, int]] | None = None,
+    ) -> None:
         """A step was scheduled at ``t0``: ``items`` holds one entry per prefill chunk;
         ``decodes`` counts requests that only decode, ``held`` every request the core holds."""
         now = time.monotonic()
-        self._open.append(
-            {
-                "t0": t0,
-                "t1": now,
-                "policy": policy,
-                "prefill": items,
-                "decodes": decodes,
-                "held": held,
-            }
-        )
+        step: dict[str, Any] = {
+            "t0": t0,
+            "t1": now,
+            "policy": policy,
+            "prefill": items,
+            "decodes": decodes,
+            "held": held,
+        }
+        if evicted:
+            step["evicted"] = evicted
+        if preempted:
+            step["preempted"] = preempted
+        if recomputed:
+            step["recomputed"] = recomputed
+        self._open.append(step)
 
     def finished(self) -> None:
         """The oldest open step's output came back: write its line."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from stream2llm.core.step_log import read_step_log
 from stream2llm.core.streams import DEFAULT_GAP_S, StreamTracker
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
 
@@ -20,9 +21,9 @@ def park(scheduler, rid, ids, policy):
     return request
 
 
-def pressure(tiny_model, policy):
+def pressure(tiny_model, policy, **options):
     """Two parked sessions hold 17 of 19 blocks; a new request needs 7."""
-    scheduler = make_scheduler(str(tiny_model.path), num_blocks=20, block_size=BS, policy=policy)
+    scheduler = make_scheduler(str(tiny_model.path), num_blocks=20, block_size=BS, policy=policy, **options)
     a = park(scheduler, "a", list(range(1000, 1150)), policy)  # 10 blocks
     b = park(scheduler, "b", list(range(2000, 2100)), policy)  # 7 blocks
     c = make_request(scheduler, "c", list(range(3000, 3100)), max_tokens=3, final=True, resumable=False)
@@ -61,6 +62,25 @@ def test_resume_after_eviction_recomputes_the_whole_prompt(tiny_model):
     assert list(victim.prompt_token_ids) == old + [7, 8, 9]
     assert victim.num_computed_tokens == len(old) + 3
     assert len(blocks_of(scheduler, victim.request_id)) == -(-(len(old) + 3) // BS)
+
+
+def test_an_eviction_is_logged_and_what_it_costs_is_counted_as_recomputed(tiny_model, tmp_path):
+    """The step log says who gave KV back before a step (tokens, blocks), and the tokens a victim
+    computes again after resuming count as recomputed, in its counters and in the log."""
+    log = tmp_path / "steps.jsonl"
+    scheduler, a, b, _ = pressure(tiny_model, "stream2llm", step_log=str(log))
+    run_until_idle(scheduler)
+    (victim,) = [r for r in (a, b) if r.num_computed_tokens == 0]
+    old = len(victim.prompt_token_ids)
+    scheduler.add_request(make_request(scheduler, victim.request_id, [7, 8, 9]))
+    run_until_idle(scheduler)
+    steps = read_step_log(log)
+    evicted = [e for s in steps for e in s.get("evicted", ())]
+    assert evicted == [[victim.request_id, old, -(-old // BS)]]
+    again = sum(n for s in steps for rid, n in s.get("recomputed", ()) if rid == victim.request_id)
+    resumed = [item for s in steps for item in s["prefill"] if item[3] == victim.request_id][-1]
+    assert again == old - resumed[1] > 0  # computed again: from the prefix-cache hit to its old end
+    assert scheduler.accounting.counters(victim.request_id).tokens_recomputed == again
 
 
 def test_update_after_eviction_keeps_nothing_and_recomputes_everything(tiny_model):

@@ -381,3 +381,21 @@ def test_cut_with_no_free_block_for_the_copy_falls_back_to_the_block_boundary(ti
     assert counters["tokens_recomputed"] == 16
     assert counters["computed_prompt_len"] == 48
     assert counters["computed_prompt_digest"] == token_digest(new)
+
+
+def test_preempted_ids_are_the_requests_vllms_allocator_preempted(tiny_model):
+    """Two decoding requests outgrow 9 usable blocks: vLLM preempts the later one (recompute) and
+    says so in the step's output, which is where the step log reads it."""
+    scheduler = make_scheduler(str(tiny_model.path), num_blocks=10, block_size=16)
+    for rid, base in (("x", 100), ("y", 300)):
+        request = make_request(scheduler, rid, list(range(base, base + 64)), max_tokens=40, final=True)
+        request.resumable = False
+        scheduler.add_request(request)
+    seen: list[str] = []
+    for _ in range(40):
+        out = step(scheduler)
+        assert vllm_compat.preempted_ids(out) == sorted(out.preempted_req_ids or ())
+        seen += vllm_compat.preempted_ids(out)
+        if seen:
+            break
+    assert seen == ["y"] and scheduler.requests["y"].num_computed_tokens == 0

@@ -33,6 +33,7 @@ __all__ = [
     "live_requests",
     "num_requests",
     "parked_count",
+    "preempted_ids",
     "prompt_ids",
     "prompt_length",
     "queued_chunks",
@@ -137,6 +138,12 @@ def chunk_ids(update: StreamingUpdate) -> list[int]:
 def scheduled_tokens(output: Any) -> dict[str, int]:
     """Tokens a step's ``SchedulerOutput`` scheduled, per request id."""
     return output.num_scheduled_tokens
+
+
+def preempted_ids(output: Any) -> list[str]:
+    """Requests vLLM's allocator preempted while scheduling the step (their KV is freed; they
+    recompute when scheduled again), from its ``SchedulerOutput``."""
+    return sorted(output.preempted_req_ids or ())
 
 
 def sent_prompts(output: Any) -> dict[str, list[int]]:
