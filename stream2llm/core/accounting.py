@@ -84,6 +84,7 @@ class Accounting:
         policy: str,
         is_complete: Callable[[str], bool],
         evicted: list[Eviction] | None = None,
+        short: int = 0,
     ) -> None:
         """Count the prompt tokens a step scheduled (not decodes), those computed again after
         their KV was lost, and log the step with what gave KV back before it."""
@@ -110,7 +111,8 @@ class Accounting:
             decodes = len(scheduled) - len(logged)  # requests past their prompt
             preempted = [compat.external_request_id(r) for r in compat.preempted_ids(output)]
             held = compat.num_requests(self._scheduler)
-            self._step_log.scheduled(policy, logged, decodes, held, t0, evicted, preempted, again_logged)
+            kv = (compat.free_block_count(self._scheduler), short)
+            self._step_log.scheduled(policy, logged, decodes, held, t0, evicted, preempted, again_logged, kv)
 
     def _count_prefill(self, request_id: str, tokens: int, recomputed: int) -> None:
         counters = self._counters_for(request_id)

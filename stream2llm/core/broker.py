@@ -44,6 +44,7 @@ class Broker:
         self._policies: dict[str, Policy] = {}
         self.evictions = 0
         self.evicted_last: list[tuple[str, int, int]] = []  # before the last step: id, tokens, blocks
+        self.short_last = 0  # blocks the top-ranked work lacked before the last step
         self.evictions_waited = 0  # victims left for a step because a step of theirs was in flight
         self.deferrals = 0
 
@@ -86,14 +87,14 @@ class Broker:
         """Before a step: rank, reorder vLLM's queues, defer and evict as the policy decides."""
         scheduler = self._scheduler
         policy = self.policy()
-        self.evicted_last = []
+        self.evicted_last, self.short_last = [], 0
         if isinstance(policy, VllmPolicy) or not compat.num_requests(scheduler):
             return
         now = time.monotonic()
         views = [self.view(r, now) for r in compat.live_requests(scheduler)]
         order = policy.rank([v for v in views if not v.parked])
         ranked_ids = [v.request_id for v in order]
-        short = self._blocks_short(views, ranked_ids)
+        short = self.short_last = self._blocks_short(views, ranked_ids)
         victims = policy.victims(order, views, short, now) if short > 0 else []
         rank = {rid: i for i, rid in enumerate(ranked_ids)}
         last = len(rank)
@@ -122,10 +123,14 @@ class Broker:
 
     def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:
         """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
-        excess of parked KV over its cap, whichever is larger."""
+        excess of parked KV over its cap, whichever is larger. A waiting request needs blocks
+        for its whole prompt, not this step's chunk, where vLLM admits only whole prompts
+        (``admits_whole_prompts``): counting the chunk freed nothing for a long final that vLLM
+        then refused, and the engine idled for seconds while parked sessions held the KV."""
         scheduler = self._scheduler
         by_id = {v.request_id: v for v in views}
         running = compat.running_ids(scheduler)
+        whole = compat.admits_whole_prompts(scheduler)
         budget, want = compat.token_budget(scheduler), 0
         block_size = compat.block_size(scheduler)
         for rid in order:
@@ -134,7 +139,8 @@ class Broker:
                 continue
             take = min(v.tokens_pending, budget)
             budget -= take
-            want += max(ceil_div(v.tokens_computed + take, block_size) - v.blocks_held, 0)
+            admitted = v.tokens_pending if whole else take
+            want += max(ceil_div(v.tokens_computed + admitted, block_size) - v.blocks_held, 0)
         short = want - compat.free_block_count(scheduler)
         parked_blocks = sum(v.blocks_held for v in views if v.parked)
         over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))

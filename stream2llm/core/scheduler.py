@@ -97,7 +97,12 @@ class StreamScheduler(compat.HookedScheduler):
         self.broker.apply()
         output = super().schedule(*args, **kwargs)
         self.accounting.step_scheduled(
-            output, t0, self.broker.policy_name, self.streams.is_complete, self.broker.evicted_last
+            output,
+            t0,
+            self.broker.policy_name,
+            self.streams.is_complete,
+            self.broker.evicted_last,
+            self.broker.short_last,
         )
         self._publish()
         return output

@@ -44,6 +44,7 @@ class StepLog:
         evicted: list[Eviction] | None = None,
         preempted: list[str] | None = None,
         recomputed: list[tuple[str, int]] | None = None,
+        kv: tuple[int, int] | None = None,
     ) -> None:
         """A step was scheduled at ``t0``: ``items`` holds one entry per prefill chunk;
         ``decodes`` counts requests that only decode, ``held`` every request the core holds."""
@@ -62,6 +63,8 @@ class StepLog:
             step["preempted"] = preempted
         if recomputed:
             step["recomputed"] = recomputed
+        if kv is not None:
+            step["kv"] = kv
         self._open.append(step)
 
     def finished(self) -> None:

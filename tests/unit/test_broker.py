@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from stream2llm.core import vllm_compat
 from stream2llm.core.step_log import read_step_log
 from stream2llm.core.streams import DEFAULT_GAP_S, StreamTracker
 from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
@@ -62,6 +63,26 @@ def test_resume_after_eviction_recomputes_the_whole_prompt(tiny_model):
     assert list(victim.prompt_token_ids) == old + [7, 8, 9]
     assert victim.num_computed_tokens == len(old) + 3
     assert len(blocks_of(scheduler, victim.request_id)) == -(-(len(old) + 3) // BS)
+
+
+def test_a_final_whose_whole_prompt_does_not_fit_gets_blocks_from_parked_sessions(tiny_model):
+    """vLLM admits a waiting request only if its whole prompt fits (scheduler_reserve_full_isl),
+    not just the chunk it would schedule now. Parked sessions hold 50 of 63 blocks; a final
+    needs 20 for its prompt but 4 for its first 64-token chunk: counting the chunk, the broker
+    evicted nothing and vLLM refused the final step after step while the engine idled."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=64, block_size=BS, policy="stream2llm", max_num_batched_tokens=64
+    )
+    assert vllm_compat.admits_whole_prompts(scheduler)
+    a = park(scheduler, "a", list(range(1000, 1400)), "stream2llm")  # 25 blocks
+    b = park(scheduler, "b", list(range(2000, 2400)), "stream2llm")  # 25 blocks
+    c = make_request(scheduler, "c", list(range(3000, 3320)), max_tokens=2, final=True, resumable=False)
+    scheduler.add_request(c)
+    out = step(scheduler)
+    assert out.num_scheduled_tokens.get("c") == 64  # admitted at once
+    assert scheduler.broker.evictions == 1 and 0 in (a.num_computed_tokens, b.num_computed_tokens)
+    run_until_idle(scheduler)
+    assert c.is_finished()
 
 
 def test_an_eviction_is_logged_and_what_it_costs_is_counted_as_recomputed(tiny_model, tmp_path):

@@ -399,3 +399,12 @@ def test_preempted_ids_are_the_requests_vllms_allocator_preempted(tiny_model):
         if seen:
             break
     assert seen == ["y"] and scheduler.requests["y"].num_computed_tokens == 0
+
+
+def test_admits_whole_prompts_reads_vllms_admission_gate(tiny_model):
+    """On by default (vLLM admits a waiting request only if its whole prompt fits); the broker
+    sizes what it frees by it."""
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS)
+    assert vllm_compat.admits_whole_prompts(scheduler) is True
+    scheduler.scheduler_reserve_full_isl = False
+    assert vllm_compat.admits_whole_prompts(scheduler) is False

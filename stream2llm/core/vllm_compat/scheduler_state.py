@@ -18,6 +18,7 @@ __all__ = [
     "Request",
     "RequestStatus",
     "additional_config",
+    "admits_whole_prompts",
     "block_size",
     "blocks_held",
     "chunk_ids",
@@ -210,6 +211,12 @@ def blocks_held(scheduler: Scheduler, request_id: str) -> int:
 
 def free_block_count(scheduler: Scheduler) -> int:
     return _block_pool(scheduler).get_num_free_blocks()
+
+
+def admits_whole_prompts(scheduler: Scheduler) -> bool:
+    """vLLM admits a waiting request only if its whole prompt fits in the free blocks
+    (``scheduler_reserve_full_isl``, on by default), not just the chunk it schedules now."""
+    return bool(scheduler.scheduler_reserve_full_isl)
 
 
 def total_block_count(scheduler: Scheduler) -> int:
