@@ -69,3 +69,19 @@ def test_truncate_keeps_the_newest_context(tokenizer):
     assert 150 < len(ids) <= 200
     assert builder.body.endswith("item399") and "item0 " not in builder.body
     assert builder.truncated_chars > 0
+
+
+def test_long_texts_tokenize_the_same_without_holding_the_gil(tokenizer):
+    """Above GIL_FREE_CHARS the tokenizer's batch path runs (it releases the GIL, so a worker
+    thread tokenizing a huge context leaves the event loop free); ids and offsets are the same
+    as the single-text path's, so streamed prefill still equals one-shot tokenization."""
+    from stream2llm.context.prompt import GIL_FREE_CHARS
+
+    text = "Retrieval streams context into the engine, chunk by chunk. " * (3 * GIL_FREE_CHARS // 60)
+    assert len(text) > GIL_FREE_CHARS
+    single = tokenizer._tok.encode(text, add_special_tokens=False)
+    ids, ends = tokenizer.encode_with_ends(text, bos=False)
+    assert ids == single.ids and ends == [end for _, end in single.offsets]
+    short = text[: GIL_FREE_CHARS // 2]
+    plain = tokenizer._tok.encode(short, add_special_tokens=False)
+    assert tokenizer.encode_with_ends(short, bos=False)[0] == plain.ids
