@@ -45,7 +45,7 @@ class SessionResult:
     ttft_final_s: float  # from the hand-off of the final chunk to the first generated token
     ttft_open_s: float  # from open() to the first generated token
     tokens_prefilled: int  # prompt tokens the engine computed for this session
-    tokens_recomputed: int  # of those, prefilled after an update, past what it kept
+    tokens_recomputed: int  # of those, computed again: past what an update kept, or after an eviction
     tokens_discarded: int  # computed KV that updates threw away (the cost over a one-shot prefill)
     updates: list[dict[str, int]]
     chunks: list[ChunkTiming]
