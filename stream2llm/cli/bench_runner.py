@@ -56,6 +56,8 @@ class EngineArgs:
     max_batched_tokens: int = 2048
     max_num_seqs: int = 256
     step_log: bool = False
+    preemptions: tuple[str, ...] = ("cost",)  # the engine has a KV tier unless only "recompute"
+    cost_profile: str | None = None
 
     def config(self, args: BenchArgs) -> EngineConfig:
         from stream2llm.engine.engine import EngineConfig
@@ -67,6 +69,8 @@ class EngineArgs:
             kv_cache_bytes=parse_bytes(self.kv_budget, 2 << 30),
             max_num_batched_tokens=self.max_batched_tokens,
             max_num_seqs=self.max_num_seqs,
+            preemption=self.preemptions[0] if len(self.preemptions) == 1 else "cost",
+            **({"cost_profile": self.cost_profile} if self.cost_profile else {}),
         )
 
 

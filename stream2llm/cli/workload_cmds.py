@@ -59,6 +59,24 @@ def synth(
     console.print(table)
 
 
+PreemptionOpt = Annotated[
+    str,
+    typer.Option(
+        help="How evicted sessions give KV back, comma-separated to run each policy under each:"
+        " recompute, offload (to the host KV tier) or cost (per victim, by the cost profile)."
+    ),
+]
+DeadlineOpt = Annotated[
+    float | None, typer.Option(help="Abort requests without a first token this long after the last event.")
+]
+LayoutOpt = Annotated[
+    str, typer.Option(help="Update documents: the trace's score order, or the assembler's stable layout.")
+]
+CostProfileOpt = Annotated[
+    str | None, typer.Option(help="Cost profile the engine decides by (packaged name or JSON file).")
+]
+
+
 def bench(
     traces: Annotated[Path, typer.Argument(help="Trace file (stream2llm.trace/1).")],
     qps: Annotated[str, typer.Option(help="Comma-separated arrival rates.")] = "0.5,1,2,4",
@@ -74,15 +92,11 @@ def bench(
     max_num_seqs: Annotated[
         int, typer.Option(help="vLLM request slots; every open stream holds one, parked or not.")
     ] = 256,
-    deadline: Annotated[
-        float | None,
-        typer.Option(help="Abort requests without a first token this long after the last event."),
-    ] = None,
-    layout: Annotated[
-        str,
-        typer.Option(help="Update documents: the trace's score order, or the assembler's stable layout."),
-    ] = "score",
+    deadline: DeadlineOpt = None,
+    layout: LayoutOpt = "score",
     step_log: Annotated[bool, typer.Option(help="Log each engine step to OUT/steps.jsonl.")] = False,
+    preemption: PreemptionOpt = "cost",
+    cost_profile: CostProfileOpt = None,
     model: ModelOpt = "tiny",
     out: Annotated[Path, typer.Option(help="Directory for results.json and plots.")] = Path("bench-out"),
     endpoint: Annotated[str | None, typer.Option(help="Replay over HTTP against this deployment.")] = None,
@@ -92,13 +106,15 @@ def bench(
 
     With ``--endpoint``: the same replay over HTTP, the engine options being the deployment's."""
     from stream2llm.cli.bench_runner import BenchArgs, EngineArgs, run_bench_command, run_http_bench_command
+    from stream2llm.workloads.bench_policies import with_preemptions
     from stream2llm.workloads.replay import ReplayOptions
 
     try:
+        preemptions = preemption.split(",")
         args = BenchArgs(
             traces,
             qps=[float(q) for q in qps.split(",")],
-            policies=policies.split(","),
+            policies=with_preemptions(policies.split(","), preemptions),
             options=ReplayOptions(delay_multiplier, scale, max_tokens, deadline_s=deadline),
             repeat=repeat,
             limit=limit,
@@ -110,7 +126,9 @@ def bench(
         if endpoint:
             run_async(run_http_bench_command(endpoint, args, console))
         else:
-            engine = EngineArgs(kv_budget, max_batched_tokens, max_num_seqs, step_log)
+            engine = EngineArgs(
+                kv_budget, max_batched_tokens, max_num_seqs, step_log, tuple(preemptions), cost_profile
+            )
             run_async(run_bench_command(args, engine, console))
     except Exception as exc:
         fail(exc, debug)

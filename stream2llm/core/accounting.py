@@ -137,7 +137,13 @@ class Accounting:
         counters.computed_prompt_digest = token_digest(computed)
         return counters.as_dict()
 
-    def publish(self, preemptions: int) -> None:
+    def tier_loaded(self, loaded: list[tuple[str, int]]) -> None:
+        """Requests given tokens from the KV tier this step (counted as loaded, not prefilled)."""
+        for request_id, tokens in loaded:
+            self._counters_for(request_id).tokens_loaded += tokens
+            self._totals.tokens_loaded += tokens
+
+    def publish(self, preemptions: int, offloads: int = 0, tier: Any = None) -> None:
         """Write the engine's live state on the board, if there is one."""
         if self._board is None:
             return
@@ -154,5 +160,9 @@ class Accounting:
                 tokens_prefilled=self._totals.tokens_prefilled,
                 tokens_recomputed=self._totals.tokens_recomputed,
                 preemptions=preemptions,
+                offloads=offloads,
+                tier_bytes_saved=tier.bytes_offloaded if tier else 0,
+                tier_bytes_loaded=tier.bytes_loaded if tier else 0,
+                tier_load_failures=tier.blocks_load_failed if tier else 0,
             )
         )

@@ -1,11 +1,12 @@
 """The broker: applies a policy's decision through vLLM's own levers before each step.
 
 A policy (``policies.py``, pure) ranks the requests that want compute and, when KV is short, names
-victims. The broker builds the policy's view of each request, orders vLLM's running list and
-waiting queues by the ranking, evicts the KV of waiting victims (parked sessions first), and defers
-a partial stream's running prefill that ranks below a waiting complete stream. ``super().schedule()``
-then allocates as usual; vLLM's allocator preempts from the end of the ranked running list if it
-still runs short.
+victims and how each gives its KV back. The broker builds the policy's view of each request,
+orders vLLM's running list and waiting queues by the ranking, evicts the KV of waiting victims
+(parked sessions first; their blocks queued for the KV tier first where the policy chose to
+offload), and defers a partial stream's running prefill that ranks below a waiting complete
+stream. ``super().schedule()`` then allocates as usual; vLLM's allocator preempts from the end of
+the ranked running list if it still runs short.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import time
 
 from stream2llm.core import vllm_compat as compat
-from stream2llm.core.policies import Policy, RequestView, VllmPolicy, make_policy
+from stream2llm.core.policies import OFFLOAD, Costs, Policy, RequestView, VllmPolicy, make_policy
 from stream2llm.core.protocol import ChunkMeta
+from stream2llm.core.step_log import Eviction
 from stream2llm.core.streams import StreamState, StreamTracker
 from stream2llm.tokens import ceil_div
 
@@ -35,34 +37,46 @@ class Broker:
     """Applies the current policy to the scheduler it serves; counts what it did."""
 
     def __init__(
-        self, scheduler: compat.Scheduler, streams: StreamTracker, policy: str, parked_kv_cap: float
+        self,
+        scheduler: compat.Scheduler,
+        streams: StreamTracker,
+        policy: str,
+        parked_kv_cap: float,
+        costs: Costs | None = None,
+        preemption: str = "recompute",
     ) -> None:
         self._scheduler = scheduler
         self._streams = streams
         self.policy_name = policy
+        self.preemption = preemption
         self.parked_kv_cap = parked_kv_cap  # fraction of KV blocks parked sessions may hold
-        self._policies: dict[str, Policy] = {}
+        self._costs = costs
+        self._tier = compat.kv_tier(scheduler)  # the engine's connector, where it can offload
+        self._policies: dict[tuple[str, str], Policy] = {}
         self.evictions = 0
-        self.evicted_last: list[tuple[str, int, int]] = []  # before the last step: id, tokens, blocks
+        self.offloads = 0
+        self.evicted_last: list[Eviction] = []  # before the last step: id, tokens, blocks, how
         self.short_last = 0  # blocks the top-ranked work lacked before the last step
         self.evictions_waited = 0  # victims left for a step because a step of theirs was in flight
         self.deferrals = 0
 
-    def follow_chunk_policy(self, name: str | None) -> None:
-        """The front end names a policy in each chunk's metadata (``ChunkMeta.policy``) and the
-        engine's one global policy switches to it. Kept as it is for now: the policy belongs in
-        the engine's configuration, not in every chunk."""
+    def follow_chunk_policy(self, name: str | None, preemption: str | None = None) -> None:
+        """The front end names a policy and a way to give KV back in each chunk's metadata
+        (``ChunkMeta``) and the engine's one global policy switches to it. Kept as it is for now:
+        both belong in the engine's configuration, not in every chunk."""
         if name:
             self.policy_name = name
+        if preemption:
+            self.preemption = preemption
 
     def policy(self) -> Policy:
-        name = self.policy_name
-        if name not in self._policies:
+        key = (self.policy_name, self.preemption)
+        if key not in self._policies:
             try:
-                self._policies[name] = make_policy(name)
+                self._policies[key] = make_policy(key[0], self._costs, key[1], self._tier is not None)
             except ValueError:  # never take the engine down over a name; the front end validates
-                self._policies[name] = VllmPolicy()
-        return self._policies[name]
+                self._policies[key] = VllmPolicy()
+        return self._policies[key]
 
     def view(self, request: compat.Request, now: float) -> RequestView:
         """What the policy may know about one request."""
@@ -103,13 +117,14 @@ class Broker:
         self._evict_waiting(victims, ranked_ids[0] if ranked_ids else None)
 
     def _evict_waiting(self, victims: list[tuple[str, str]], first: str | None) -> None:
-        """Free the KV of victims that are not running. CPU: vLLM cannot offload here, so every
-        mode recomputes; running victims are left to vLLM's allocator, which preempts from the end
-        of the ranked list. The top-ranked request is never a victim. A victim with a step still in
+        """Free the KV of victims that are not running, their blocks first queued for the KV tier
+        where the policy chose to offload them (else they recompute when they resume); running
+        victims are left to vLLM's allocator, which preempts (recomputes) from the end of the
+        ranked list. The top-ranked request is never a victim. A victim with a step still in
         flight (async scheduling: a prefill deferred this step) waits for that step's output; the
         next step evicts it if it is still a victim."""
         running = compat.running_ids(self._scheduler)
-        for rid, _mode in victims:
+        for rid, mode in victims:
             request = compat.find_request(self._scheduler, rid)
             if request is None or rid in running or rid == first:
                 continue
@@ -117,8 +132,13 @@ class Broker:
                 self.evictions_waited += 1
                 continue
             tokens = compat.computed_tokens(request)
+            offloaded = mode == OFFLOAD and self._tier is not None
+            if offloaded:
+                self._tier.offload(request)
+                self.offloads += 1
             blocks = compat.evict_waiting_kv(self._scheduler, request)
-            self.evicted_last.append((compat.external_request_id(rid), tokens, blocks))
+            kind = OFFLOAD if offloaded else "recompute"
+            self.evicted_last.append((compat.external_request_id(rid), tokens, blocks, kind))
             self.evictions += 1
 
     def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:

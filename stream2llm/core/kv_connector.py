@@ -16,8 +16,18 @@ token to sample from): with every block stored it computes that one token, as vL
 connectors do. A block that vanished between the lookup and the load is reported to vLLM, which
 recomputes it.
 
+The same connector is one engine's KV tier (``kv_role="kv_both"``, ``saves="evicted"``): it saves
+nothing as it is computed; when the broker evicts a parked session by offloading it (``offload``),
+the session's full blocks are copied to the store before anything can overwrite them (when the
+worker binds the next step's metadata, before that step's loads and forward pass), and when the
+session resumes its stored blocks load back as external hits, so only what the prefix cache and
+the tier both lost is recomputed. Every block carries a checksum: a missing or damaged one is
+reported to vLLM, which recomputes it (``kv_load_failure_policy="recompute"``).
+
 Configuration (``kv_connector_extra_config``): ``store_path`` (a directory; default under
-``/dev/shm``), ``capacity_bytes`` (the producer removes its oldest blocks past it).
+``/dev/shm``), ``capacity_bytes`` (least recently used blocks are removed past it), ``saves``
+(``computed``: every full block as it is computed, a P/D producer's default; ``evicted``: only
+offloaded victims' blocks).
 """
 
 from __future__ import annotations
@@ -34,7 +44,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from stream2llm.core import vllm_compat as compat
-from stream2llm.core.kv_store import DEFAULT_CAPACITY_BYTES, DEFAULT_ROOT, BlockStore, DirectoryStore
+from stream2llm.core.kv_store import (
+    DEFAULT_CAPACITY_BYTES,
+    DEFAULT_ROOT,
+    BlockStore,
+    BlockUnreadable,
+    DirectoryStore,
+)
 from stream2llm.core.protocol import KV_PARAMS_KEY, ChunkMeta
 from stream2llm.tokens import ceil_div
 
@@ -44,6 +60,7 @@ if TYPE_CHECKING:
 
 MODULE_PATH = __name__
 CONNECTOR_NAME = "StreamingKVConnector"
+SAVES = ("computed", "evicted")
 
 
 @dataclass
@@ -53,6 +70,7 @@ class StreamingKVMetadata(KVConnectorMetadata):
 
     saves: list[tuple[int, str]] = field(default_factory=list)
     loads: list[tuple[int, str]] = field(default_factory=list)
+    offloads: list[tuple[int, str]] = field(default_factory=list)  # evicted blocks: saved before loads
 
 
 @dataclass
@@ -74,9 +92,13 @@ class StreamingKVConnector(KVConnectorBase_V1):
         transfer = self._kv_transfer_config
         root = transfer.get_from_extra_config("store_path", str(DEFAULT_ROOT / "stream2llm-kv"))
         capacity = int(transfer.get_from_extra_config("capacity_bytes", DEFAULT_CAPACITY_BYTES))
+        saves = transfer.get_from_extra_config("saves", "computed")
+        if saves not in SAVES:
+            raise ValueError(f"kv_connector_extra_config saves={saves!r}: expected one of {', '.join(SAVES)}")
         self.store: BlockStore = DirectoryStore(root, capacity)
         self.block_size = vllm_config.cache_config.block_size
-        self.saves_kv = transfer.kv_role in ("kv_producer", "kv_both")
+        self.saves_kv = transfer.kv_role in ("kv_producer", "kv_both") and saves == "computed"
+        self.offloads_kv = transfer.kv_role in ("kv_producer", "kv_both")
         self.loads_kv = transfer.kv_role in ("kv_consumer", "kv_both")
         self._num_blocks = kv_cache_config.num_blocks
         self._block_bytes = _block_bytes(kv_cache_config)
@@ -85,9 +107,18 @@ class StreamingKVConnector(KVConnectorBase_V1):
         self._saved: dict[str, _Saved] = {}
         self._plans: dict[str, tuple[int, list[str]]] = {}  # request id -> (first block, keys to load)
         self._loads: list[tuple[int, str]] = []
+        self._offloads: list[tuple[int, str]] = []
+        self.tier = TierCounters()
+        self.loaded_last: list[tuple[str, int]] = []  # (request, tokens) the store gave or took back
+        self._loading: dict[int, tuple[str, int]] = {}  # block id -> (request, tokens) of the last loads
         # worker side
-        self._layers: list[tuple[torch.Tensor, int]] = []  # (KV tensor, its block dimension), by layer name
+        self._layers: Layers = []  # (KV tensor, its block dimension), by layer name
         self._load_errors: set[int] = set()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token takes over every layer (what offloading it moves)."""
+        return self._block_bytes // self.block_size
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -100,8 +131,8 @@ class StreamingKVConnector(KVConnectorBase_V1):
             self._requests[request.request_id] = request
 
     def build_connector_meta(self, scheduler_output: Any) -> StreamingKVMetadata:
-        meta = StreamingKVMetadata(loads=self._loads)
-        self._loads = []
+        meta = StreamingKVMetadata(loads=self._loads, offloads=self._offloads)
+        self._loads, self._offloads = [], []
         if self.saves_kv:
             for request_id, n in compat.scheduled_tokens(scheduler_output).items():
                 if (request := self._requests.get(request_id)) is not None:
@@ -152,6 +183,34 @@ class StreamingKVConnector(KVConnectorBase_V1):
         saved.after_final += 1
         block_id = compat.request_block_ids(self._kv_cache_manager, request.request_id)[full]
         return [(block_id, key)]
+
+    # -- scheduler side: the tier ----------------------------------------------------------------
+
+    def offload(self, request: Any) -> int:
+        """Queue the full blocks a victim holds for saving, before the broker frees them; returns
+        the blocks queued (those the store has already are not copied again). The copy runs at
+        the start of the next step's forward pass, before any load or computation can reuse the
+        freed blocks."""
+        if not self.offloads_kv:
+            raise RuntimeError("this KV connector has no tier: its role does not save (kv_role)")
+        full = compat.computed_tokens(request) // self.block_size
+        keys = compat.block_hash_keys(request)[:full]
+        block_ids = compat.request_block_ids(self._kv_cache_manager, request.request_id)
+        queued = [(block_ids[i], key) for i, key in enumerate(keys) if not self.store.has(key)]
+        self._offloads += queued
+        self.tier.blocks_offloaded += len(queued)
+        self.tier.bytes_offloaded += len(queued) * self._block_bytes
+        return len(queued)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """vLLM's report of a step's transfers: the blocks whose load failed are counted, and
+        taken back from their requests' loaded tokens (vLLM recomputes them)."""
+        failed = connector_output.invalid_block_ids or ()
+        self.tier.blocks_load_failed += len(failed)
+        for block_id in failed:
+            if (owner := self._loading.get(block_id)) is not None:
+                self.loaded_last.append((owner[0], -owner[1]))
+        self._loading.clear()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Report what was saved for the request (the front end gets it with the final output)."""
@@ -206,27 +265,34 @@ class StreamingKVConnector(KVConnectorBase_V1):
         block_ids = compat.group_block_ids(blocks)
         n = ceil_div(num_external_tokens, self.block_size)
         self._loads += [(block_ids[first + j], keys[j]) for j in range(n)]
+        for j in range(n):
+            tokens = min(self.block_size, num_external_tokens - j * self.block_size)
+            self._loading[block_ids[first + j]] = (request.request_id, tokens)
+        self.tier.blocks_loaded += n
+        self.tier.bytes_loaded += n * self._block_bytes
+        self.loaded_last.append((request.request_id, num_external_tokens))
 
     # -- worker side -----------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._layers = [(t, _block_dim(t, self._num_blocks)) for _, t in sorted(kv_caches.items())]
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Take the step's metadata and copy out the blocks evicted for it, now: vLLM binds the
+        metadata before the forward pass that may reuse those blocks, while it calls
+        ``start_load_kv`` only after the forward in a step without synchronous loads."""
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, StreamingKVMetadata):
+            self._save(connector_metadata.offloads)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, StreamingKVMetadata)
         for block_id, key in meta.loads:
             try:
-                block = self.store.get(key)
-            except FileNotFoundError:  # removed since the lookup: vLLM recomputes the block
+                copy_in(self.store, self._layers, block_id, key)
+            except BlockUnreadable:  # removed or damaged since the lookup: vLLM recomputes it
                 self._load_errors.add(block_id)
-                continue
-            if block.shape[0] != len(self._layers):
-                raise RuntimeError(
-                    f"KV block {key} holds {block.shape[0]} layers; this model has {len(self._layers)}"
-                )
-            for (cache, dim), layer_block in zip(self._layers, block, strict=True):
-                cache.select(dim, block_id).copy_(layer_block)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # every block was loaded before the forward pass
@@ -239,13 +305,51 @@ class StreamingKVConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, StreamingKVMetadata)
-        for block_id, key in meta.saves:
-            block = torch.stack([cache.select(dim, block_id) for cache, dim in self._layers])
-            self.store.put(key, block.cpu())  # host memory, whatever device the KV is on
+        self._save(meta.saves)
+
+    def _save(self, blocks: list[tuple[int, str]]) -> None:
+        copy_out(self.store, self._layers, blocks)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+
+Layers = list[tuple[torch.Tensor, int]]  # each layer's KV tensor and the dimension that indexes blocks
+
+
+def copy_out(store: BlockStore, layers: Layers, blocks: list[tuple[int, str]]) -> None:
+    """Copy KV blocks (id, key) from every layer into the store, one entry per block."""
+    for block_id, key in blocks:
+        block = torch.stack([cache.select(dim, block_id) for cache, dim in layers])
+        store.put(key, block.cpu())  # host memory, whatever device the KV is on
+
+
+def copy_in(store: BlockStore, layers: Layers, block_id: int, key: str) -> None:
+    """Copy one stored block into every layer's KV at ``block_id``; ``BlockUnreadable`` if the
+    store cannot give it back intact."""
+    block = store.get(key)
+    if block.shape[0] != len(layers):
+        raise BlockUnreadable(f"KV block {key} holds {block.shape[0]} layers; this model has {len(layers)}")
+    for (cache, dim), layer_block in zip(layers, block, strict=True):
+        target = cache.select(dim, block_id)
+        if layer_block.shape != target.shape or layer_block.dtype != target.dtype:
+            raise BlockUnreadable(
+                f"KV block {key} is {tuple(layer_block.shape)} {layer_block.dtype}, not this KV's"
+            )
+        target.copy_(layer_block)
+
+
+@dataclass
+class TierCounters:
+    """What the tier moved since the engine started (scheduler side: planned copies, and the
+    loads vLLM reported failed)."""
+
+    blocks_offloaded: int = 0
+    bytes_offloaded: int = 0
+    blocks_loaded: int = 0
+    bytes_loaded: int = 0
+    blocks_load_failed: int = 0
 
 
 def tail_key(last_full_key: str | None, tokens: list[int]) -> str:
@@ -275,12 +379,22 @@ def _block_bytes(kv_cache_config: Any) -> int:
 
 
 def transfer_config(
-    role: str, store_path: str, capacity_bytes: int = DEFAULT_CAPACITY_BYTES
+    role: str, store_path: str, capacity_bytes: int = DEFAULT_CAPACITY_BYTES, saves: str = "computed"
 ) -> dict[str, Any]:
     """vLLM's ``kv_transfer_config`` (as a dict: ``--kv-transfer-config`` JSON) for this connector."""
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": MODULE_PATH,
         "kv_role": role,
-        "kv_connector_extra_config": {"store_path": store_path, "capacity_bytes": capacity_bytes},
+        "kv_load_failure_policy": "recompute",  # a block missing or damaged is recomputed
+        "kv_connector_extra_config": {
+            "store_path": store_path,
+            "capacity_bytes": capacity_bytes,
+            "saves": saves,
+        },
     }
+
+
+def tier_config(store_path: str, capacity_bytes: int) -> dict[str, Any]:
+    """One engine's KV tier: offloaded victims' blocks saved and loaded back by this connector."""
+    return transfer_config("kv_both", store_path, capacity_bytes, saves="evicted")

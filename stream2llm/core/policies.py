@@ -24,14 +24,16 @@ Published policies (Stream2LLM, MLSys 2026), reproduced for comparison:
    older stream's large backlog (ranked by arrival, openings waited seconds under load while the
    session's front end held all of its context, so the stream degenerated to one-shot).
 2. Victims, only when the top-ranked work cannot get the blocks it needs: parked sessions first,
-   those whose next chunk is expected furthest in the future first (their KV would sit idle the
-   longest), and among those the ones that free the most blocks; then partial streams waiting
+   cheapest first by what losing their KV is expected to cost per block freed and per second
+   until their next chunk (KV that would sit idle longest and is cheapest to bring back goes
+   first; a session with no expected next chunk goes before any); then partial streams waiting
    for blocks, lowest-ranked first; a complete stream only as a last resort (it is on the TTFT
    clock, but a memory full of waiting streams would otherwise deadlock).
-3. Mode per victim: offload when the cost model says moving its bytes out and back is cheaper than
-   recomputing its tokens and the engine can offload; else recompute. An evicted parked session
-   keeps its prefix-cache hashes, so if its blocks are not reused before it returns, "recompute"
-   costs nothing.
+3. Mode per victim (every policy, ``Policy.mode``): with a KV tier, offload when the cost model
+   expects saving its KV now and loading it on return to cost less than recomputing it on return
+   (each weighted by the chance it returns within its TTL); else recompute. An evicted session
+   keeps its prefix-cache hashes, so blocks nobody reused before it returns come back for free
+   either way.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from stream2llm.core.cost_profile import CostProfile
 
 RECOMPUTE, OFFLOAD = "recompute", "offload"
 
@@ -59,12 +63,52 @@ class RequestView:
     tokens_queued: int = 0  # chunks that wait in the engine behind the one in work (a final, say)
 
 
+PREEMPTIONS = ("recompute", "offload", "cost")  # how a victim's KV is given back (``Policy.mode``)
+
+
 @dataclass(frozen=True)
 class Costs:
-    """Cost estimates a policy may consult (seconds)."""
+    """What giving a victim's KV back costs (seconds for n tokens): recomputing it when the session
+    returns, and, where the engine has a KV tier, saving it there now and loading it back then.
+    ``horizon_s`` is how long a session may stay away (its TTL): one not expected back within it
+    is not worth saving."""
 
     recompute_s: Callable[[int], float] = lambda tokens: tokens * 2e-5
-    offload_roundtrip_s: Callable[[int], float] | None = None  # tokens -> seconds; None: cannot offload
+    save_s: Callable[[int], float] | None = None  # None: no tier, every victim recomputes
+    load_s: Callable[[int], float] | None = None
+    horizon_s: float = math.inf
+
+    @classmethod
+    def from_profile(
+        cls, profile: CostProfile, kv_bytes_per_token: int | None = None, horizon_s: float = math.inf
+    ) -> Costs:
+        """A cost profile's curves at this engine's KV geometry (the profile's when not given)."""
+        if not profile.offload:
+            return cls(profile.prefill_s, horizon_s=horizon_s)
+        return cls(
+            profile.prefill_s,
+            lambda tokens: profile.save_s(tokens, kv_bytes_per_token),
+            lambda tokens: profile.load_s(tokens, kv_bytes_per_token),
+            horizon_s,
+        )
+
+    @property
+    def can_offload(self) -> bool:
+        return self.save_s is not None and self.load_s is not None
+
+    def return_chance(self, view: RequestView, now: float) -> float:
+        """The chance the session comes back for its KV: 0 when its next chunk is expected past
+        the horizon (it would be aborted first), else 1 (a session's chunks keep coming)."""
+        return 0.0 if view.next_chunk_eta - now > self.horizon_s else 1.0
+
+    def expected_s(self, view: RequestView, mode: str, now: float) -> float:
+        """Expected seconds the engine spends on a victim's KV: saving now and loading on return
+        (offload), or recomputing on return (recompute), each weighted by the return chance."""
+        tokens, back = view.tokens_computed, self.return_chance(view, now)
+        if mode == OFFLOAD:
+            assert self.save_s is not None and self.load_s is not None
+            return self.save_s(tokens) + back * self.load_s(tokens)
+        return back * self.recompute_s(tokens)
 
 
 @dataclass
@@ -78,7 +122,10 @@ def _holding(views: Sequence[RequestView]) -> list[RequestView]:
 
 
 def _victims_in_reverse_rank(
-    ranked: Sequence[RequestView], views: Sequence[RequestView], blocks_needed: int
+    ranked: Sequence[RequestView],
+    views: Sequence[RequestView],
+    blocks_needed: int,
+    mode: Callable[[RequestView], str],
 ) -> list[tuple[str, str]]:
     """Published rule: lowest-ranked requests holding KV first, until enough blocks are free."""
     position = {v.request_id: i for i, v in enumerate(ranked)}
@@ -87,14 +134,25 @@ def _victims_in_reverse_rank(
     for v in holders:
         if freed >= blocks_needed:
             break
-        out.append((v.request_id, RECOMPUTE))
+        out.append((v.request_id, mode(v)))
         freed += v.blocks_held
     return out
 
 
 class Policy:
-    """Ranks the requests that want compute and names victims when KV is short; side-effect free,
-    so the engine's broker and the simulator apply the same decisions."""
+    """Ranks the requests that want compute and names victims when KV is short, each with the way
+    its KV is given back (``preemption``: always recompute, always offload to the tier, or by
+    ``costs``); side-effect free, so the engine's broker and the simulator apply the same
+    decisions."""
+
+    def __init__(
+        self, costs: Costs | None = None, preemption: str = "cost", has_tier: bool | None = None
+    ) -> None:
+        if preemption not in PREEMPTIONS:
+            raise ValueError(f"unknown preemption {preemption!r}; known: {', '.join(PREEMPTIONS)}")
+        self.costs = costs or Costs()
+        self.preemption = preemption
+        self.has_tier = self.costs.can_offload if has_tier is None else has_tier  # somewhere to offload to
 
     def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         raise NotImplementedError
@@ -102,7 +160,24 @@ class Policy:
     def victims(
         self, ranked: Sequence[RequestView], views: Sequence[RequestView], blocks_needed: int, now: float
     ) -> list[tuple[str, str]]:
-        return _victims_in_reverse_rank(ranked, views, blocks_needed)
+        return _victims_in_reverse_rank(ranked, views, blocks_needed, lambda v: self.mode(v, now))
+
+    def mode(self, view: RequestView, now: float = 0.0) -> str:
+        """Offload or recompute one victim: recompute where there is no tier or the engine is told
+        to; offload where told to; else whichever the cost model expects to cost less (recompute
+        where the model knows no tier costs)."""
+        if self.preemption == RECOMPUTE or not self.has_tier:
+            return RECOMPUTE
+        if self.preemption == OFFLOAD:
+            return OFFLOAD
+        if not self.costs.can_offload:
+            return RECOMPUTE
+        offload = self.costs.expected_s(view, OFFLOAD, now)
+        return OFFLOAD if offload < self.costs.expected_s(view, RECOMPUTE, now) else RECOMPUTE
+
+    def give_back_s(self, view: RequestView, now: float) -> float:
+        """Expected seconds giving this victim's KV back costs, the way ``mode`` would."""
+        return self.costs.expected_s(view, self.mode(view, now), now)
 
     def decide(self, views: Sequence[RequestView], blocks_needed: int = 0, now: float = 0.0) -> Decision:
         active = [v for v in views if not v.parked]
@@ -137,9 +212,6 @@ class McpsPolicy(Policy):
 
 
 class Stream2llmPolicy(Policy):
-    def __init__(self, costs: Costs | None = None) -> None:
-        self.costs = costs or Costs()
-
     def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
         return sorted(
             views,
@@ -154,8 +226,7 @@ class Stream2llmPolicy(Policy):
         self, ranked: Sequence[RequestView], views: Sequence[RequestView], blocks_needed: int, now: float
     ) -> list[tuple[str, str]]:
         parked = [v for v in views if v.parked and v.blocks_held > 0]
-        # furthest next chunk first; then the most blocks (fewest victims)
-        parked.sort(key=lambda v: (-(v.next_chunk_eta - now), -v.blocks_held))
+        parked.sort(key=lambda v: (self._parked_cost(v, now), -(v.next_chunk_eta - now), -v.blocks_held))
         position = {v.request_id: i for i, v in enumerate(ranked)}
         holding = sorted(
             (v for v in views if not v.parked and v.blocks_held > 0),
@@ -167,20 +238,22 @@ class Stream2llmPolicy(Policy):
         for v in [*parked, *partial, *complete]:
             if freed >= blocks_needed:
                 break
-            out.append((v.request_id, self.mode(v)))
+            out.append((v.request_id, self.mode(v, now)))
             freed += v.blocks_held
         return out
 
-    def mode(self, view: RequestView) -> str:
-        offload = self.costs.offload_roundtrip_s
-        if offload is not None and offload(view.tokens_computed) < self.costs.recompute_s(
-            view.tokens_computed
-        ):
-            return OFFLOAD
-        return RECOMPUTE
+    def _parked_cost(self, view: RequestView, now: float) -> float:
+        """A parked victim's price: the expected seconds to give its KV back, per block it frees,
+        per second until its next chunk (the KV would sit idle that long): the cheapest KV to
+        lose, held the longest for nothing, goes first; one not expected back at all costs 0."""
+        idle_s = view.next_chunk_eta - now
+        if math.isinf(idle_s):
+            return 0.0
+        per_block = self.give_back_s(view, now) / max(view.blocks_held, 1)
+        return per_block / max(idle_s, 1e-3)
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {
+POLICIES: dict[str, Callable[[Costs | None, str, bool | None], Policy]] = {
     "vllm": VllmPolicy,
     "fcfs": FcfsPolicy,
     "lcas": LcasPolicy,
@@ -189,7 +262,11 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 }
 
 
-def make_policy(name: str, costs: Costs | None = None) -> Policy:
+def make_policy(
+    name: str, costs: Costs | None = None, preemption: str = "cost", has_tier: bool | None = None
+) -> Policy:
+    """A policy by name; ``has_tier`` says whether the engine can offload (default: whether
+    ``costs`` knows a tier's costs)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    return Stream2llmPolicy(costs) if name == "stream2llm" else POLICIES[name]()
+    return POLICIES[name](costs, preemption, has_tier)

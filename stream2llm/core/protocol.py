@@ -40,20 +40,33 @@ class ChunkMeta:
     op: ChunkOp = ChunkOp.APPEND
     final: bool = False
     policy: str | None = None
+    preemption: str | None = None  # how victims give KV back (core.policies.PREEMPTIONS)
 
     @property
     def replaces_prompt(self) -> bool:
         return self.op is ChunkOp.UPDATE
 
     def as_extra_args(self) -> dict[str, Any]:
-        return {CONFIG_KEY: {"op": self.op.value, "final": self.final, "policy": self.policy}}
+        return {
+            CONFIG_KEY: {
+                "op": self.op.value,
+                "final": self.final,
+                "policy": self.policy,
+                "preemption": self.preemption,
+            }
+        }
 
     @classmethod
     def of(cls, sampling_params: Any) -> ChunkMeta:
         """The metadata a chunk's sampling parameters carry (a plain request: an append)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
         raw = extra.get(CONFIG_KEY) or {}
-        return cls(ChunkOp(raw.get("op", ChunkOp.APPEND.value)), bool(raw.get("final")), raw.get("policy"))
+        return cls(
+            ChunkOp(raw.get("op", ChunkOp.APPEND.value)),
+            bool(raw.get("final")),
+            raw.get("policy"),
+            raw.get("preemption"),
+        )
 
 
 def throwaway_tokens(chunks: int, answered_here: bool) -> int:
@@ -91,6 +104,7 @@ class RequestCounters:
     tokens_prefilled: int = 0
     tokens_recomputed: int = 0
     tokens_discarded: int = 0
+    tokens_loaded: int = 0  # brought back from the KV tier after an eviction, not recomputed
     updates: list[UpdateRecord] = field(default_factory=list)
     # the token ids whose KV the request held at the end, as handed to the model (see accounting)
     computed_prompt_len: int = 0
@@ -101,6 +115,7 @@ class RequestCounters:
             "tokens_prefilled": self.tokens_prefilled,
             "tokens_recomputed": self.tokens_recomputed,
             "tokens_discarded": self.tokens_discarded,
+            "tokens_loaded": self.tokens_loaded,
             "updates": [vars(u) for u in self.updates],
             "computed_prompt_len": self.computed_prompt_len,
             "computed_prompt_digest": self.computed_prompt_digest,

@@ -19,12 +19,15 @@ vLLM's ``AsyncScheduler`` (output placeholders) between our hooks and vLLM's ``S
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 from stream2llm.core import vllm_compat as compat
 from stream2llm.core.accounting import Accounting
 from stream2llm.core.broker import Broker
+from stream2llm.core.cost_profile import DEFAULT_PROFILE, CostProfile
+from stream2llm.core.policies import Costs
 from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta
 from stream2llm.core.streams import StreamTracker
 from stream2llm.core.updates import UpdateMode
@@ -48,14 +51,19 @@ class StreamScheduler(compat.HookedScheduler):
         self.streams = StreamTracker()
         self.accounting = Accounting(self, options.get("stats_path"), options.get("step_log"))
         self.broker = Broker(
-            self, self.streams, options.get("policy", "vllm"), float(options.get("parked_kv_cap", 1.0))
+            self,
+            self.streams,
+            options.get("policy", "vllm"),
+            float(options.get("parked_kv_cap", 1.0)),
+            _costs(options, compat.kv_tier(self)),
+            options.get("preemption", "recompute"),
         )
         self.updates = UpdateMode(self, self.accounting)
         self._publish()
 
     def add_request(self, request: compat.Request) -> None:
         meta = ChunkMeta.of(request.sampling_params)
-        self.broker.follow_chunk_policy(meta.policy)
+        self.broker.follow_chunk_policy(meta.policy, meta.preemption)
         now = time.monotonic()
         rid = request.request_id
         known = self.streams.chunk_arrived(rid, now, meta.final, compat.is_stream_chunk(request))
@@ -96,6 +104,7 @@ class StreamScheduler(compat.HookedScheduler):
         self.updates.end_superseded_chunks()
         self.broker.apply()
         output = super().schedule(*args, **kwargs)
+        self._count_tier_loads()
         self.accounting.step_scheduled(
             output,
             t0,
@@ -109,6 +118,7 @@ class StreamScheduler(compat.HookedScheduler):
 
     def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
         outputs = super().update_from_output(*args, **kwargs)
+        self._count_tier_loads()  # loads that failed are taken back
         self.accounting.step_done()
         self._publish()  # requests finished here free their KV; the board must show it
         return outputs
@@ -118,8 +128,25 @@ class StreamScheduler(compat.HookedScheduler):
         self._publish()
         return finished
 
+    def _count_tier_loads(self) -> None:
+        if (tier := compat.kv_tier(self)) is not None and tier.loaded_last:
+            self.accounting.tier_loaded(tier.loaded_last)
+            tier.loaded_last = []
+
     def _publish(self) -> None:
-        self.accounting.publish(preemptions=self.broker.evictions)
+        tier = compat.kv_tier(self)
+        self.accounting.publish(self.broker.evictions, self.broker.offloads, tier.tier if tier else None)
+
+
+def _costs(options: dict[str, Any], tier: Any) -> Costs:
+    """The cost model the engine's policy decides by: the profile the front end passed (its JSON;
+    the packaged default otherwise), at this engine's KV geometry, with the session TTL as the
+    horizon a victim may come back in."""
+    profile = options.get("cost_profile")
+    profile = CostProfile.from_json(profile) if profile else CostProfile.load(DEFAULT_PROFILE)
+    horizon = float(options.get("session_ttl_s") or math.inf)
+    per_token = tier.bytes_per_token if tier is not None else None
+    return Costs.from_profile(profile, per_token, horizon)
 
 
 class AsyncStreamScheduler(StreamScheduler, compat.AsyncScheduler):

@@ -14,8 +14,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-_FORMAT = struct.Struct("<QdIIIIQQQ")  # seq, kv_usage, running, waiting, parked, requests,
-#                                       prefilled, recomputed, preemptions
+_FORMAT = struct.Struct("<QdIIIIQQQQQQQ")  # seq, kv_usage, running, waiting, parked, requests,
+#                                       prefilled, recomputed, preemptions, then the KV tier's counters
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,12 @@ class EngineStats:
     parked: int = 0  # streaming sessions waiting for their next chunk (they hold KV)
     requests: int = 0  # requests the scheduler knows
     tokens_prefilled: int = 0
-    tokens_recomputed: int = 0  # by updates (context replaced past the common prefix)
-    preemptions: int = 0
+    tokens_recomputed: int = 0  # by updates (past the common prefix) and evictions (KV lost)
+    preemptions: int = 0  # evictions by the broker, however their KV was given back
+    offloads: int = 0  # evictions whose KV went to the KV tier
+    tier_bytes_saved: int = 0
+    tier_bytes_loaded: int = 0
+    tier_load_failures: int = 0  # blocks missing or damaged in the tier: recomputed
 
 
 class StatsBoard:
@@ -62,6 +66,10 @@ class StatsBoard:
             stats.tokens_prefilled,
             stats.tokens_recomputed,
             stats.preemptions,
+            stats.offloads,
+            stats.tier_bytes_saved,
+            stats.tier_bytes_loaded,
+            stats.tier_load_failures,
         )
         struct.pack_into("<Q", self._map, 0, self._seq * 2)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 PrefillItem = tuple[int, int, bool, str]  # prompt tokens, context, stream complete, id as submitted
-Eviction = tuple[str, int, int]  # id as submitted, tokens computed, blocks freed
+Eviction = tuple[str, int, int, str]  # id as submitted, tokens computed, blocks freed, how given back
 
 
 class StepLog:

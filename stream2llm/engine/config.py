@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stream2llm.core.cost_profile import DEFAULT_PROFILE, profile_json
+from stream2llm.core.kv_connector import tier_config
+from stream2llm.core.policies import PREEMPTIONS
 from stream2llm.core.protocol import CONFIG_KEY
 from stream2llm.engine import models
 
@@ -27,6 +30,12 @@ class EngineConfig:
     max_sessions: int = 1024  # open sessions admitted at once
     session_ttl_s: float | None = 600.0  # abort a session whose next event does not come in time
     parked_kv_cap: float = 1.0  # fraction of KV blocks parked sessions may hold before eviction
+    # how an evicted session gives its KV back: "recompute" (no tier), "offload" (always to the
+    # host KV tier) or "cost" (per victim, whichever the cost profile expects to cost less)
+    preemption: str = "cost"
+    cost_profile: str = DEFAULT_PROFILE  # packaged name or JSON file (stream2llm calibrate)
+    kv_tier_bytes: int | None = None  # the host KV tier's bound; None: 4x kv_cache_bytes
+    kv_tier_path: str | None = None  # a directory for it; None: a fresh one in shared memory
     step_log: str | None = None  # a file the engine core appends one JSON line per step to
     dtype: str = "bfloat16"
     seed: int = 0
@@ -41,8 +50,31 @@ class EngineConfig:
     engine_args: dict[str, Any] = field(default_factory=dict)  # passed to vLLM's AsyncEngineArgs
 
 
-def engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str) -> Any:
-    """vLLM's AsyncEngineArgs: our scheduler and its options, stream2llm's own tokenization."""
+def check_config(config: EngineConfig) -> None:
+    """A configuration the engine cannot run with is refused before anything starts, naming the
+    field (the engine core would otherwise fail deep in vLLM, or run without its tier)."""
+    if config.preemption not in PREEMPTIONS:
+        raise ValueError(f"preemption={config.preemption!r}: expected one of {', '.join(PREEMPTIONS)}")
+    if config.kv_tier_bytes is not None and config.kv_tier_bytes <= 0:
+        raise ValueError(f"kv_tier_bytes={config.kv_tier_bytes}: the KV tier needs a positive bound")
+    profile_json(config.cost_profile)  # ValueError naming the packaged profiles
+
+
+def has_kv_tier(config: EngineConfig) -> bool:
+    """Whether the engine gets its own host KV tier: a preemption that may offload, and no other
+    KV connector (a disaggregated prefill instance's connector is configured by ``kv_transfer``)."""
+    return config.preemption != "recompute" and config.kv_transfer is None
+
+
+def tier_bytes(config: EngineConfig) -> int:
+    return config.kv_tier_bytes if config.kv_tier_bytes is not None else 4 * config.kv_cache_bytes
+
+
+def engine_args(
+    config: EngineConfig, model: models.ModelInfo, board_path: str, tier_path: str | None = None
+) -> Any:
+    """vLLM's AsyncEngineArgs: our scheduler and its options, stream2llm's own tokenization, and
+    our KV connector as the engine's host KV tier where it has one (``tier_path``)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {
@@ -63,16 +95,22 @@ def engine_args(config: EngineConfig, model: models.ModelInfo, board_path: str) 
                 "stats_path": board_path,
                 "parked_kv_cap": config.parked_kv_cap,
                 "step_log": config.step_log,
+                "preemption": config.preemption,
+                "cost_profile": profile_json(config.cost_profile),
+                "session_ttl_s": config.session_ttl_s,
             }
         },
         "disable_log_stats": True,
         **model.engine_overrides,
         **config.engine_args,
     }
-    if config.kv_transfer is not None:
+    transfer = config.kv_transfer
+    if transfer is None and tier_path is not None:
+        transfer = tier_config(tier_path, tier_bytes(config))
+    if transfer is not None:
         from vllm.config import KVTransferConfig
 
-        kwargs["kv_transfer_config"] = KVTransferConfig(**config.kv_transfer)
+        kwargs["kv_transfer_config"] = KVTransferConfig(**transfer)
     kwargs.update(models.hybrid_kv_overrides(models.hf_config(model.path), kwargs))
     if config.block_size is not None:
         kwargs["block_size"] = config.block_size

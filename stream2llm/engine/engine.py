@@ -12,17 +12,20 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from stream2llm.context.prompt import PromptBuilder, PromptTemplate, TextTokenizer
-from stream2llm.core.policies import POLICIES
+from stream2llm.core.kv_store import DEFAULT_ROOT
+from stream2llm.core.policies import POLICIES, PREEMPTIONS
 from stream2llm.core.stats_board import EngineStats, StatsBoard
 from stream2llm.engine import models
-from stream2llm.engine.config import MODES, EngineConfig, Mode, engine_args
+from stream2llm.engine.config import MODES, EngineConfig, Mode, check_config, engine_args, has_kv_tier
 from stream2llm.engine.decode import DecodeBackend, LocalDecode
 from stream2llm.engine.handover import tokens_prompt
 from stream2llm.engine.health import Watchdog, explain_unguarded_main, refuse_unguarded_start, start_off_loop
@@ -42,7 +45,14 @@ __all__ = ["EngineConfig", "Session", "SessionResult", "StreamingEngine"]
 class StreamingEngine:
     """One vLLM engine shared by many streaming sessions."""
 
-    def __init__(self, config: EngineConfig, llm: Any, model: models.ModelInfo, board: StatsBoard) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        llm: Any,
+        model: models.ModelInfo,
+        board: StatsBoard,
+        tier_path: str | None = None,
+    ) -> None:
         self.config = config
         self.model = model
         self.tokenizer = TextTokenizer(model.path, model.bos_token_id)
@@ -53,6 +63,8 @@ class StreamingEngine:
         self._ids = itertools.count()
         self._reaper: asyncio.Task | None = None
         self._policy = config.policy
+        self._preemption = config.preemption
+        self.kv_tier_path = tier_path  # the host KV tier's directory (removed at shutdown)
         self._watchdog = Watchdog(llm, self._fail_all)
         self._shutdown: asyncio.Task | None = None
         self._decode = decode_backend(config)
@@ -63,13 +75,18 @@ class StreamingEngine:
             closed=self._forget,
             tokenizer=self.tokenizer,
             engine_died=self._watchdog.check,
-            policy=lambda: self._policy,
+            policy=lambda: (self._policy, self._preemption),
         )
 
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> StreamingEngine:
         refuse_unguarded_start()  # a spawned engine core re-importing an unguarded script
         config = config or EngineConfig()
+        try:
+            check_config(config)
+        except ValueError as error:
+            raise StreamError(f"EngineConfig: {error}") from None
+        tier_path = _make_tier_dir(config) if has_kv_tier(config) else None
         fd, board_path = tempfile.mkstemp(prefix="stream2llm-stats-")
         os.close(fd)
         board = StatsBoard(board_path, create=True)
@@ -82,7 +99,7 @@ class StreamingEngine:
             from stream2llm.core import vllm_compat
 
             model = models.resolve(config.model)
-            args = engine_args(config, model, board_path)
+            args = engine_args(config, model, board_path, tier_path)
             return model, vllm_compat.start_async_llm(args, fork=config.fast_start)
 
         try:
@@ -90,8 +107,9 @@ class StreamingEngine:
         except BaseException:
             board.close()
             os.unlink(board_path)
+            _remove_tier_dir(config, tier_path)
             raise
-        engine = cls(config, llm, model, board)
+        engine = cls(config, llm, model, board, tier_path)
         engine._watchdog.start()
         return engine
 
@@ -194,11 +212,28 @@ class StreamingEngine:
         """The scheduling policy the engine core applies to every request."""
         return self._policy
 
-    def set_policy(self, name: str) -> None:
-        """Switch the engine's scheduling policy (for the chunks sent from now on). The engine's
-        owner decides it, for every session at once: no session or HTTP client can."""
+    @property
+    def preemption(self) -> str:
+        """How the engine core gives an evicted session's KV back (``EngineConfig.preemption``)."""
+        return self._preemption
+
+    def set_policy(self, name: str, preemption: str | None = None) -> None:
+        """Switch the engine's scheduling policy, and optionally how victims give KV back (for the
+        chunks sent from now on). The engine's owner decides it, for every session at once: no
+        session or HTTP client can. Offloading needs the tier the engine started with."""
         if name not in POLICIES:
             raise StreamError(f"unknown policy {name!r}; expected one of {', '.join(POLICIES)}")
+        if preemption is not None:
+            if preemption not in PREEMPTIONS:
+                raise StreamError(
+                    f"unknown preemption {preemption!r}; expected one of {', '.join(PREEMPTIONS)}"
+                )
+            if preemption != "recompute" and self.kv_tier_path is None:
+                started = f"preemption={self.config.preemption!r}, kv_transfer={self.config.kv_transfer!r}"
+                raise StreamError(
+                    f"preemption {preemption!r} needs the KV tier; this engine started with {started}"
+                )
+            self._preemption = preemption
         self._policy = name
 
     @property
@@ -255,6 +290,7 @@ class StreamingEngine:
         self._board.close()
         with contextlib.suppress(OSError):
             os.unlink(self._board.path)
+        _remove_tier_dir(self.config, self.kv_tier_path)
 
     async def __aenter__(self) -> StreamingEngine:
         return self
@@ -275,3 +311,31 @@ def _shut_down_started(started: tuple[models.ModelInfo, Any]) -> None:
     from stream2llm.core import vllm_compat
 
     vllm_compat.shut_down(started[1])
+
+
+def _make_tier_dir(config: EngineConfig) -> str:
+    """The host KV tier's directory: the configured one (made if missing), else a fresh one in
+    shared memory; a path that cannot be written is refused at start-up."""
+    if config.kv_tier_path is None:
+        return tempfile.mkdtemp(prefix="stream2llm-tier-", dir=DEFAULT_ROOT)
+    try:
+        os.makedirs(config.kv_tier_path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=config.kv_tier_path)  # noqa: SIM115 - closed below
+        probe.close()
+    except OSError as error:
+        raise StreamError(
+            f"EngineConfig.kv_tier_path={config.kv_tier_path!r} cannot hold the KV tier: {error}"
+        ) from None
+    return config.kv_tier_path
+
+
+def _remove_tier_dir(config: EngineConfig, path: str | None) -> None:
+    """Remove a tier directory the engine made itself (a configured one is emptied, not removed)."""
+    if path is None:
+        return
+    if config.kv_tier_path is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for entry in Path(path).glob("*.safetensors"):
+        with contextlib.suppress(OSError):
+            entry.unlink()

@@ -232,7 +232,7 @@ class Handover:
         self._runner = asyncio.get_running_loop().create_task(self._run(prompt, internal_id))
 
     def _chunk_sampling(self, op: ChunkOp, final: bool) -> Any:
-        meta = ChunkMeta(op, final, self._host.policy())
+        meta = ChunkMeta(op, final, *self._host.policy())
         return self._decode.chunk_sampling(chunk_params(self._sampling, meta), meta)
 
     async def _run(self, prompt: Any, internal_id: str) -> None:

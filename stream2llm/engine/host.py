@@ -25,4 +25,4 @@ class SessionHost:
     closed: Callable[[str], None]  # the session with this id ended: it holds no slot any more
     tokenizer: TextTokenizer  # decodes the generated tokens
     engine_died: Callable[[], EngineDied | None]  # the engine's death, if it died (checked now)
-    policy: Callable[[], str]  # the engine's scheduling policy, stamped on every chunk
+    policy: Callable[[], tuple[str, str]]  # the engine's policy and preemption, stamped on every chunk

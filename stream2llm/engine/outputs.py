@@ -54,6 +54,7 @@ class SessionResult:
     # monotonic clock, shared with the engine's step log: the final event, its hand-off to vLLM
     # (after the whole prompt was tokenized), the first generated token
     final_event_at: float | None = None
+    tokens_loaded: int = 0  # brought back from the KV tier after an eviction instead of recomputed
     final_handoff_at: float | None = None
     first_token_at: float | None = None
     # the prompt the engine core computed (what the answer attended to), not what was sent: its
@@ -136,6 +137,7 @@ class SessionOutput:
                 tokens_prefilled=int(counters.get("tokens_prefilled", 0)),
                 tokens_recomputed=int(counters.get("tokens_recomputed", 0)),
                 tokens_discarded=int(counters.get("tokens_discarded", 0)),
+                tokens_loaded=int(counters.get("tokens_loaded", 0)),
                 updates=list(counters.get("updates", [])),
                 chunks=list(chunks),
                 finish_reason=self._finish_reason,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stream2llm.engine.engine import Session, StreamingEngine
-from stream2llm.workloads.bench_policies import bench_policy
+from stream2llm.workloads.bench_policies import bench_policy, split_run_name
 from stream2llm.workloads.filler import FillerText
 from stream2llm.workloads.metrics import RunResult
 from stream2llm.workloads.replay import (
@@ -58,6 +58,7 @@ class EngineSession:
             tokens_prefilled=result.tokens_prefilled,
             tokens_recomputed=result.tokens_recomputed,
             tokens_discarded=result.tokens_discarded,
+            tokens_loaded=result.tokens_loaded,
             first_token_at=result.first_token_at,
             timeline=timeline,  # type: ignore[arg-type]
             kv_transfer=result.kv_transfer,
@@ -95,14 +96,21 @@ async def run_once(
 
     sampling = SamplingParams(temperature=0, max_tokens=options.max_tokens, ignore_eos=True)
     spec = bench_policy(policy)
-    engine.set_policy(spec.scheduler)
+    engine.set_policy(spec.scheduler, split_run_name(policy)[1] or engine.config.preemption)
     texts = EventText(engine.tokenizer, engine.config.max_model_len, options)
     transport = EngineTransport(engine, sampling, spec.mode)
     before = engine.stats()
     result = await replay_once(transport, requests, texts, policy, qps, options, repeat, on_done)
     after = engine.stats()
     await wait_idle(engine)
-    result.preemptions = {"recompute": after.preemptions - before.preemptions}
+    offloads = after.offloads - before.offloads
+    result.preemption = engine.preemption
+    result.preemptions = {"recompute": after.preemptions - before.preemptions - offloads, "offload": offloads}
+    result.kv_tier = {
+        "bytes_saved": after.tier_bytes_saved - before.tier_bytes_saved,
+        "bytes_loaded": after.tier_bytes_loaded - before.tier_bytes_loaded,
+        "load_failures": after.tier_load_failures - before.tier_load_failures,
+    }
     return result
 
 

@@ -46,6 +46,7 @@ class RequestRecord:
     tokens_prefilled: int = 0
     tokens_recomputed: int = 0
     tokens_discarded: int = 0  # computed KV that updates threw away
+    tokens_loaded: int = 0  # brought back from the KV tier instead of recomputed
     lower_bound_s: float | None = None
     error: str | None = None
     # engine request id, then monotonic times of the final event, its hand-off, the first token
@@ -60,7 +61,9 @@ class RunResult:
     repeat: int
     records: list[RequestRecord] = field(default_factory=list)
     completion_s: float = 0.0
-    preemptions: dict[str, int] = field(default_factory=dict)
+    preemption: str | None = None  # how the run's victims gave KV back (engine runs)
+    preemptions: dict[str, int] = field(default_factory=dict)  # evictions by how KV was given back
+    kv_tier: dict[str, int] = field(default_factory=dict)  # what the KV tier moved in the run
     position: int = 0  # where the run came in its repeat (policies rotate from repeat to repeat)
 
     def to_json(self) -> dict[str, Any]:
@@ -78,7 +81,10 @@ class RunResult:
             "tokens_prefilled": sum(r.tokens_prefilled for r in ok),
             "tokens_invalidated": sum(r.tokens_discarded for r in ok),
             "tokens_recomputed": sum(r.tokens_recomputed for r in ok),
+            "tokens_loaded": sum(r.tokens_loaded for r in ok),
+            "preemption": self.preemption,
             "preemptions": dict(self.preemptions),
+            "kv_tier": dict(self.kv_tier),
             "errors": len(self.records) - len(ok),
             "error_examples": sorted({r.error for r in self.records if r.error})[:3],
             "samples": {

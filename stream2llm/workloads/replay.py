@@ -104,6 +104,7 @@ class Outcome:
     tokens_prefilled: int
     tokens_recomputed: int
     tokens_discarded: int = 0
+    tokens_loaded: int = 0
     first_token_at: float | None = None  # on the monotonic clock: with the due time, ttft_due_s
     timeline: tuple[str, float, float, float] | None = None
     kv_transfer: dict[str, int] | None = None
@@ -184,6 +185,7 @@ def fill(record: RequestRecord, outcome: Outcome, due_at: float | None, done_s: 
     record.tokens_prefilled = outcome.tokens_prefilled
     record.tokens_recomputed = outcome.tokens_recomputed
     record.tokens_discarded = outcome.tokens_discarded
+    record.tokens_loaded = outcome.tokens_loaded
     record.timeline = outcome.timeline
     record.kv_transfer = outcome.kv_transfer
 

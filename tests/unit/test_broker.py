@@ -97,7 +97,7 @@ def test_an_eviction_is_logged_and_what_it_costs_is_counted_as_recomputed(tiny_m
     run_until_idle(scheduler)
     steps = read_step_log(log)
     evicted = [e for s in steps for e in s.get("evicted", ())]
-    assert evicted == [[victim.request_id, old, -(-old // BS)]]
+    assert evicted == [[victim.request_id, old, -(-old // BS), "recompute"]]
     again = sum(n for s in steps for rid, n in s.get("recomputed", ()) if rid == victim.request_id)
     resumed = [item for s in steps for item in s["prefill"] if item[3] == victim.request_id][-1]
     assert again == old - resumed[1] > 0  # computed again: from the prefix-cache hit to its old end

@@ -4,6 +4,9 @@ block survives the round trip through the store bit for bit."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
@@ -13,9 +16,10 @@ from stream2llm.core.kv_connector import (
     StreamingKVConnector,
     StreamingKVMetadata,
     tail_key,
+    tier_config,
     transfer_config,
 )
-from stream2llm.core.kv_store import DirectoryStore
+from stream2llm.core.kv_store import BlockUnreadable, DirectoryStore
 from tests.unit.synthetic import make_request, make_scheduler, run_until_idle, step, step_with_outputs
 
 BS = 16
@@ -188,3 +192,112 @@ def test_the_store_evicts_its_oldest_blocks_past_capacity(tmp_path):
     assert [store.has(k) for k in ("a1", "b2", "c3", "d4")] == [False, True, True, True]
     assert store.put("d4", torch.zeros(16)) == 0  # already there
     assert torch.equal(store.get("c3"), torch.zeros(16))
+
+
+# -- the connector as one engine's KV tier ------------------------------------------------------
+
+
+def test_an_offloaded_victims_full_blocks_are_copied_out_before_its_blocks_are_reused(tiny_model, tmp_path):
+    """The broker evicts a parked session to the tier: its full blocks (by block id and vLLM's
+    key) go out with the very step that may reuse them, and its partial tail is not saved."""
+    scheduler = make_scheduler(
+        str(tiny_model.path),
+        num_blocks=20,
+        block_size=BS,
+        policy="stream2llm",
+        kv_transfer=tier_config(str(tmp_path), 1 << 30),
+        preemption="offload",
+    )
+    victim = make_request(scheduler, "a", list(range(1000, 1150)))  # 9 full blocks and 6 tokens
+    scheduler.add_request(victim)
+    run_until_idle(scheduler)
+    keys = vllm_compat.block_hash_keys(victim)[: 150 // BS]
+    held = vllm_compat.request_block_ids(scheduler.kv_cache_manager, "a")[: 150 // BS]
+    newcomer = make_request(scheduler, "c", list(range(3000, 3250)), final=True, resumable=False)
+    scheduler.add_request(newcomer)  # needs 16 of the 19 blocks: the parked session must go
+    out = step(scheduler)
+    assert victim.num_computed_tokens == 0 and out.num_scheduled_tokens.get("c")
+    assert out.kv_connector_metadata.offloads == list(zip(held, keys, strict=True))
+    assert scheduler.broker.offloads == 1 and scheduler.get_kv_connector().tier.blocks_offloaded == 9
+
+
+def test_the_tier_loads_what_the_prefix_cache_lost_and_counts_it(tiny_model, tmp_path):
+    """On resume, blocks still in vLLM's prefix cache are hits; the stored rest is loaded from the
+    tier (external hits), not recomputed; the tier's counters and the request's count it."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=64, block_size=BS, kv_transfer=tier_config(str(tmp_path), 1 << 30)
+    )
+    tier = scheduler.get_kv_connector()
+    request = make_request(scheduler, "s", list(range(100, 180)))  # 5 full blocks
+    keys = vllm_compat.block_hash_keys(request)
+    for key in keys[2:]:  # what an earlier offload left: blocks 2-4 (0-1 are found in the cache)
+        tier.store.put(key, torch.zeros(2, 2, BS, 64, dtype=torch.bfloat16))
+    scheduler.add_request(make_request(scheduler, "warm", list(range(100, 132)), resumable=False))
+    run_until_idle(scheduler)
+    scheduler.add_request(request)
+    out = step(scheduler)
+    ids = vllm_compat.request_block_ids(scheduler.kv_cache_manager, "s")
+    assert out.kv_connector_metadata.loads == [(ids[i], keys[i]) for i in (2, 3, 4)]
+    assert (
+        out.num_scheduled_tokens["s"] == 80 - 5 * BS + 1
+    )  # the last token is computed: vLLM samples from it
+    assert tier.tier.blocks_loaded == 3 and scheduler.accounting.counters("s").tokens_loaded == 3 * BS - 1
+
+
+def test_a_failed_load_is_taken_back_from_the_requests_loaded_tokens(tiny_model, tmp_path):
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=64, block_size=BS, kv_transfer=tier_config(str(tmp_path), 1 << 30)
+    )
+    tier = scheduler.get_kv_connector()
+    request = make_request(scheduler, "s", list(range(100, 150)))
+    for key in vllm_compat.block_hash_keys(request):
+        tier.store.put(key, torch.zeros(2, 2, BS, 64, dtype=torch.bfloat16))
+    scheduler.add_request(request)
+    out = step(scheduler)
+    (first_block, _), *_ = out.kv_connector_metadata.loads
+    tier.update_connector_output(SimpleNamespace(invalid_block_ids={first_block}))
+    scheduler._count_tier_loads()
+    assert tier.tier.blocks_load_failed == 1
+    assert scheduler.accounting.counters("s").tokens_loaded == 3 * BS - BS  # the failed block's tokens
+
+
+def test_evicted_blocks_are_saved_when_the_step_is_bound_before_any_load(tiny_model, tmp_path):
+    """vLLM calls start_load_kv after the forward pass in a step without synchronous loads, so the
+    evicted blocks are copied out when the metadata is bound; a load into a freed block follows."""
+    worker = _worker(tiny_model, tmp_path, "kv_both")
+    kv = {f"layer{i}": torch.randn(64, 2, BS, 64, dtype=torch.bfloat16) for i in range(2)}
+    before = {name: t[3].clone() for name, t in kv.items()}
+    worker.register_kv_caches(kv)
+    worker.store.put("ee" * 32, torch.ones(2, 2, BS, 64, dtype=torch.bfloat16))
+    worker.bind_connector_metadata(StreamingKVMetadata(offloads=[(3, "ab" * 32)], loads=[(3, "ee" * 32)]))
+    assert torch.equal(worker.store.get("ab" * 32)[0], before["layer0"])  # saved on binding
+    worker.start_load_kv(None)
+    assert all(torch.equal(t[3], torch.ones_like(t[3])) for t in kv.values())  # then the load
+
+
+def test_the_store_keeps_the_least_recently_used_out_first(tmp_path):
+    store = DirectoryStore(tmp_path, capacity_bytes=3 * 64)
+    for key in ("a1", "b2", "c3"):
+        store.put(key, torch.zeros(16))
+    store.get("a1")  # a1 used: b2 is now the least recently used
+    store.put("d4", torch.zeros(16))
+    assert [store.has(k) for k in ("a1", "b2", "c3", "d4")] == [True, False, True, True]
+    assert store.bytes_held == 3 * 64 == store.bytes_held_peak
+
+
+def test_a_damaged_or_missing_block_is_unreadable_never_wrong(tmp_path):
+    store = DirectoryStore(tmp_path)
+    block = torch.randn(2, 2, BS, 64).to(torch.bfloat16)
+    store.put("ab" * 32, block)
+    path = tmp_path / f"{'ab' * 32}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-7] ^= 0x40  # one bit in the data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BlockUnreadable, match="checksum"):
+        store.get("ab" * 32)
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(BlockUnreadable):
+        store.get("ab" * 32)
+    path.unlink()
+    with pytest.raises(BlockUnreadable):
+        store.get("ab" * 32)

@@ -85,9 +85,9 @@ def test_published_victims_are_lowest_ranked_holders_first():
 def test_stream2llm_evicts_parked_with_the_furthest_next_chunk_first():
     now = 100.0
     views = [
-        view("soon", 0, parked=True, pending=0, blocks=4, eta=now + 0.1),
-        view("late", 0, parked=True, pending=0, blocks=2, eta=now + 9.0),
-        view("later-big", 0, parked=True, pending=0, blocks=6, eta=now + 9.0),
+        view("soon", 0, parked=True, pending=0, computed=512, blocks=4, eta=now + 0.1),
+        view("late", 0, parked=True, pending=0, computed=256, blocks=2, eta=now + 9.0),
+        view("later-big", 0, parked=True, pending=0, computed=768, blocks=6, eta=now + 9.0),
         view("run", 0, complete=True, blocks=3),
         view("partial", 0, complete=False, blocks=5),
     ]
@@ -99,13 +99,67 @@ def test_stream2llm_evicts_parked_with_the_furthest_next_chunk_first():
     assert "run" not in [r for r, _ in policy.decide(views, blocks_needed=17, now=now).victims]
 
 
-def test_stream2llm_offloads_only_when_cheaper_and_possible():
+def test_parked_victims_go_cheapest_to_lose_per_block_and_idle_second_first():
+    """Same next chunk, same blocks: the one whose KV is cheaper to bring back goes first; a far
+    next chunk outweighs a dearer context (its blocks would sit idle that much longer)."""
+    now = 0.0
+    quadratic = Costs(recompute_s=lambda t: 1e-9 * t * t)
+    short = view("short", 0, parked=True, pending=0, computed=1_000, blocks=8, eta=5.0)
+    long = view("long", 0, parked=True, pending=0, computed=8_000, blocks=8, eta=5.0)
+    policy = Stream2llmPolicy(quadratic)
+    assert [r for r, _ in policy.decide([long, short], blocks_needed=8, now=now).victims] == ["short"]
+    far_long = view("long", 0, parked=True, pending=0, computed=8_000, blocks=8, eta=500.0)
+    assert [r for r, _ in policy.decide([far_long, short], blocks_needed=8, now=now).victims] == ["long"]
+
+
+TIER_CHEAP = Costs(recompute_s=lambda t: t * 1e-4, save_s=lambda t: t * 1e-6, load_s=lambda t: t * 4e-6)
+TIER_DEAR = Costs(recompute_s=lambda t: t * 1e-6, save_s=lambda t: t * 1e-3, load_s=lambda t: t * 1e-3)
+
+
+def test_mode_offloads_only_when_cheaper_and_a_tier_exists():
     big = view("x", 0, parked=True, pending=0, computed=10_000, blocks=80, eta=50)
-    assert Stream2llmPolicy().mode(big) == RECOMPUTE  # no offload path (CPU)
-    cheap_offload = Costs(recompute_s=lambda t: t * 1e-4, offload_roundtrip_s=lambda t: t * 1e-5)
-    assert Stream2llmPolicy(cheap_offload).mode(big) == OFFLOAD
-    dear_offload = Costs(recompute_s=lambda t: t * 1e-6, offload_roundtrip_s=lambda t: t * 1e-3)
-    assert Stream2llmPolicy(dear_offload).mode(big) == RECOMPUTE
+    assert Stream2llmPolicy().mode(big) == RECOMPUTE  # no tier
+    assert Stream2llmPolicy(TIER_CHEAP).mode(big) == OFFLOAD
+    assert Stream2llmPolicy(TIER_DEAR).mode(big) == RECOMPUTE
+
+
+def test_preemption_setting_overrides_the_cost_model_but_not_a_missing_tier():
+    big = view("x", 0, parked=True, pending=0, computed=10_000, blocks=80, eta=50)
+    assert make_policy("stream2llm", TIER_CHEAP, "recompute").mode(big) == RECOMPUTE
+    assert make_policy("stream2llm", TIER_DEAR, "offload").mode(big) == OFFLOAD
+    assert make_policy("stream2llm", None, "offload").mode(big) == RECOMPUTE  # nowhere to offload to
+    with pytest.raises(ValueError, match="unknown preemption 'swap'"):
+        make_policy("stream2llm", TIER_CHEAP, "swap")
+
+
+def test_a_session_not_expected_back_within_its_ttl_is_not_saved():
+    costs = Costs(TIER_CHEAP.recompute_s, TIER_CHEAP.save_s, TIER_CHEAP.load_s, horizon_s=60.0)
+    soon = view("x", 0, parked=True, pending=0, computed=10_000, blocks=80, eta=50)
+    never = view("y", 0, parked=True, pending=0, computed=10_000, blocks=80, eta=500)
+    assert Stream2llmPolicy(costs).mode(soon) == OFFLOAD
+    assert Stream2llmPolicy(costs).mode(never) == RECOMPUTE  # saving it would be wasted work
+
+
+def test_the_cost_model_recomputes_short_contexts_and_offloads_long_ones():
+    """A tier with a fixed cost per transfer against attention that grows with context: the
+    decision crosses over at the context length where the two curves meet."""
+    costs = Costs(
+        recompute_s=lambda t: 2e-5 * t + 5e-9 * t * t,
+        save_s=lambda t: 0.02 + 1e-6 * t,
+        load_s=lambda t: 0.02 + 1e-6 * t,
+    )
+    policy = Stream2llmPolicy(costs)
+    modes = {t: policy.mode(view("x", 0, parked=True, pending=0, computed=t, eta=1.0)) for t in (256, 8192)}
+    assert modes == {256: RECOMPUTE, 8192: OFFLOAD}
+
+
+def test_published_policies_take_the_same_mode_decision():
+    victims = (
+        make_policy("fcfs", TIER_CHEAP)
+        .decide([view("p", 0, parked=True, pending=0, computed=10_000, blocks=8)], blocks_needed=8)
+        .victims
+    )
+    assert victims == [("p", OFFLOAD)]
 
 
 def test_unknown_policy_is_named():

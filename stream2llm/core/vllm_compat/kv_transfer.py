@@ -7,7 +7,13 @@ from typing import Any
 
 from vllm.v1.request import Request
 
-__all__ = ["block_hash_keys", "group_block_ids", "request_block_ids", "tokens_held"]
+__all__ = [
+    "block_hash_keys",
+    "group_block_ids",
+    "kv_tier",
+    "request_block_ids",
+    "tokens_held",
+]
 
 
 def block_hash_keys(request: Request) -> list[str]:
@@ -29,3 +35,10 @@ def request_block_ids(kv_cache_manager: Any, request_id: str) -> list[int]:
 def group_block_ids(blocks: Any) -> list[int]:
     """The block ids of a ``KVCacheBlocks`` (what ``update_state_after_alloc`` gets), first group."""
     return list(blocks.get_block_ids()[0])
+
+
+def kv_tier(scheduler: Any) -> Any | None:
+    """The scheduler's KV connector where it can take a victim's blocks (``offload``): ours in a
+    role that saves; None for no connector or another one."""
+    connector = scheduler.get_kv_connector()
+    return connector if getattr(connector, "offloads_kv", False) else None

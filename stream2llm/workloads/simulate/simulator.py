@@ -224,7 +224,11 @@ class _Run:
         self.held = spec.mode == "stream" and sim.hold_in_flight
         self.policy = make_policy(
             spec.scheduler,
-            Costs(self.profile.prefill_s, self.profile.offload_roundtrip_s if self.profile.offload else None),
+            Costs(
+                self.profile.prefill_s,
+                self.profile.save_s if self.profile.offload else None,
+                self.profile.load_s if self.profile.offload else None,
+            ),
         )
         self.events = [(r.chunks[0].at, i, False) for i, r in enumerate(reqs)]  # (time, request, release)
         heapq.heapify(self.events)
