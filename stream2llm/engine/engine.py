@@ -25,7 +25,15 @@ from stream2llm.core.kv_store import DEFAULT_ROOT
 from stream2llm.core.policies import POLICIES, PREEMPTIONS
 from stream2llm.core.stats_board import EngineStats, StatsBoard
 from stream2llm.engine import models
-from stream2llm.engine.config import MODES, EngineConfig, Mode, check_config, engine_args, has_kv_tier
+from stream2llm.engine.config import (
+    MODES,
+    EngineConfig,
+    Mode,
+    check_config,
+    engine_args,
+    has_kv_tier,
+    tier_bytes,
+)
 from stream2llm.engine.decode import DecodeBackend, LocalDecode
 from stream2llm.engine.handover import tokens_prompt
 from stream2llm.engine.health import Watchdog, explain_unguarded_main, refuse_unguarded_start, start_off_loop
@@ -211,6 +219,11 @@ class StreamingEngine:
     def policy(self) -> str:
         """The scheduling policy the engine core applies to every request."""
         return self._policy
+
+    @property
+    def kv_tier_bytes(self) -> int | None:
+        """The host KV tier's bound (None without a tier)."""
+        return tier_bytes(self.config) if self.kv_tier_path is not None else None
 
     @property
     def preemption(self) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,9 +102,11 @@ async def run_once(
     texts = EventText(engine.tokenizer, engine.config.max_model_len, options)
     transport = EngineTransport(engine, sampling, spec.mode)
     before = engine.stats()
-    result = await replay_once(transport, requests, texts, policy, qps, options, repeat, on_done)
-    after = engine.stats()
-    await wait_idle(engine)
+    tier = TierGauge(engine.kv_tier_path)
+    async with tier:
+        result = await replay_once(transport, requests, texts, policy, qps, options, repeat, on_done)
+        after = engine.stats()
+        await wait_idle(engine)
     offloads = after.offloads - before.offloads
     result.preemption = engine.preemption
     result.preemptions = {"recompute": after.preemptions - before.preemptions - offloads, "offload": offloads}
@@ -110,8 +114,43 @@ async def run_once(
         "bytes_saved": after.tier_bytes_saved - before.tier_bytes_saved,
         "bytes_loaded": after.tier_bytes_loaded - before.tier_bytes_loaded,
         "load_failures": after.tier_load_failures - before.tier_load_failures,
+        "peak_bytes": tier.peak_bytes,
+        "bound_bytes": engine.kv_tier_bytes,
     }
     return result
+
+
+class TierGauge:
+    """Samples the bytes the engine's KV tier holds on disk (every ``period_s``) while a run goes
+    on: the tier's own bound is checked by what it really occupies, not by its bookkeeping."""
+
+    def __init__(self, path: str | None, period_s: float = 0.05) -> None:
+        self.path, self.period_s, self.peak_bytes = path, period_s, 0
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> TierGauge:
+        if self.path is not None:
+            self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._measure()
+
+    async def _sample(self) -> None:
+        while True:
+            self._measure()
+            await asyncio.sleep(self.period_s)
+
+    def _measure(self) -> None:
+        total = 0
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size
+        self.peak_bytes = max(self.peak_bytes, total)
 
 
 async def wait_idle(engine: StreamingEngine, timeout_s: float = 30.0) -> None:
