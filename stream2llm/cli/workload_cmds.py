@@ -148,6 +148,9 @@ def simulate(
     delay_multiplier: Annotated[float, typer.Option(help="Stretch the gaps between events.")] = 1.0,
     scale: Annotated[float, typer.Option(help="Multiply token counts.")] = 1.0,
     block_size: Annotated[int, typer.Option(help="KV block size in tokens.")] = 16,
+    preemption: Annotated[
+        str, typer.Option(help="How victims give KV back: recompute, offload or cost (by the profile).")
+    ] = "cost",
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ):
@@ -168,6 +171,7 @@ def simulate(
             delay_multiplier=delay_multiplier,
             scale=scale,
             block_size=block_size,
+            preemption=preemption,
         )
     except (ValueError, OSError) as exc:
         fail(exc, debug)

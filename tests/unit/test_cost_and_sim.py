@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from stream2llm.core.policies import OFFLOAD, RECOMPUTE, Costs, RequestView, make_policy
 from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.simulate.cost_model import (
     CostProfile,
@@ -399,6 +400,38 @@ def test_memory_pressure_stock_stalls_where_eviction_does_not():
     assert len(ours.ttft_final) == 60
     p99 = lambda xs: sorted(xs)[int(0.99 * (len(xs) - 1))]  # noqa: E731
     assert len(stock.ttft_final) < 60 or p99(stock.ttft_final) > 3 * p99(ours.ttft_final)
+
+
+def _pressure_run(profile: CostProfile, preemption: str):
+    requests = synthesize("crawler", 60, seed=5, scale=0.2)
+    return Simulator(profile, preemption=preemption).run(requests, "stream2llm", qps=4.0, delay_multiplier=10)
+
+
+def test_a_cheap_tier_loads_back_what_recompute_would_compute_again():
+    tier = toy_profile(
+        kv_capacity_tokens=20_000, prefill=(0.0, 2e-5, 1e-9), kv_save=(0.0, 1e-7), kv_load=(0.0, 1e-7)
+    )
+    recompute, cost = _pressure_run(tier, "recompute"), _pressure_run(tier, "cost")
+    assert recompute.tokens_recomputed > 0 and recompute.offloads == 0 and recompute.tokens_loaded == 0
+    assert cost.offloads == cost.evictions > 0 and cost.tokens_loaded > 0
+    assert cost.tokens_recomputed < recompute.tokens_recomputed / 2
+    p99 = lambda xs: sorted(xs)[int(0.99 * (len(xs) - 1))]  # noqa: E731
+    assert p99(cost.ttft_final) <= p99(recompute.ttft_final)
+
+
+def test_a_slow_tier_makes_the_decision_recompute_short_contexts_and_offload_long_ones():
+    """A tier with a large fixed cost per transfer (a slow link): recomputing a short context is
+    cheaper than a round trip, a long one (attention grows with it) is not."""
+    slow = toy_profile(
+        kv_capacity_tokens=20_000, prefill=(0.0, 2e-5, 1e-9), kv_save=(0.02, 1e-7), kv_load=(0.02, 1e-7)
+    )
+    policy = make_policy("stream2llm", Costs.from_profile(slow))
+    short, long = (
+        RequestView("x", 0, 0, False, True, tokens, 0, tokens // 16, 1.0) for tokens in (500, 5_000)
+    )
+    assert (policy.mode(short), policy.mode(long)) == (RECOMPUTE, OFFLOAD)
+    run = _pressure_run(slow, "cost")
+    assert 0 < run.offloads < run.evictions  # the simulator takes the same decision per victim
 
 
 def test_our_ranking_takes_one_shot_prompts_as_complete_streams_shortest_first():

@@ -24,6 +24,7 @@ def simulate_runs(
     delay_multiplier: float,
     scale: float,
     block_size: int,
+    preemption: str = "cost",
 ) -> dict[str, Any]:
     """Run the model for every (policy, qps) of the trace (or ``n`` synthetic ``workload``
     requests); the report holds the runs and the published results they compare with."""
@@ -31,7 +32,7 @@ def simulate_runs(
     if requests and traces:
         workload = requests[0].workload
     cost = CostProfile.load(profile)
-    sim = Simulator(cost, block_size=block_size)
+    sim = Simulator(cost, block_size=block_size, preemption=preemption)
     runs = [
         sim.run(requests, p, q, scale=scale, delay_multiplier=delay_multiplier).to_json()
         for q in qps
@@ -40,6 +41,7 @@ def simulate_runs(
     published = published_stats()["results_h200"].get(f"{workload}_ttft_s", {})
     return {
         "profile": cost.name,
+        "preemption": preemption,
         "workload": workload,
         "requests": len(requests),
         "runs": runs,

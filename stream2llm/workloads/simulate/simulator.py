@@ -18,8 +18,10 @@ final waits there behind the chunk in work. Stock vLLM
 queues appends in the engine core and applies them one per round; its update aborts the request
 and resubmits the whole prompt (the prefix cache keeps the whole blocks it shares). Parked sessions
 hold their blocks; ``vllm`` never evicts them (work waits for memory), the other policies evict by
-their own rule and the victim recomputes when its next chunk comes. One generated token, as in the
-published runs.
+their own rule, each victim giving its KV back as the policy's ``mode`` decides (``preemption``):
+recomputed when its next chunk comes, or offloaded to the host tier the profile describes
+(``kv_save`` charged to the step that evicts it, ``kv_load`` to the step that resumes it; the tier
+is unbounded here). One generated token, as in the published runs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from stream2llm.core.policies import Costs, RequestView, VllmPolicy, make_policy
+from stream2llm.core.policies import OFFLOAD, Costs, RequestView, VllmPolicy, make_policy
 from stream2llm.tokens import ceil_div
 from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.bench_policies import bench_policy
@@ -64,6 +66,8 @@ class _Req:
     first_token_at: float | None = None
     blocks: int = 0
     evictions: int = 0
+    stored: int = 0  # tokens of its KV the host tier holds since it was offloaded
+    lost: int = 0  # tokens it had computed before its last eviction (computing them again is recompute)
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
     releasing: bool = False  # its held chunks are on their way in (our sessions)
     parked_at: float = 0.0  # when its last chunk finished
@@ -88,6 +92,9 @@ class SimResult:
     ttft_by_request: dict[str, float] = field(default_factory=dict)  # in the order they finished
     completion_s: float = 0.0
     evictions: int = 0
+    offloads: int = 0  # evictions whose KV went to the tier
+    tokens_loaded: int = 0  # brought back from the tier instead of recomputed
+    tokens_recomputed: int = 0  # computed again after an eviction
 
     @property
     def ttft_final(self) -> list[float]:
@@ -103,6 +110,9 @@ class SimResult:
             "ttft_due_s": summary(self.ttft_final),
             "completion_s": self.completion_s,
             "evictions": self.evictions,
+            "offloads": self.offloads,
+            "tokens_loaded": self.tokens_loaded,
+            "tokens_recomputed": self.tokens_recomputed,
         }
 
 
@@ -162,8 +172,10 @@ class Simulator:
         *,
         hold_in_flight: bool = True,
         speed: Callable[[float], float] | None = None,
+        preemption: str = "cost",
     ) -> None:
         self.profile = profile
+        self.preemption = preemption  # how victims give KV back (the tier is the profile's kv_save/kv_load)
         self.hold_in_flight = hold_in_flight  # our sessions: one chunk in the engine, the rest held
         # the machine's slowness over the run's time (a factor on each step's engine cost): a
         # measured run's, to tell the model's errors from a CPU whose speed drifts
@@ -222,14 +234,8 @@ class _Run:
         # stock vLLM applies a session's queued chunks one per round; our sessions merge them
         self.one_chunk_a_round = spec.mode == "vllm"
         self.held = spec.mode == "stream" and sim.hold_in_flight
-        self.policy = make_policy(
-            spec.scheduler,
-            Costs(
-                self.profile.prefill_s,
-                self.profile.save_s if self.profile.offload else None,
-                self.profile.load_s if self.profile.offload else None,
-            ),
-        )
+        self.policy = make_policy(spec.scheduler, Costs.from_profile(self.profile), sim.preemption)
+        self.saving_s = 0.0  # the tier's copies this step (before its forward pass, as in the engine)
         self.events = [(r.chunks[0].at, i, False) for i, r in enumerate(reqs)]  # (time, request, release)
         heapq.heapify(self.events)
         self.index_of = {r.id: i for i, r in enumerate(reqs)}
@@ -364,6 +370,8 @@ class _Run:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
         r.target, r.last_chunk_at, r.waiting_chunk = max(chunk.target, 1), chunk.at, False
         r.computed = min(r.computed, chunk.keep, r.target - 1)  # one token always yields logits
+        r.stored = min(r.stored, chunk.keep)  # the tier's copy is valid up to what the update keeps
+        r.lost = min(r.lost, chunk.keep)
         kept_blocks = ceil_div(r.computed, self.block_size)
         self.free += max(r.blocks - kept_blocks, 0)
         r.blocks = min(r.blocks, kept_blocks)
@@ -382,19 +390,23 @@ class _Run:
         if not stock:
             ranked = self._engine_order(ranked, by_id)
         budget, cost, chunks = self.profile.max_num_batched_tokens, 0.0, 0
+        self.saving_s = 0.0
         for view in ranked:
             r = by_id[view.request_id]
-            take = min(r.pending, budget)
+            restored = min(r.stored, r.target - 1) if r.computed == 0 else 0
+            take = min(r.target - r.computed - restored, budget)
             if take <= 0:
                 continue
-            need = ceil_div(r.computed + take, self.block_size) - r.blocks
+            need = ceil_div(r.computed + restored + take, self.block_size) - r.blocks
             if need > self.free:
                 self._evict_for(r, need - self.free, ranked, list(views.values()), by_id)
                 if need > self.free:
                     continue
             self.free -= need
             r.blocks += need
+            cost += self._restore(r, restored)
             cost += self.profile.chunk_s(take, r.computed)
+            self.result.tokens_recomputed += max(0, min(r.lost, r.computed + take) - r.computed)
             r.computed += take
             if r.running_since is None and r.pending > 0:
                 r.running_since = self.now
@@ -402,12 +414,27 @@ class _Run:
             chunks += 1
             if budget <= 0:
                 break
-        return cost + self.profile.step_overhead_s(chunks, len(active)) if chunks else None
+        if not chunks:
+            return None
+        return cost + self.saving_s + self.profile.step_overhead_s(chunks, len(active))
+
+    def _restore(self, r: _Req, tokens: int) -> float:
+        """Load a resumed victim's stored KV back from the tier; the seconds it takes."""
+        if not tokens:
+            return 0.0
+        r.computed, r.stored = tokens, 0
+        self.result.tokens_loaded += tokens
+        return self.profile.load_s(tokens)
 
     def _evict_for(self, r: _Req, short: int, ranked: list, views: list, by_id: dict[str, _Req]) -> None:
-        for rid, _mode in self.policy.victims(ranked, views, short, self.now):
+        for rid, mode in self.policy.victims(ranked, views, short, self.now):
             victim = by_id[rid]
             if victim.blocks and victim is not r:
+                if mode == OFFLOAD:  # its full blocks go to the tier before they are reused
+                    victim.stored = victim.computed - victim.computed % self.block_size
+                    self.saving_s += self.profile.save_s(victim.stored)
+                    self.result.offloads += 1
+                victim.lost = max(victim.lost, victim.computed)
                 self.free += victim.blocks
                 victim.blocks, victim.computed = 0, 0
                 victim.evictions += 1
