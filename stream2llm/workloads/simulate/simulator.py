@@ -30,7 +30,6 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from stream2llm.core.policies import OFFLOAD, Costs, RequestView, VllmPolicy, make_policy
 from stream2llm.tokens import ceil_div
@@ -38,25 +37,17 @@ from stream2llm.workloads.arrivals import poisson_arrivals
 from stream2llm.workloads.bench_policies import bench_policy
 from stream2llm.workloads.metrics import summary
 from stream2llm.workloads.simulate.cost_model import CostProfile
-from stream2llm.workloads.synth import FILLER_PREFIX
+from stream2llm.workloads.simulate.trace_chunks import TEMPLATE_TOKENS, Chunk, trace_chunks
+
+__all__ = ["TEMPLATE_TOKENS", "SimResult", "Simulator"]
 from stream2llm.workloads.trace import TraceRequest
-
-TEMPLATE_TOKENS = 40  # instructions, question and answer cue around the context
-
-
-class _Chunk(NamedTuple):
-    at: float  # when the engine can schedule it
-    target: int  # the prompt's length after it
-    keep: int  # tokens of computed KV it keeps (an update: up to the first changed document)
-    replaces: bool  # an update: it replaces the context
-    final: bool = False  # the last event's: the stream is complete once it is seen
 
 
 @dataclass
 class _Req:
     id: str
     arrival: float
-    chunks: list[_Chunk]
+    chunks: list[Chunk]
     next_chunk: int = 0
     target: int = 0  # prompt tokens known so far
     computed: int = 0
@@ -71,8 +62,8 @@ class _Req:
     waiting_chunk: bool = False  # prefilled what it has; waits for its next chunk
     releasing: bool = False  # its held chunks are on their way in (our sessions)
     parked_at: float = 0.0  # when its last chunk finished
-    core_queue: list[_Chunk] = field(default_factory=list)  # in the engine core behind the chunk in work
-    backlog: list[_Chunk] = field(default_factory=list)  # held by the front end (stock: queued in vLLM)
+    core_queue: list[Chunk] = field(default_factory=list)  # in the engine core behind the chunk in work
+    backlog: list[Chunk] = field(default_factory=list)  # held by the front end (stock: queued in vLLM)
     queued_at: float = 0.0  # its place in vLLM's waiting queue: when it entered, resumed or parked
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
 
@@ -116,54 +107,6 @@ class SimResult:
         }
 
 
-def _token_length(event_docs: Sequence[str] | None, n_tokens: int | None, text: str | None) -> int:
-    if n_tokens is not None:
-        return n_tokens
-    if event_docs is not None:
-        total = 0
-        for doc in event_docs:
-            total += int(doc.rsplit(":", 1)[1]) if doc.startswith(FILLER_PREFIX) else max(1, len(doc) // 4)
-        return total
-    return max(1, len(text or "") // 4)
-
-
-def _chunks(
-    request: TraceRequest,
-    arrival: float,
-    scale: float,
-    delay: float,
-    cap: int,
-    handoff: Callable[[int], float],
-) -> list[_Chunk]:
-    """(time the engine can schedule it, prompt length after it, tokens kept) for the session's
-    opening (the template, sent at open, as the engine's sessions do) and per event: appends
-    keep everything; an update keeps the documents before the first one that changed (the longest
-    common prefix). ``handoff`` is the front end's delay for the tokens it tokenizes: an append's
-    own, an update's and the final event's whole prompt (re-tokenized, as one-shot would be)."""
-    opening = _Chunk(arrival + handoff(TEMPLATE_TOKENS), TEMPLATE_TOKENS, cap, False)
-    out, total, previous = [opening], TEMPLATE_TOKENS, ()
-    last = len(request.events) - 1
-    for i, event in enumerate(request.events):
-        t = arrival + event.t * delay
-        if event.op == "append":
-            added = max(1, round(_token_length(None, event.n_tokens, event.text) * scale))
-            total += added
-            at = t + handoff(total if i == last else added)  # the final event re-tokenizes everything
-            out.append(_Chunk(at, min(total, cap), cap, False, i == last))
-            continue
-        docs = tuple(event.docs or ())
-        sizes = [max(1, round(_token_length((d,), None, None) * scale)) for d in docs]
-        keep = TEMPLATE_TOKENS // 2
-        for old, new, size in zip(previous, docs, sizes):
-            if old != new:
-                break
-            keep += size
-        total = TEMPLATE_TOKENS + sum(sizes)
-        out.append(_Chunk(t + handoff(total), min(total, cap), min(keep, cap), True, i == last))
-        previous = docs
-    return out
-
-
 class Simulator:
     def __init__(
         self,
@@ -199,7 +142,7 @@ class Simulator:
             _Req(
                 r.id,
                 a,
-                _chunks(r, a, scale, delay_multiplier, max_model_len - 1, self.profile.handoff_s),
+                trace_chunks(r, a, scale, delay_multiplier, max_model_len - 1, self.profile.handoff_s),
                 final_at=a + r.events[-1].t * delay_multiplier,
             )
             for r, a in zip(requests, arrivals)
@@ -284,7 +227,7 @@ class _Run:
             else:
                 self._append(r, i, chunk)
 
-    def _send_at_once(self, r: _Req, chunk: _Chunk) -> None:
+    def _send_at_once(self, r: _Req, chunk: Chunk) -> None:
         """Our sessions send the final (with what they held) into the engine core at once, where it
         waits behind the chunk in work; and an update, which replaces what they held: into the
         engine core behind the chunk in work, which the core then ends after the one token it must
@@ -308,7 +251,7 @@ class _Run:
             self._end_chunk_early(r)
         # else: a non-final update stays held in the front end (r.backlog) until the chunk in work is done
 
-    def _resubmit(self, r: _Req, chunk: _Chunk) -> None:
+    def _resubmit(self, r: _Req, chunk: Chunk) -> None:
         """Stock vLLM's update: the request is aborted and the whole new prompt resubmitted, at the
         back of the queue; vLLM's prefix cache keeps the whole blocks it shares."""
         r.backlog.clear()
@@ -316,7 +259,7 @@ class _Run:
         self._apply_chunk(r, chunk._replace(keep=kept))
         r.queued_at = chunk.at
 
-    def _append(self, r: _Req, i: int, chunk: _Chunk) -> None:
+    def _append(self, r: _Req, i: int, chunk: Chunk) -> None:
         """An append: queued (stock vLLM) or held (our sessions) behind the chunk in flight, else
         applied. One that came while the step that just ended ran the chunk in work is held until
         the front end sees that chunk finish."""
@@ -366,7 +309,7 @@ class _Run:
         tokens already computed and the one it must sample (``vllm_compat.end_chunk_early``)."""
         r.target = r.computed + 1
 
-    def _apply_chunk(self, r: _Req, chunk: _Chunk) -> None:
+    def _apply_chunk(self, r: _Req, chunk: Chunk) -> None:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
         r.target, r.last_chunk_at, r.waiting_chunk = max(chunk.target, 1), chunk.at, False
         r.computed = min(r.computed, chunk.keep, r.target - 1)  # one token always yields logits
