@@ -85,9 +85,11 @@ class Accounting:
         is_complete: Callable[[str], bool],
         evicted: list[Eviction] | None = None,
         short: int = 0,
+        tier: tuple[int, int] | None = None,
     ) -> None:
         """Count the prompt tokens a step scheduled (not decodes), those computed again after
-        their KV was lost, and log the step with what gave KV back before it."""
+        their KV was lost, and log the step with what gave KV back before it (and the bytes the
+        KV tier saves and loads for it)."""
         logged: list[PrefillItem] = []
         again_logged: list[tuple[str, int]] = []
         scheduled = compat.scheduled_tokens(output)
@@ -112,7 +114,9 @@ class Accounting:
             preempted = [compat.external_request_id(r) for r in compat.preempted_ids(output)]
             held = compat.num_requests(self._scheduler)
             kv = (compat.free_block_count(self._scheduler), short)
-            self._step_log.scheduled(policy, logged, decodes, held, t0, evicted, preempted, again_logged, kv)
+            self._step_log.scheduled(
+                policy, logged, decodes, held, t0, evicted, preempted, again_logged, kv, tier
+            )
 
     def _count_prefill(self, request_id: str, tokens: int, recomputed: int) -> None:
         counters = self._counters_for(request_id)

@@ -82,11 +82,14 @@ class Costs:
     def from_profile(
         cls, profile: CostProfile, kv_bytes_per_token: int | None = None, horizon_s: float = math.inf
     ) -> Costs:
-        """A cost profile's curves at this engine's KV geometry (the profile's when not given)."""
+        """A cost profile's curves at this engine's KV geometry (the profile's when not given).
+        Recomputing a victim costs its tokens' share of the steps that compute them
+        (``chunk_s``, attention included), not a step's fixed cost: those steps run anyway."""
+        recompute = lambda tokens: profile.chunk_s(tokens, 0)  # noqa: E731
         if not profile.offload:
-            return cls(profile.prefill_s, horizon_s=horizon_s)
+            return cls(recompute, horizon_s=horizon_s)
         return cls(
-            profile.prefill_s,
+            recompute,
             lambda tokens: profile.save_s(tokens, kv_bytes_per_token),
             lambda tokens: profile.load_s(tokens, kv_bytes_per_token),
             horizon_s,

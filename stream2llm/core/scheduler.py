@@ -101,10 +101,12 @@ class StreamScheduler(compat.HookedScheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.monotonic()
+        tier_before = self._tier_bytes()
         self.updates.end_superseded_chunks()
         self.broker.apply()
         output = super().schedule(*args, **kwargs)
         self._count_tier_loads()
+        tier_after = self._tier_bytes()
         self.accounting.step_scheduled(
             output,
             t0,
@@ -112,6 +114,7 @@ class StreamScheduler(compat.HookedScheduler):
             self.streams.is_complete,
             self.broker.evicted_last,
             self.broker.short_last,
+            (tier_after[0] - tier_before[0], tier_after[1] - tier_before[1]),
         )
         self._publish()
         return output
@@ -127,6 +130,11 @@ class StreamScheduler(compat.HookedScheduler):
         finished = super().finish_requests(request_ids, finished_status)
         self._publish()
         return finished
+
+    def _tier_bytes(self) -> tuple[int, int]:
+        """Bytes the KV tier was asked to save and to load so far (0, 0 without a tier)."""
+        tier = compat.kv_tier(self)
+        return (tier.tier.bytes_offloaded, tier.tier.bytes_loaded) if tier is not None else (0, 0)
 
     def _count_tier_loads(self) -> None:
         if (tier := compat.kv_tier(self)) is not None and tier.loaded_last:

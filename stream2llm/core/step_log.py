@@ -8,7 +8,8 @@ context, whether its stream was complete and its id, so step cost can be fitted 
 and a TTFT can be traced to the steps it waited for. A step that gave KV back says so: the
 requests the broker evicted before it (``evicted``: id as submitted, tokens and blocks it held) and
 those vLLM's allocator preempted while scheduling it (``preempted``), and the prefill items' tokens
-that were computed once already (``recomputed``: id as submitted, tokens; KV lost to either). One
+that were computed once already (``recomputed``: id as submitted, tokens; KV lost to either), and
+the bytes the KV tier was asked to save and to load for the step (``tier``). One
 JSON object per line.
 """
 
@@ -45,6 +46,7 @@ class StepLog:
         preempted: list[str] | None = None,
         recomputed: list[tuple[str, int]] | None = None,
         kv: tuple[int, int] | None = None,
+        tier: tuple[int, int] | None = None,
     ) -> None:
         """A step was scheduled at ``t0``: ``items`` holds one entry per prefill chunk;
         ``decodes`` counts requests that only decode, ``held`` every request the core holds."""
@@ -65,6 +67,8 @@ class StepLog:
             step["recomputed"] = recomputed
         if kv is not None:
             step["kv"] = kv
+        if tier and any(tier):
+            step["tier"] = tier
         self._open.append(step)
 
     def finished(self) -> None:

@@ -20,6 +20,7 @@ from stream2llm.core.kv_connector import (
     transfer_config,
 )
 from stream2llm.core.kv_store import BlockUnreadable, DirectoryStore
+from stream2llm.core.step_log import read_step_log
 from tests.unit.synthetic import make_request, make_scheduler, run_until_idle, step, step_with_outputs
 
 BS = 16
@@ -205,8 +206,9 @@ def test_an_offloaded_victims_full_blocks_are_copied_out_before_its_blocks_are_r
         num_blocks=20,
         block_size=BS,
         policy="stream2llm",
-        kv_transfer=tier_config(str(tmp_path), 1 << 30),
+        kv_transfer=tier_config(str(tmp_path / "tier"), 1 << 30),
         preemption="offload",
+        step_log=str(tmp_path / "steps.jsonl"),
     )
     victim = make_request(scheduler, "a", list(range(1000, 1150)))  # 9 full blocks and 6 tokens
     scheduler.add_request(victim)
@@ -219,6 +221,10 @@ def test_an_offloaded_victims_full_blocks_are_copied_out_before_its_blocks_are_r
     assert victim.num_computed_tokens == 0 and out.num_scheduled_tokens.get("c")
     assert out.kv_connector_metadata.offloads == list(zip(held, keys, strict=True))
     assert scheduler.broker.offloads == 1 and scheduler.get_kv_connector().tier.blocks_offloaded == 9
+    run_until_idle(scheduler)
+    (logged,) = [s for s in read_step_log(tmp_path / "steps.jsonl") if "evicted" in s]
+    block_bytes = scheduler.get_kv_connector().bytes_per_token * BS
+    assert logged["evicted"] == [["a", 150, 10, "offload"]] and logged["tier"] == [9 * block_bytes, 0]
 
 
 def test_the_tier_loads_what_the_prefix_cache_lost_and_counts_it(tiny_model, tmp_path):
