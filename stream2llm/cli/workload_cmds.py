@@ -242,6 +242,7 @@ def capture(
     allow_private: AllowPrivateOpt = False,
     max_pages: MaxPagesOpt = 12,
     index_docs: IndexDocsOpt = None,
+    k: Annotated[int, typer.Option(help="ANN: documents in each top-k.")] = 6,
     concurrency: Annotated[int, typer.Option(help="Queries retrieved at once.")] = 1,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
@@ -256,7 +257,7 @@ def capture(
         if len(names) != 1:
             raise ValueError("capture records one retriever at a time (a trace has one workload)")
         questions = read_queries(queries)
-        options = source_options(seed_url, allow_private, max_pages, index_docs)
+        options = source_options(seed_url, allow_private, max_pages, index_docs, k=k)
         async with open_retrievers(names, options) as (source,):
             with Progress(console=console) as progress:
                 task = progress.add_task(f"capturing ({source.name})", total=len(questions))
