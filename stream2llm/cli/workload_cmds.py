@@ -32,6 +32,13 @@ def synth(
     n: Annotated[int, typer.Option(help="Requests to generate.")] = 200,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     scale: Annotated[float, typer.Option(help="Multiply token counts.")] = 1.0,
+    churn: Annotated[
+        str,
+        typer.Option(
+            help="anns: how updates change the top-k: fitted (to real progressive search, most change"
+            " nothing) or uniform (1-3 of 10 documents replaced every update, a stress variant)."
+        ),
+    ] = "fitted",
     out: Annotated[Path, typer.Option(help="Trace file to write (JSON Lines).")] = Path("traces.jsonl"),
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
@@ -41,7 +48,7 @@ def synth(
     from stream2llm.workloads.trace import write_trace
 
     try:
-        requests = synth_mod.synthesize(workload, n, seed=seed, scale=scale)
+        requests = synth_mod.synthesize(workload, n, seed=seed, scale=scale, churn=churn)
         write_trace(out, requests)
     except (ValueError, OSError) as exc:
         fail(exc, debug)
@@ -242,6 +249,7 @@ def capture(
     allow_private: AllowPrivateOpt = False,
     max_pages: MaxPagesOpt = 12,
     index_docs: IndexDocsOpt = None,
+    k: Annotated[int, typer.Option(help="ANN: documents in each top-k.")] = 6,
     concurrency: Annotated[int, typer.Option(help="Queries retrieved at once.")] = 1,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
@@ -256,7 +264,7 @@ def capture(
         if len(names) != 1:
             raise ValueError("capture records one retriever at a time (a trace has one workload)")
         questions = read_queries(queries)
-        options = source_options(seed_url, allow_private, max_pages, index_docs)
+        options = source_options(seed_url, allow_private, max_pages, index_docs, k=k)
         async with open_retrievers(names, options) as (source,):
             with Progress(console=console) as progress:
                 task = progress.add_task(f"capturing ({source.name})", total=len(questions))

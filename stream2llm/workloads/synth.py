@@ -6,11 +6,14 @@ query are Poisson around the published mean (1 + Poisson for ANN, whose median i
 
 Text comes as ``n_tokens`` filler (append) or filler documents (update): deterministic text the
 replayer generates from an id, so traces stay small and every replay sends the same tokens.
-ANN-like updates keep most documents and replace a few, as a refining top-k does.
+ANN-like updates change the top-k as real progressive search does (``churn.py``: fitted to a
+capture; most updates change nothing), or, as the ``uniform`` stress variant, replace 1-3 of 10
+documents at random slots every update.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -18,8 +21,10 @@ import statistics
 from dataclasses import dataclass
 from importlib import resources
 
+from stream2llm.workloads.churn import ChurnModel, churned, packaged_churn
 from stream2llm.workloads.trace import TraceEvent, TraceRequest
 
+CHURNS = ("fitted", "uniform")
 FILLER_PREFIX = "@filler:"  # a document "@filler:<id>:<n_tokens>" is deterministic filler text
 
 
@@ -120,6 +125,11 @@ def filler_doc(doc_id: str, n_tokens: int) -> str:
     return f"{FILLER_PREFIX}{doc_id}:{n_tokens}"
 
 
+def filler_tokens(doc: str) -> int:
+    """The token count a filler document asks for."""
+    return int(doc.rsplit(":", 1)[1])
+
+
 def _crawler_request(rng: random.Random, shape: WorkloadShape, rid: str, total: int, n: int) -> TraceRequest:
     t, events = shape.first_wait(rng), []
     for size in _split(rng, total, n):
@@ -128,35 +138,59 @@ def _crawler_request(rng: random.Random, shape: WorkloadShape, rid: str, total: 
     return TraceRequest(rid, "crawler", f"synthetic crawler query {rid}", tuple(events))
 
 
-def _ann_request(rng: random.Random, shape: WorkloadShape, rid: str, total: int, n: int) -> TraceRequest:
-    """A top-k that refines: k documents; each update replaces a few of them (new ids)."""
-    k = 10
+def _ann_request(
+    rng: random.Random, shape: WorkloadShape, rid: str, total: int, n: int, churn: ChurnModel | None
+) -> TraceRequest:
+    """A top-k that refines: k documents, each update changing them by the churn model (``None``:
+    the uniform stress variant, 1-3 documents replaced in place at random slots every update)."""
+    k = churn.k if churn else 10
     sizes = _split(rng, total, k)
     docs = [filler_doc(f"{rid}-d{i}", sizes[i]) for i in range(k)]
-    t, events, next_id = shape.first_wait(rng), [], k
+    t, events, ids = shape.first_wait(rng), [], itertools.count(k)
+
+    def fresh(old: str) -> str:  # a newcomer as long as the document it replaces
+        return filler_doc(f"{rid}-d{next(ids)}", filler_tokens(old))
+
     for step in range(n):
-        if step:
+        if step and churn:
+            docs = churned(rng, churn, docs, step, n - 1, fresh)
+        elif step:
             for slot in rng.sample(range(k), rng.randint(1, 3)):
-                docs[slot] = filler_doc(f"{rid}-d{next_id}", sizes[slot])
-                next_id += 1
+                docs[slot] = filler_doc(f"{rid}-d{next(ids)}", sizes[slot])
         t += rng.lognormvariate(math.log(shape.gap_median_s), shape.gap_sigma)
         events.append(TraceEvent(t, "update", docs=tuple(docs)))
     return TraceRequest(rid, "anns", f"synthetic ANN query {rid}", tuple(events))
 
 
-def synthesize(workload: str, n: int, seed: int = 42, scale: float = 1.0) -> list[TraceRequest]:
-    """``n`` requests of the named workload (``crawler`` or ``anns``); ``scale`` multiplies tokens."""
+def churn_model(churn: str | ChurnModel) -> ChurnModel | None:
+    """The ANN churn by name: ``fitted`` (the packaged fit to real progressive search),
+    ``uniform`` (``None``: 1-3 of 10 documents replaced at random every update), or a model."""
+    if isinstance(churn, ChurnModel):
+        return churn
+    if churn not in CHURNS:
+        raise ValueError(f"unknown churn {churn!r}; expected one of {', '.join(CHURNS)}")
+    return packaged_churn() if churn == "fitted" else None
+
+
+def synthesize(
+    workload: str, n: int, seed: int = 42, scale: float = 1.0, churn: str | ChurnModel = "fitted"
+) -> list[TraceRequest]:
+    """``n`` requests of the named workload (``crawler`` or ``anns``); ``scale`` multiplies tokens;
+    ``churn`` (anns only) is how each update changes the top-k (``churn_model``)."""
     table = shapes()
     if workload not in table:
         raise ValueError(f"unknown workload {workload!r}; expected one of {', '.join(table)}")
     shape = table[workload]
+    model = churn_model(churn) if shape.op == "update" else None
     rng = random.Random(seed)
-    build = _crawler_request if shape.op == "append" else _ann_request
     out = []
     for i in range(n):
         tokens = rng.lognormvariate(math.log(shape.tokens_median), shape.tokens_sigma)
-        total = max(16, round(tokens * scale))
-        out.append(build(rng, shape, f"{workload}-{i:05d}", total, _chunks(rng, shape)))
+        total, rid, chunks = max(16, round(tokens * scale)), f"{workload}-{i:05d}", _chunks(rng, shape)
+        if shape.op == "append":
+            out.append(_crawler_request(rng, shape, rid, total, chunks))
+        else:
+            out.append(_ann_request(rng, shape, rid, total, chunks, model))
     return out
 
 
@@ -164,7 +198,7 @@ def request_tokens(request: TraceRequest) -> int:
     """Context tokens of a synthetic request (the final context for updates)."""
     last = request.events[-1]
     if last.docs is not None:
-        return sum(int(d.rsplit(":", 1)[1]) for d in last.docs if d.startswith(FILLER_PREFIX))
+        return sum(filler_tokens(d) for d in last.docs if d.startswith(FILLER_PREFIX))
     return sum(e.n_tokens or 0 for e in request.events)
 
 

@@ -9,6 +9,7 @@ A line: ``{"schema": "stream2llm.trace/1", "id": ..., "workload": "crawler"|"ann
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -126,13 +127,15 @@ def parse_request(obj: Any, where: str) -> TraceRequest:
 
 
 def read_trace(path: str | Path) -> list[TraceRequest]:
-    """Read and validate a trace file; errors name the line and the field."""
+    """Read and validate a trace file (``.gz``: gzip-compressed); errors name the line and the field."""
     return list(iter_trace(path))
 
 
 def iter_trace(path: str | Path) -> Iterator[TraceRequest]:
+    """The requests of a trace file, validated one line at a time (``.gz``: gzip-compressed)."""
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -27,6 +27,7 @@ def test_every_command_has_help(command):
     [
         (["bench", "missing-traces.jsonl"], "missing-traces.jsonl"),
         (["synth", "--workload", "nope", "--n", "3"], "nope"),
+        (["synth", "--workload", "anns", "--churn", "sometimes", "--n", "3"], "unknown churn 'sometimes'"),
         (["run", "a question", "--retriever", "nope"], "unknown retriever"),
         (["simulate", "--profile", "no-such-profile", "--n", "5"], "no cost profile"),
     ],
