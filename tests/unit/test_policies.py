@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -182,7 +181,7 @@ def test_stream2llm_counts_chunks_queued_behind_the_one_in_work():
     """A final chunk that waits in the engine behind a chunk still in work is part of what is
     left: ranking by the chunk in work alone put such streams ahead of shorter ones."""
     views = [
-        dataclasses.replace(view("late", 0.0, last=1.0, complete=True, pending=100), tokens_queued=2000),
+        view("late", 0.0, last=1.0, complete=True, pending=100)._replace(tokens_queued=2000),
         view("short", 5.0, last=2.0, complete=True, pending=400),
     ]
     assert make_policy("stream2llm").decide(views).order == ["short", "late"]
