@@ -8,6 +8,7 @@ ending a chunk early. vLLM then schedules and allocates as it always does.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -15,7 +16,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from stream2llm.core.vllm_compat.scheduler_state import blocks_held, is_parked, is_prefilling
 
-__all__ = ["defer_running_prefill", "end_chunk_early", "evict_waiting_kv", "sort_queues"]
+__all__ = ["defer_running_prefill", "end_chunk_early", "evict_waiting_kv", "rank_queues", "sort_queues"]
 
 
 def sort_queues(scheduler: Scheduler, key: Any) -> None:
@@ -35,6 +36,38 @@ def sort_queues(scheduler: Scheduler, key: Any) -> None:
     first.clear()
     second.clear()
     first.extend(ordered)
+
+
+def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
+    """``sort_queues`` by place in ``rank`` (requests it does not rank go last, in their order),
+    reading only the front of the KV-holding queue: its head up to the last ranked request it
+    holds, and the other queue (new requests since the last step). Parked sessions sit in that
+    queue behind the ranked ones, which a previous step put in front, and need not be touched;
+    a ranked request further back (a session that just took its next chunk) is found by reading
+    on to it, and one missing from both queues by reading all of it. The result is exactly
+    ``sort_queues``'s (a contract test holds them equal)."""
+    last = len(rank)
+    running = scheduler.running
+    running.sort(key=lambda r: rank.get(r.request_id, last))
+    first, second = scheduler.kv_holding_waiting, scheduler.waiting
+    if not isinstance(first, deque) or not isinstance(second, deque):
+        return  # a priority policy orders its own queues
+    ranked = [r for r in second if r.request_id in rank]
+    tail = [r for r in second if r.request_id not in rank] if len(ranked) < len(second) else []
+    wanted = last - len(ranked) - sum(1 for r in running if r.request_id in rank)
+    head: list[Request] = []
+    while wanted > 0 and first:
+        request = first.popleft()
+        if request.request_id in rank:
+            ranked.append(request)
+            wanted -= 1
+        else:
+            head.append(request)
+    ranked.sort(key=lambda r: rank[r.request_id])
+    second.clear()
+    first.extendleft(reversed(head))
+    first.extendleft(reversed(ranked))
+    first.extend(tail)
 
 
 def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:

@@ -20,6 +20,7 @@ __all__ = [
     "additional_config",
     "admits_whole_prompts",
     "block_size",
+    "block_tables",
     "blocks_held",
     "chunk_ids",
     "computed_token_ids",
@@ -39,10 +40,12 @@ __all__ = [
     "prompt_length",
     "queued_chunks",
     "request_counts",
+    "request_facts",
     "running_ids",
     "running_requests",
     "scheduled_tokens",
     "sent_prompts",
+    "step_request_ids",
     "token_budget",
     "token_ids_at",
     "tokens_to_compute",
@@ -147,6 +150,17 @@ def preempted_ids(output: Any) -> list[str]:
     return sorted(output.preempted_req_ids or ())
 
 
+def step_request_ids(output: Any, runner_output: Any = None) -> list[str]:
+    """Every request a step may have changed: those its ``SchedulerOutput`` scheduled or whose
+    KV vLLM's allocator preempted for it, and (with the model runner's output, when the step
+    comes back) those whose KV a connector finished loading."""
+    ids = [*output.num_scheduled_tokens, *(output.preempted_req_ids or ())]
+    connector = getattr(runner_output, "kv_connector_output", None)
+    if connector is not None:
+        ids.extend(connector.finished_recving or ())
+    return ids
+
+
 def sent_prompts(output: Any) -> dict[str, list[int]]:
     """The token ids a step's ``SchedulerOutput`` hands the model runner for each request it
     (re)starts there: ``scheduled_new_reqs`` (new requests, and parked streaming sessions resumed
@@ -207,6 +221,31 @@ def computed_token_ids(request: Request) -> list[int]:
 
 def blocks_held(scheduler: Scheduler, request_id: str) -> int:
     return sum(len(m.req_to_blocks.get(request_id, ())) for m in _managers(scheduler))
+
+
+def block_tables(scheduler: Scheduler) -> list[dict[str, Any]]:
+    """Each KV cache group's map of request id to the blocks it holds (vLLM's own, read only): a
+    request's blocks are the sum of its list lengths, read without a call per group."""
+    return [m.req_to_blocks for m in _managers(scheduler)]
+
+
+def request_facts(
+    request: Request, tables: Sequence[dict[str, Any]]
+) -> tuple[bool, int, int, int, bool] | None:
+    """(parked, tokens computed, tokens to compute, blocks held, chunks queued) of one request in
+    one call, None once it finished; the broker reads them for every request that changed before
+    each step, so one call beats five (``is_parked``, ``computed_tokens``, ...)."""
+    status = request.status
+    if status > RequestStatus.PREEMPTED:  # RequestStatus.is_finished, without the call
+        return None
+    rid, blocks = request.request_id, 0
+    for table in tables:
+        held = table.get(rid)
+        if held:
+            blocks += len(held)
+    computed = request.num_computed_tokens
+    parked = status == RequestStatus.WAITING_FOR_STREAMING_REQ
+    return parked, computed, request.num_tokens - computed, blocks, bool(request.streaming_queue)
 
 
 def free_block_count(scheduler: Scheduler) -> int:
