@@ -1,0 +1,162 @@
+"""The policy's view of every live request, kept between steps and rebuilt only where one changed.
+
+Before each step the broker needs a ``RequestView`` of every request and the ranking of those
+that want compute. Most requests are parked sessions waiting for their next chunk: nothing of
+theirs changes between steps, and building 500 views and sorting them each step cost more than a
+millisecond. The book keeps each request's view, its sort key under the current policy and the
+blocks parked sessions hold, and rebuilds a view only when the scheduler says the request may
+have changed (``touch``): a chunk arrived or was taken, a step scheduled it or processed its
+output, vLLM preempted it, the broker or the update mode changed it; ``forget`` when it is freed.
+As a guard against a change no hook reported, the book rebuilds everything when its count of
+parked sessions disagrees with vLLM's. ``tests/unit/test_view_book.py`` holds its views, ranking
+and decisions equal to building everything from scratch over random runs of the real scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from stream2llm.core import vllm_compat as compat
+from stream2llm.core.policies import Policy, RequestView
+from stream2llm.core.protocol import ChunkMeta
+from stream2llm.core.streams import StreamState, StreamTracker
+
+
+def queued_tokens(request: compat.Request) -> int:
+    """Tokens the chunks queued behind the one in work will prefill, at most: an update carries the
+    whole new prompt and replaces what was queued before it (its shared prefix is known only when
+    it is applied); appends add theirs. Summing every queued update counted a refinement's context
+    once per version and ranked the session behind far longer finals."""
+    total = 0
+    for chunk in compat.queued_chunks(request):
+        n = len(compat.chunk_ids(chunk))
+        total = n if ChunkMeta.of(chunk.sampling_params).replaces_prompt else total + n
+    return total
+
+
+class ViewBook:
+    """Views, sort keys and parked blocks of the live requests of one scheduler."""
+
+    def __init__(self, scheduler: compat.Scheduler, streams: StreamTracker) -> None:
+        self._scheduler = scheduler
+        self._streams = streams
+        self._tables = compat.block_tables(scheduler)
+        self.views: dict[str, RequestView] = {}  # every live request
+        self.to_compute: dict[str, int] = {}  # tokens each holds but has not computed
+        self._seq: dict[str, int] = {}  # order vLLM first held them in (ties of the ranking keep it)
+        self._next_seq = 0
+        self._keys: dict[str, tuple[Any, int, str]] = {}  # requests that want compute: (key, seq, id)
+        self._policy: Policy | None = None  # whose keys ``_keys`` holds
+        self._order: list[str] | None = None  # the ranking, until a key changes
+        self.parked_blocks = 0  # blocks held by parked sessions
+        self._parked: set[str] = set()
+        self._dirty: set[str] = set()
+        self.rebuilds = 0  # times the guard found the book out of step with vLLM
+
+    # -- what the scheduler tells the book ------------------------------------------------------
+
+    def admitted(self, request_id: str, new: bool) -> None:
+        """vLLM now holds the request; ``new``: it was not held before (it goes last in vLLM's
+        order, as a new key of its dict of requests does)."""
+        if new or request_id not in self._seq:
+            self._seq[request_id] = self._next_seq
+            self._next_seq += 1
+        self._dirty.add(request_id)
+
+    def touch(self, request_ids: Iterable[str]) -> None:
+        """These requests may have changed: their views are rebuilt before the next ranking."""
+        self._dirty.update(request_ids)
+
+    def forget(self, request_id: str) -> None:
+        """The request was freed."""
+        self._drop(request_id)
+        self._seq.pop(request_id, None)
+        self._dirty.discard(request_id)
+
+    # -- what the broker asks -------------------------------------------------------------------
+
+    def refresh(self, policy: Policy, now: float) -> None:
+        """Bring every changed view (and every sort key, if the policy changed) up to date."""
+        if policy is not self._policy:
+            self._policy, self._order = policy, None
+            self._keys = {rid: (policy.key(self.views[rid]), k[1], rid) for rid, k in self._keys.items()}
+        self._update_dirty(now, policy)
+        if len(self._parked) != compat.parked_count(self._scheduler):
+            self._rebuild()
+            self._update_dirty(now, policy)
+
+    def _update_dirty(self, now: float, policy: Policy) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for rid in dirty:
+            self._update(rid, now, policy)
+
+    def ranked_ids(self) -> list[str]:
+        """The ids of the requests that want compute, best first (``policy.rank`` of their views)."""
+        if self._order is None:
+            self._order = [k[2] for k in sorted(self._keys.values())]
+        return self._order
+
+    def in_vllm_order(self) -> list[RequestView]:
+        """Every view, in the order vLLM holds the requests (what a policy's victims are picked
+        from; ties keep that order)."""
+        seq = self._seq
+        return sorted(self.views.values(), key=lambda v: seq[v.request_id])
+
+    # -- keeping it -----------------------------------------------------------------------------
+
+    def _update(self, rid: str, now: float, policy: Policy) -> None:
+        request = compat.find_request(self._scheduler, rid)
+        facts = compat.request_facts(request, self._tables) if request is not None else None
+        if facts is None:
+            self._drop(rid)
+            return
+        parked, computed, to_compute, blocks, queued = facts
+        state = self._streams.get(rid)
+        if state is None:  # not tracked: the broker's stand-in is stamped now, so it is rebuilt each step
+            state = StreamState(now, now, True)
+            self._dirty.add(rid)
+        view = RequestView(
+            rid,
+            state.arrival,
+            state.last_chunk,
+            state.complete,
+            parked,
+            computed,
+            0 if parked else max(to_compute, 1),
+            blocks,
+            state.next_chunk_eta(),
+            queued_tokens(request) if queued else 0,
+        )
+        self._drop(rid, keep_key=not parked)
+        self.views[rid], self.to_compute[rid] = view, to_compute
+        if parked:
+            self._parked.add(rid)
+            self.parked_blocks += blocks
+            return
+        seq = self._seq.get(rid)
+        if seq is None:
+            seq = self._seq[rid] = self._next_seq
+            self._next_seq += 1
+        key = (policy.key(view), seq, rid)
+        if self._keys.get(rid) != key:
+            self._keys[rid], self._order = key, None
+
+    def _drop(self, rid: str, keep_key: bool = False) -> None:
+        """Take the request's view out (its sort key too, unless it is about to be replaced)."""
+        old = self.views.pop(rid, None)
+        self.to_compute.pop(rid, None)
+        if old is not None and rid in self._parked:
+            self._parked.discard(rid)
+            self.parked_blocks -= old.blocks_held
+        if not keep_key and self._keys.pop(rid, None) is not None:
+            self._order = None
+
+    def _rebuild(self) -> None:
+        """Forget every view and read every live request again, in vLLM's order."""
+        self.rebuilds += 1
+        self.views, self.to_compute, self._keys, self._order = {}, {}, {}, None
+        self._parked, self.parked_blocks = set(), 0
+        self._seq = {}
+        for request in compat.live_requests(self._scheduler):
+            self.admitted(request.request_id, True)
