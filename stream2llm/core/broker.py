@@ -31,6 +31,7 @@ class Plan:
     short: int = 0  # blocks the top-ranked work lacks (``Broker._blocks_short``)
     victims: list[tuple[str, str]] = field(default_factory=list)  # (request_id, mode)
     deferred: list[str] = field(default_factory=list)  # running prefills that wait a step
+    rank: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # place in order
 
 
 class Broker:
@@ -92,26 +93,29 @@ class Broker:
             return
         plan = self.plan(policy, time.monotonic())
         self.short_last = plan.short
-        for request in compat.running_requests(scheduler):
-            if request.request_id in plan.deferred:
-                compat.defer_running_prefill(scheduler, request)
-                self.deferrals += 1
-        self.book.touch(plan.deferred)
-        compat.rank_queues(scheduler, {rid: i for i, rid in enumerate(plan.order)})
-        self._evict_waiting(plan.victims, plan.order[0] if plan.order else None)
+        if plan.deferred:
+            for request in compat.running_requests(scheduler):
+                if request.request_id in plan.deferred:
+                    compat.defer_running_prefill(scheduler, request)
+                    self.deferrals += 1
+            self.book.touch(plan.deferred)
+        compat.rank_queues(scheduler, plan.rank)
+        if plan.victims:
+            self._evict_waiting(plan.victims, plan.order[0] if plan.order else None)
 
     def plan(self, policy: Policy, now: float) -> Plan:
         """The policy's decision on the book's views: ranking, blocks short, victims, deferrals.
         Nothing here changes the scheduler, so a test may compare it with one from scratch."""
         book = self.book
         book.refresh(policy, now)
-        order = book.ranked_ids()
-        short = self._blocks_short(order)
+        order, running = book.ranking.order(), compat.running_ids(self._scheduler)
+        short = self._blocks_short(order, running)
         victims = []
         if short > 0:
             views = book.views
             victims = policy.victims([views[rid] for rid in order], book.in_vllm_order(), short, now)
-        return Plan(order, short, victims, self._outranked_prefills(order))
+        deferred = self._outranked_prefills(order, running)
+        return Plan(order, short, victims, deferred, book.ranking.rank())
 
     def _evict_waiting(self, victims: list[tuple[str, str]], first: str | None) -> None:
         """Free the KV of victims that are not running, their blocks first queued for the KV tier
@@ -139,7 +143,7 @@ class Broker:
             self.evicted_last.append((compat.external_request_id(rid), tokens, blocks, kind))
             self.evictions += 1
 
-    def _blocks_short(self, order: list[str]) -> int:
+    def _blocks_short(self, order: list[str], running: set[str]) -> int:
         """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
         excess of parked KV over its cap, whichever is larger. A waiting request needs blocks
         for its whole prompt, not this step's chunk, where vLLM admits only whole prompts
@@ -147,12 +151,13 @@ class Broker:
         then refused, and the engine idled for seconds while parked sessions held the KV."""
         scheduler = self._scheduler
         by_id = self.book.views
-        running = compat.running_ids(scheduler)
         whole = compat.admits_whole_prompts(scheduler)
         budget, want = compat.token_budget(scheduler), 0
         block_size = compat.block_size(scheduler)
         for rid in order:
-            if rid in running or budget <= 0:
+            if budget <= 0:
+                break  # nothing further takes a token
+            if rid in running:
                 continue
             v = by_id[rid]
             take = min(v.tokens_pending, budget)
@@ -163,12 +168,11 @@ class Broker:
         over_cap = self.book.parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))
         return max(short, over_cap, 0)
 
-    def _outranked_prefills(self, order: list[str]) -> list[str]:
+    def _outranked_prefills(self, order: list[str], running: set[str]) -> list[str]:
         """vLLM gives this step's tokens to running requests before waiting ones; a partial
         stream's prefill that ranks below a waiting complete stream (a final chunk on the TTFT
         clock) waits a step instead. Complete streams are not preempted for one another: the
         churn (deferring and resuming) cost more at the median than reordering them gained."""
-        running = compat.running_ids(self._scheduler)
         to_compute = self.book.to_compute
         top = next((i for i, rid in enumerate(order) if rid not in running and to_compute[rid] > 0), None)
         if top is None or not self._streams.is_complete(order[top]):

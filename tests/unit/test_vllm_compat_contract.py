@@ -464,7 +464,7 @@ def test_rank_queues_orders_as_sort_queues_does(scheduler):
     assert list(out.num_scheduled_tokens) == ["n2", "p3", "n1"]
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(40))
 def test_rank_queues_equals_sort_queues_on_random_queues(seed):
     rng = random.Random(seed)
     requests = [SimpleNamespace(request_id=f"r{i}") for i in range(rng.randrange(0, 30))]
@@ -484,4 +484,10 @@ def test_rank_queues_equals_sort_queues_on_random_queues(seed):
     expected, got = queues(), queues()
     vllm_compat.sort_queues(expected, key=lambda r: rank.get(r.request_id, len(rank)))
     vllm_compat.rank_queues(got, rank)
+    assert _queues_of(got) == _queues_of(expected)
+    taken = rng.randrange(len(got.kv_holding_waiting) + 1)  # vLLM scheduled these from the front
+    for queues_ in (expected, got):
+        queues_.running.extend(queues_.kv_holding_waiting.popleft() for _ in range(taken))
+    vllm_compat.sort_queues(expected, key=lambda r: rank.get(r.request_id, len(rank)))
+    vllm_compat.rank_queues(got, rank)  # the queue leads in order: nothing to move
     assert _queues_of(got) == _queues_of(expected)

@@ -55,6 +55,8 @@ def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
     ranked = [r for r in second if r.request_id in rank]
     tail = [r for r in second if r.request_id not in rank] if len(ranked) < len(second) else []
     wanted = last - len(ranked) - sum(1 for r in running if r.request_id in rank)
+    if not second and _leads_in_order(first, rank, wanted):
+        return  # as the last step left it, less what vLLM took from the front
     head: list[Request] = []
     while wanted > 0 and first:
         request = first.popleft()
@@ -68,6 +70,21 @@ def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
     first.extendleft(reversed(head))
     first.extendleft(reversed(ranked))
     first.extend(tail)
+
+
+def _leads_in_order(queue: deque[Request], rank: Mapping[str, int], wanted: int) -> bool:
+    """Whether the queue starts with ``wanted`` ranked requests, in rank order."""
+    if len(queue) < wanted:
+        return False
+    place = -1
+    for i, request in enumerate(queue):
+        if i == wanted:
+            break
+        next_place = rank.get(request.request_id)
+        if next_place is None or next_place < place:
+            return False
+        place = next_place
+    return True
 
 
 def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:

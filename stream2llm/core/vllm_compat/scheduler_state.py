@@ -41,6 +41,7 @@ __all__ = [
     "queued_chunks",
     "request_counts",
     "request_facts",
+    "request_table",
     "running_ids",
     "running_requests",
     "scheduled_tokens",
@@ -63,6 +64,12 @@ def additional_config(scheduler: Scheduler) -> dict[str, Any]:
 def find_request(scheduler: Scheduler, request_id: str) -> Request | None:
     """The request the scheduler holds under ``request_id`` (finished ones leave at once)."""
     return scheduler.requests.get(request_id)
+
+
+def request_table(scheduler: Scheduler) -> dict[str, Request]:
+    """vLLM's own map of request id to request (read only; the same dict for the scheduler's
+    life), for looking up many requests each step without a call apiece."""
+    return scheduler.requests
 
 
 def num_requests(scheduler: Scheduler) -> int:
@@ -229,6 +236,9 @@ def block_tables(scheduler: Scheduler) -> list[dict[str, Any]]:
     return [m.req_to_blocks for m in _managers(scheduler)]
 
 
+_LAST_LIVE, _PARKED = RequestStatus.PREEMPTED, RequestStatus.WAITING_FOR_STREAMING_REQ  # enum lookups, once
+
+
 def request_facts(
     request: Request, tables: Sequence[dict[str, Any]]
 ) -> tuple[bool, int, int, int, bool] | None:
@@ -236,7 +246,7 @@ def request_facts(
     one call, None once it finished; the broker reads them for every request that changed before
     each step, so one call beats five (``is_parked``, ``computed_tokens``, ...)."""
     status = request.status
-    if status > RequestStatus.PREEMPTED:  # RequestStatus.is_finished, without the call
+    if status > _LAST_LIVE:  # RequestStatus.is_finished, without the call
         return None
     rid, blocks = request.request_id, 0
     for table in tables:
@@ -244,8 +254,13 @@ def request_facts(
         if held:
             blocks += len(held)
     computed = request.num_computed_tokens
-    parked = status == RequestStatus.WAITING_FOR_STREAMING_REQ
-    return parked, computed, request.num_tokens - computed, blocks, bool(request.streaming_queue)
+    return (
+        status == _PARKED,
+        computed,
+        len(request._all_token_ids) - computed,
+        blocks,
+        bool(request.streaming_queue),
+    )
 
 
 def free_block_count(scheduler: Scheduler) -> int:
