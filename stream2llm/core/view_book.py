@@ -88,6 +88,28 @@ class Ranking:
         return self._rank
 
 
+Facts = tuple[bool, int, int, int, bool]  # ``compat.request_facts``
+
+
+def _view(rid: str, state: StreamState, facts: Facts, request: compat.Request) -> RequestView:
+    """The policy's view of one request from what vLLM and its stream say of it."""
+    parked, computed, to_compute, blocks, queued = facts
+    return RequestView._make(  # a third faster than the constructor's keyword handling
+        (
+            rid,
+            state.arrival,
+            state.last_chunk,
+            state.complete,
+            parked,
+            computed,
+            0 if parked else max(to_compute, 1),
+            blocks,
+            state.next_chunk_eta(),
+            queued_tokens(request) if queued else 0,
+        )
+    )
+
+
 class ViewBook:
     """Views, sort keys and parked blocks of the live requests of one scheduler."""
 
@@ -141,9 +163,28 @@ class ViewBook:
             self._update_dirty(now, policy)
 
     def _update_dirty(self, now: float, policy: Policy) -> None:
+        """Rebuild the view of every request touched since the last refresh. The loop is written
+        for the common case, a tracked request that wants compute before and after (every request
+        a step scheduled): it runs for each of them every step."""
         dirty, self._dirty = self._dirty, set()
+        requests, tables, states, views = self._requests, self._tables, self._streams.states, self.views
+        key, ranking, seqs, parked, to_compute = (
+            policy.key,
+            self.ranking,
+            self._seq,
+            self._parked,
+            self.to_compute,
+        )
         for rid in dirty:
-            self._update(rid, now, policy)
+            request = requests.get(rid)
+            facts = request_facts(request, tables) if request is not None else None
+            state = states.get(rid)
+            if facts is None or state is None or facts[0] or rid in parked or rid not in seqs:
+                self._update(rid, request, facts, now, policy)
+                continue
+            view = views[rid] = _view(rid, state, facts, request)
+            to_compute[rid] = facts[2]
+            ranking.set(rid, (key(view), seqs[rid], rid))
 
     def in_vllm_order(self) -> list[RequestView]:
         """Every view, in the order vLLM holds the requests (what a policy's victims are picked
@@ -153,40 +194,27 @@ class ViewBook:
 
     # -- keeping it -----------------------------------------------------------------------------
 
-    def _update(self, rid: str, now: float, policy: Policy) -> None:
-        request = self._requests.get(rid)
-        facts = request_facts(request, self._tables) if request is not None else None
-        if facts is None:
+    def _update(
+        self, rid: str, request: compat.Request | None, facts: Facts | None, now: float, policy: Policy
+    ) -> None:
+        """Any request: finished, parked, untracked, new, or one that wants compute."""
+        if request is None or facts is None:
             self._drop(rid)
             return
-        parked, computed, to_compute, blocks, queued = facts
         state = self._streams.get(rid)
         if state is None:  # not tracked: the broker's stand-in is stamped now, so it is rebuilt each step
             state = StreamState(now, now, True)
             self._dirty.add(rid)
-        view = RequestView._make(  # a third faster than the constructor's keyword handling
-            (
-                rid,
-                state.arrival,
-                state.last_chunk,
-                state.complete,
-                parked,
-                computed,
-                0 if parked else max(to_compute, 1),
-                blocks,
-                state.next_chunk_eta(),
-                queued_tokens(request) if queued else 0,
-            )
-        )
+        view = _view(rid, state, facts, request)
         old = self.views.get(rid)
         if old is not None and old.parked:
             self._parked.discard(rid)
             self.parked_blocks -= old.blocks_held
-        self.views[rid], self.to_compute[rid] = view, to_compute
-        if parked:
+        self.views[rid], self.to_compute[rid] = view, facts[2]
+        if view.parked:
             self.ranking.remove(rid)
             self._parked.add(rid)
-            self.parked_blocks += blocks
+            self.parked_blocks += view.blocks_held
             return
         seq = self._seq.get(rid)
         if seq is None:

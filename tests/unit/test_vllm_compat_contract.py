@@ -416,7 +416,9 @@ def test_admits_whole_prompts_reads_vllms_admission_gate(tiny_model):
 def test_request_facts_and_step_request_ids_read_what_the_single_readers_read(tiny_model):
     """The broker's one-call reader of a request agrees with the readers it stands for."""
     scheduler, a, b, out = prefilling_and_parked(tiny_model)
-    tables = vllm_compat.block_tables(scheduler)
+    tables = vllm_compat.block_tables(scheduler)  # vLLM's own maps: read once, they stay current
+    requests = vllm_compat.request_table(scheduler)
+    assert requests == {"a": a, "b": b} and sum(len(t.get("a", ())) for t in tables) == 4
     for request in (a, b):
         assert vllm_compat.request_facts(request, tables) == (
             vllm_compat.is_parked(request),
@@ -432,6 +434,7 @@ def test_request_facts_and_step_request_ids_read_what_the_single_readers_read(ti
     assert vllm_compat.step_request_ids(out) == ["b"]
     run_until_idle(scheduler)
     assert b.is_finished() and vllm_compat.request_facts(b, tables) is None
+    assert "b" not in requests and vllm_compat.request_table(scheduler) is requests
 
 
 def _queues_of(scheduler) -> list[list[str]]:
