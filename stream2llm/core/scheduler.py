@@ -137,6 +137,12 @@ class StreamScheduler(compat.HookedScheduler):
         self._publish()
         return finished
 
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        running = compat.running_ids(self)  # with reset_running_requests vLLM preempts them here,
+        done = super().reset_prefix_cache(reset_running_requests, reset_connector)
+        self.broker.touch(running)  # and its next step's output reports it only after our apply
+        return done
+
     def _tier_bytes(self) -> tuple[int, int]:
         """Bytes the KV tier was asked to save and to load so far (0, 0 without a tier)."""
         tier = compat.kv_tier(self)

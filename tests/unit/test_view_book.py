@@ -224,3 +224,21 @@ def test_the_book_catches_up_with_a_change_no_hook_reported(tiny_model, monkeypa
     scheduler.add_request(make_request(scheduler, "late", list(range(30)), final=True, resumable=False))
     schedule_step(scheduler)
     assert scheduler.broker.book.rebuilds == 1 and checked.steps > 1
+
+
+def test_a_prefix_cache_reset_that_preempts_the_running_requests_reaches_the_book(tiny_model, monkeypatch):
+    """vLLM preempts every running request there and names them only in its next step's output,
+    after the broker's step: the scheduler tells the book itself."""
+    scheduler = make_scheduler(str(tiny_model.path), policy="stream2llm", max_num_batched_tokens=256)
+    checked = Checked(scheduler, monkeypatch)
+    for rid, n in (("long", 300), ("short", 90)):
+        request = make_request(scheduler, rid, list(range(n)), max_tokens=5, final=True, resumable=False)
+        scheduler.add_request(request)
+    finish_step(scheduler, schedule_step(scheduler))
+    assert compat.running_ids(scheduler) == {"long", "short"}
+    broker = scheduler.broker
+    broker.plan(broker.policy(), 0.0)  # the book is up to date
+    assert scheduler.reset_prefix_cache(reset_running_requests=True)
+    assert compat.computed_tokens(scheduler.requests["long"]) == 0
+    broker.plan(broker.policy(), 0.0)
+    assert checked.steps == 3

@@ -225,6 +225,7 @@ def test_public_override_points_and_request_fields_exist():
         "schedule": ["self", "throttle_prefills"],
         "update_from_output": ["self", "scheduler_output", "model_runner_output"],
         "finish_requests": ["self", "request_ids", "finished_status"],
+        "reset_prefix_cache": ["self", "reset_running_requests", "reset_connector"],
     }.items():
         assert list(inspect.signature(getattr(Scheduler, name)).parameters) == params, name
     source = inspect.getsource(Scheduler)
