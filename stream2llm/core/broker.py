@@ -106,16 +106,16 @@ class Broker:
     def plan(self, policy: Policy, now: float) -> Plan:
         """The policy's decision on the book's views: ranking, blocks short, victims, deferrals.
         Nothing here changes the scheduler, so a test may compare it with one from scratch."""
-        book = self.book
-        book.refresh(policy, now)
-        order, running = book.ranking.order(), compat.running_ids(self._scheduler)
-        short = self._blocks_short(order, running)
+        book, running = self.book, compat.running_ids(self._scheduler)
+        book.refresh(policy, now, running)
+        order, rank = book.ranking.order(), book.ranking.rank()
+        waiting = [rid for rid in order if rid not in running]  # ranked, not running
+        short = self._blocks_short(waiting)
         victims = []
         if short > 0:
             views = book.views
             victims = policy.victims([views[rid] for rid in order], book.in_vllm_order(), short, now)
-        deferred = self._outranked_prefills(order, running)
-        return Plan(order, short, victims, deferred, book.ranking.rank())
+        return Plan(order, short, victims, self._outranked_prefills(waiting, rank), rank)
 
     def _evict_waiting(self, victims: list[tuple[str, str]], first: str | None) -> None:
         """Free the KV of victims that are not running, their blocks first queued for the KV tier
@@ -143,22 +143,20 @@ class Broker:
             self.evicted_last.append((compat.external_request_id(rid), tokens, blocks, kind))
             self.evictions += 1
 
-    def _blocks_short(self, order: list[str], running: set[str]) -> int:
+    def _blocks_short(self, waiting: list[str]) -> int:
         """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
         excess of parked KV over its cap, whichever is larger. A waiting request needs blocks
         for its whole prompt, not this step's chunk, where vLLM admits only whole prompts
         (``admits_whole_prompts``): counting the chunk freed nothing for a long final that vLLM
         then refused, and the engine idled for seconds while parked sessions held the KV."""
         scheduler = self._scheduler
-        by_id = self.book.views
+        by_id = self.book.current  # waiting requests' views are up to date there
         whole = compat.admits_whole_prompts(scheduler)
         budget, want = compat.token_budget(scheduler), 0
         block_size = compat.block_size(scheduler)
-        for rid in order:
+        for rid in waiting:
             if budget <= 0:
                 break  # nothing further takes a token
-            if rid in running:
-                continue
             v = by_id[rid]
             take = min(v.tokens_pending, budget)
             budget -= take
@@ -168,20 +166,20 @@ class Broker:
         over_cap = self.book.parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))
         return max(short, over_cap, 0)
 
-    def _outranked_prefills(self, order: list[str], running: set[str]) -> list[str]:
+    def _outranked_prefills(self, waiting: list[str], rank: dict[str, int]) -> list[str]:
         """vLLM gives this step's tokens to running requests before waiting ones; a partial
         stream's prefill that ranks below a waiting complete stream (a final chunk on the TTFT
         clock) waits a step instead. Complete streams are not preempted for one another: the
         churn (deferring and resuming) cost more at the median than reordering them gained."""
         to_compute = self.book.to_compute
-        top = next((i for i, rid in enumerate(order) if rid not in running and to_compute[rid] > 0), None)
-        if top is None or not self._streams.is_complete(order[top]):
+        top = next((rid for rid in waiting if to_compute[rid] > 0), None)
+        if top is None or not self._streams.is_complete(top):
             return []
-        outranked = set(order[top + 1 :])
+        place = rank[top]
         return [
             r.request_id
             for r in compat.running_requests(self._scheduler)
-            if r.request_id in outranked
+            if rank.get(r.request_id, 0) > place
             and not self._streams.is_complete(r.request_id)
             and compat.is_prefilling(r)
         ]

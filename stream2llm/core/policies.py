@@ -158,9 +158,13 @@ class Policy:
         self.preemption = preemption
         self.has_tier = self.costs.can_offload if has_tier is None else has_tier  # somewhere to offload to
 
+    # The view fields ``key`` reads: the broker skips rebuilding a running request's view and key
+    # while only fields outside them change (a decoding request's tokens and blocks each step).
+    key_fields: frozenset[str] = frozenset(RequestView._fields)
+
     def key(self, view: RequestView) -> Any:
         """The ranking's sort key of one request (smallest first; ties keep the given order):
-        a function of the view alone, so the broker keeps it until the request changes."""
+        a function of the view's ``key_fields`` alone, so the broker keeps it until they change."""
         raise NotImplementedError
 
     def rank(self, views: Sequence[RequestView]) -> list[RequestView]:
@@ -196,6 +200,8 @@ class Policy:
 
 
 class VllmPolicy(Policy):
+    key_fields = frozenset()
+
     def key(self, view: RequestView) -> Any:
         return 0  # keep vLLM's own order
 
@@ -209,21 +215,29 @@ class VllmPolicy(Policy):
 
 
 class FcfsPolicy(Policy):
+    key_fields = frozenset({"complete", "arrival"})
+
     def key(self, view: RequestView) -> Any:
         return (not view.complete, view.arrival)
 
 
 class LcasPolicy(Policy):
+    key_fields = frozenset({"complete", "last_chunk_arrival"})
+
     def key(self, view: RequestView) -> Any:
         return (not view.complete, view.last_chunk_arrival)
 
 
 class McpsPolicy(Policy):
+    key_fields = frozenset({"tokens_computed", "arrival"})
+
     def key(self, view: RequestView) -> Any:
         return (-view.tokens_computed, view.arrival)
 
 
 class Stream2llmPolicy(Policy):
+    key_fields = frozenset({"complete", "tokens_pending", "tokens_queued", "last_chunk_arrival", "arrival"})
+
     def key(self, view: RequestView) -> Any:
         if view.complete:
             return (0, view.tokens_pending + view.tokens_queued, view.last_chunk_arrival)

@@ -89,6 +89,21 @@ class Ranking:
 
 
 Facts = tuple[bool, int, int, int, bool]  # ``compat.request_facts``
+PROGRESS = frozenset({"tokens_computed", "blocks_held"})  # what a running request's steps change
+
+
+def _only_progress(old: RequestView | None, state: StreamState, facts: Facts) -> bool:
+    """Whether a request that wants compute changed in tokens computed and blocks held alone."""
+    return (
+        old is not None
+        and not facts[4]
+        and old.tokens_queued == 0
+        and old.tokens_pending == max(facts[2], 1)
+        and old.complete == state.complete
+        and old.last_chunk_arrival == state.last_chunk
+        and old.arrival == state.arrival
+        and old.next_chunk_eta == state.next_chunk_eta()
+    )
 
 
 def _view(rid: str, state: StreamState, facts: Facts, request: compat.Request) -> RequestView:
@@ -118,7 +133,10 @@ class ViewBook:
         self._streams = streams
         self._tables = compat.block_tables(scheduler)
         self._requests = compat.request_table(scheduler)
-        self.views: dict[str, RequestView] = {}  # every live request
+        # Every live request's view; a running request's may lag in fields its policy's key does
+        # not read (``Policy.key_fields``: tokens computed, blocks held), which ``views`` fills in.
+        self.current: dict[str, RequestView] = {}
+        self._lagging: dict[str, compat.Request] = {}
         self.to_compute: dict[str, int] = {}  # tokens each holds but has not computed
         self._seq: dict[str, int] = {}  # order vLLM first held them in (ties of the ranking keep it)
         self._next_seq = 0
@@ -151,30 +169,30 @@ class ViewBook:
 
     # -- what the broker asks -------------------------------------------------------------------
 
-    def refresh(self, policy: Policy, now: float) -> None:
-        """Bring every changed view (and every sort key, if the policy changed) up to date."""
+    def refresh(self, policy: Policy, now: float, running: set[str]) -> None:
+        """Bring every changed view (and every sort key, if the policy changed) up to date;
+        ``running``: the ids of vLLM's running list."""
         if policy is not self._policy:
             self._policy = policy
             keys = self.ranking.keys
-            self.ranking.reset({rid: (policy.key(self.views[rid]), k[1], rid) for rid, k in keys.items()})
-        self._update_dirty(now, policy)
+            views = self.views
+            self.ranking.reset({rid: (policy.key(views[rid]), k[1], rid) for rid, k in keys.items()})
+        self._update_dirty(now, policy, running)
         if len(self._parked) != compat.parked_count(self._scheduler):
             self._rebuild()
-            self._update_dirty(now, policy)
+            self._update_dirty(now, policy, running)
 
-    def _update_dirty(self, now: float, policy: Policy) -> None:
+    def _update_dirty(self, now: float, policy: Policy, running: set[str]) -> None:
         """Rebuild the view of every request touched since the last refresh. The loop is written
         for the common case, a tracked request that wants compute before and after (every request
-        a step scheduled): it runs for each of them every step."""
+        a step scheduled): it runs for each of them every step. A running request whose change
+        its policy's key does not read (a decoding request's next token) keeps its view and key;
+        ``views`` rebuilds its view when asked."""
         dirty, self._dirty = self._dirty, set()
-        requests, tables, states, views = self._requests, self._tables, self._streams.states, self.views
-        key, ranking, seqs, parked, to_compute = (
-            policy.key,
-            self.ranking,
-            self._seq,
-            self._parked,
-            self.to_compute,
-        )
+        requests, tables, states, views = self._requests, self._tables, self._streams.states, self.current
+        ranking, seqs, parked, to_compute = self.ranking, self._seq, self._parked, self.to_compute
+        key, lagging = policy.key, self._lagging
+        may_lag = policy.key_fields.isdisjoint(PROGRESS)
         for rid in dirty:
             request = requests.get(rid)
             facts = request_facts(request, tables) if request is not None else None
@@ -182,9 +200,25 @@ class ViewBook:
             if facts is None or state is None or facts[0] or rid in parked or rid not in seqs:
                 self._update(rid, request, facts, now, policy)
                 continue
-            view = views[rid] = _view(rid, state, facts, request)
             to_compute[rid] = facts[2]
+            if may_lag and rid in running and _only_progress(views.get(rid), state, facts):
+                lagging[rid] = request
+                continue
+            lagging.pop(rid, None)
+            view = views[rid] = _view(rid, state, facts, request)
             ranking.set(rid, (key(view), seqs[rid], rid))
+
+    @property
+    def views(self) -> dict[str, RequestView]:
+        """Every live request's view, up to date (a new dict: ``current`` with the lagging ones
+        rebuilt; what a policy's victims are picked from)."""
+        views = dict(self.current)
+        states = self._streams.states
+        for rid, request in self._lagging.items():
+            facts = request_facts(request, self._tables)
+            if facts is not None and rid in states:
+                views[rid] = _view(rid, states[rid], facts, request)
+        return views
 
     def in_vllm_order(self) -> list[RequestView]:
         """Every view, in the order vLLM holds the requests (what a policy's victims are picked
@@ -206,11 +240,12 @@ class ViewBook:
             state = StreamState(now, now, True)
             self._dirty.add(rid)
         view = _view(rid, state, facts, request)
-        old = self.views.get(rid)
+        self._lagging.pop(rid, None)
+        old = self.current.get(rid)
         if old is not None and old.parked:
             self._parked.discard(rid)
             self.parked_blocks -= old.blocks_held
-        self.views[rid], self.to_compute[rid] = view, facts[2]
+        self.current[rid], self.to_compute[rid] = view, facts[2]
         if view.parked:
             self.ranking.remove(rid)
             self._parked.add(rid)
@@ -224,7 +259,8 @@ class ViewBook:
 
     def _drop(self, rid: str) -> None:
         """Take the request out: view, sort key, parked blocks."""
-        old = self.views.pop(rid, None)
+        old = self.current.pop(rid, None)
+        self._lagging.pop(rid, None)
         self.to_compute.pop(rid, None)
         self.ranking.remove(rid)
         if old is not None and old.parked:
@@ -234,7 +270,7 @@ class ViewBook:
     def _rebuild(self) -> None:
         """Forget every view and read every live request again, in vLLM's order."""
         self.rebuilds += 1
-        self.views, self.to_compute, self.ranking = {}, {}, Ranking()
+        self.current, self.to_compute, self.ranking, self._lagging = {}, {}, Ranking(), {}
         self._parked, self.parked_blocks = set(), 0
         self._seq = {}
         for request in compat.live_requests(self._scheduler):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
 from stream2llm.core.policies import (
     OFFLOAD,
+    POLICIES,
     RECOMPUTE,
     Costs,
     RequestView,
@@ -185,3 +187,29 @@ def test_stream2llm_counts_chunks_queued_behind_the_one_in_work():
         view("short", 5.0, last=2.0, complete=True, pending=400),
     ]
     assert make_policy("stream2llm").decide(views).order == ["short", "late"]
+
+
+def _other(value, rng: random.Random):
+    """Another value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + rng.randrange(1, 5000)
+    if isinstance(value, float):
+        return rng.random() * 10
+    return value + "-other"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_policys_key_reads_only_its_key_fields(name):
+    """The broker keeps a running request's key while only fields outside ``key_fields`` change;
+    a field the key reads but does not declare would keep a stale key (and a wrong ranking)."""
+    policy, rng = make_policy(name), random.Random(name)
+    for _ in range(200):
+        base = view(
+            "r", rng.random(), last=rng.random(), complete=rng.random() < 0.5, pending=rng.randrange(1, 99)
+        )
+        changed = {
+            f: _other(getattr(base, f), rng) for f in RequestView._fields if f not in policy.key_fields
+        }
+        assert policy.key(base._replace(**changed)) == policy.key(base)

@@ -8,13 +8,17 @@ ending a chunk early. vLLM then schedules and allocates as it always does.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from itertools import islice, repeat
+from operator import attrgetter
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from stream2llm.core.vllm_compat.scheduler_state import blocks_held, is_parked, is_prefilling
+
+_request_id = attrgetter("request_id")
 
 __all__ = ["defer_running_prefill", "end_chunk_early", "evict_waiting_kv", "rank_queues", "sort_queues"]
 
@@ -48,13 +52,15 @@ def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
     ``sort_queues``'s (a contract test holds them equal)."""
     last = len(rank)
     running = scheduler.running
-    running.sort(key=lambda r: rank.get(r.request_id, last))
+    places = _places(running, rank, last)
+    if places != sorted(places):
+        running.sort(key=lambda r: rank.get(r.request_id, last))
     first, second = scheduler.kv_holding_waiting, scheduler.waiting
     if not isinstance(first, deque) or not isinstance(second, deque):
         return  # a priority policy orders its own queues
     ranked = [r for r in second if r.request_id in rank]
     tail = [r for r in second if r.request_id not in rank] if len(ranked) < len(second) else []
-    wanted = last - len(ranked) - sum(1 for r in running if r.request_id in rank)
+    wanted = last - len(ranked) - (len(places) - places.count(last))
     if not second and _leads_in_order(first, rank, wanted):
         return  # as the last step left it, less what vLLM took from the front
     head: list[Request] = []
@@ -72,19 +78,18 @@ def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
     first.extend(tail)
 
 
+def _places(requests: Iterable[Request], rank: Mapping[str, int], default: Any) -> list[Any]:
+    """Each request's place in ``rank`` (``default`` where it has none), read without a Python
+    call per request: the running list and the queue's head are read every step."""
+    return list(map(rank.get, map(_request_id, requests), repeat(default)))
+
+
 def _leads_in_order(queue: deque[Request], rank: Mapping[str, int], wanted: int) -> bool:
     """Whether the queue starts with ``wanted`` ranked requests, in rank order."""
     if len(queue) < wanted:
         return False
-    place = -1
-    for i, request in enumerate(queue):
-        if i == wanted:
-            break
-        next_place = rank.get(request.request_id)
-        if next_place is None or next_place < place:
-            return False
-        place = next_place
-    return True
+    places = _places(islice(queue, wanted), rank, None)
+    return None not in places and places == sorted(places)
 
 
 def evict_waiting_kv(scheduler: Scheduler, request: Request) -> int:
