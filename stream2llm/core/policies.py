@@ -40,17 +40,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from stream2llm.core.cost_profile import CostProfile
 
 RECOMPUTE, OFFLOAD = "recompute", "offload"
 
 
-class RequestView(NamedTuple):
-    """What a policy may know about one request (a named tuple: the broker builds one per changed
-    request before each step, and a frozen dataclass took five times as long to build)."""
+@dataclass(slots=True)
+class RequestView:
+    """What a policy may know about one request; read only by convention (policies are pure).
+    Not frozen: a frozen dataclass took 1.9 us to build and the broker builds one for every
+    request that changed before each step; a slotted one takes 0.3 us and keeps attribute reads
+    as fast (a named tuple's are twice as slow in Python 3.11, and policies read them in sorts)."""
 
     request_id: str
     arrival: float  # query arrival (its first chunk)
@@ -160,7 +163,7 @@ class Policy:
 
     # The view fields ``key`` reads: the broker skips rebuilding a running request's view and key
     # while only fields outside them change (a decoding request's tokens and blocks each step).
-    key_fields: frozenset[str] = frozenset(RequestView._fields)
+    key_fields: frozenset[str] = frozenset(f.name for f in fields(RequestView))
 
     def key(self, view: RequestView) -> Any:
         """The ranking's sort key of one request (smallest first; ties keep the given order):

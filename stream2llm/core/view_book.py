@@ -109,19 +109,17 @@ def _only_progress(old: RequestView | None, state: StreamState, facts: Facts) ->
 def _view(rid: str, state: StreamState, facts: Facts, request: compat.Request) -> RequestView:
     """The policy's view of one request from what vLLM and its stream say of it."""
     parked, computed, to_compute, blocks, queued = facts
-    return RequestView._make(  # a third faster than the constructor's keyword handling
-        (
-            rid,
-            state.arrival,
-            state.last_chunk,
-            state.complete,
-            parked,
-            computed,
-            0 if parked else max(to_compute, 1),
-            blocks,
-            state.next_chunk_eta(),
-            queued_tokens(request) if queued else 0,
-        )
+    return RequestView(
+        rid,
+        state.arrival,
+        state.last_chunk,
+        state.complete,
+        parked,
+        computed,
+        0 if parked else max(to_compute, 1),
+        blocks,
+        state.next_chunk_eta(),
+        queued_tokens(request) if queued else 0,
     )
 
 

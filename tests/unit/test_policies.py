@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -183,7 +184,7 @@ def test_stream2llm_counts_chunks_queued_behind_the_one_in_work():
     """A final chunk that waits in the engine behind a chunk still in work is part of what is
     left: ranking by the chunk in work alone put such streams ahead of shorter ones."""
     views = [
-        view("late", 0.0, last=1.0, complete=True, pending=100)._replace(tokens_queued=2000),
+        dataclasses.replace(view("late", 0.0, last=1.0, complete=True, pending=100), tokens_queued=2000),
         view("short", 5.0, last=2.0, complete=True, pending=400),
     ]
     assert make_policy("stream2llm").decide(views).order == ["short", "late"]
@@ -209,7 +210,6 @@ def test_a_policys_key_reads_only_its_key_fields(name):
         base = view(
             "r", rng.random(), last=rng.random(), complete=rng.random() < 0.5, pending=rng.randrange(1, 99)
         )
-        changed = {
-            f: _other(getattr(base, f), rng) for f in RequestView._fields if f not in policy.key_fields
-        }
-        assert policy.key(base._replace(**changed)) == policy.key(base)
+        names = [f.name for f in dataclasses.fields(RequestView) if f.name not in policy.key_fields]
+        changed = {name: _other(getattr(base, name), rng) for name in names}
+        assert policy.key(dataclasses.replace(base, **changed)) == policy.key(base)
