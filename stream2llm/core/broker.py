@@ -55,6 +55,7 @@ class Broker:
         self._tier = compat.kv_tier(scheduler)  # the engine's connector, where it can offload
         self._policies: dict[tuple[str, str], Policy] = {}
         self.book = ViewBook(scheduler, streams)  # every request's view, kept between steps
+        self._queues = compat.QueueMemo()  # how the last step left vLLM's queues
         self.evictions = 0
         self.offloads = 0
         self.evicted_last: list[Eviction] = []  # before the last step: id, tokens, blocks, how
@@ -99,7 +100,7 @@ class Broker:
                     compat.defer_running_prefill(scheduler, request)
                     self.deferrals += 1
             self.book.touch(plan.deferred)
-        compat.rank_queues(scheduler, plan.rank)
+        compat.rank_queues(scheduler, plan.rank, self._queues)
         if plan.victims:
             self._evict_waiting(plan.victims, plan.order[0] if plan.order else None)
 

@@ -125,14 +125,14 @@ class Checked:
             self.steps += 1
             return got
 
-        def checked_rank_queues(scheduler, rank) -> None:
+        def checked_rank_queues(scheduler, rank, memo=None) -> None:
             copy = SimpleNamespace(
                 running=list(scheduler.running),
                 kv_holding_waiting=deque(scheduler.kv_holding_waiting),
                 waiting=deque(scheduler.waiting),
             )
             compat.sort_queues(copy, key=lambda r: rank.get(r.request_id, len(rank)))
-            rank_queues(scheduler, rank)
+            rank_queues(scheduler, rank, memo)
             for name in ("running", "kv_holding_waiting", "waiting"):
                 assert [r.request_id for r in getattr(scheduler, name)] == [
                     r.request_id for r in getattr(copy, name)

@@ -485,13 +485,20 @@ def test_rank_queues_equals_sort_queues_on_random_queues(seed):
             waiting=deque(requests[cut[1] :]),
         )
 
-    expected, got = queues(), queues()
-    vllm_compat.sort_queues(expected, key=lambda r: rank.get(r.request_id, len(rank)))
-    vllm_compat.rank_queues(got, rank)
-    assert _queues_of(got) == _queues_of(expected)
+    expected, got, memo = queues(), queues(), vllm_compat.QueueMemo()
+
+    def both() -> None:
+        vllm_compat.sort_queues(expected, key=lambda r: rank.get(r.request_id, len(rank)))
+        vllm_compat.rank_queues(got, rank, memo)
+        assert _queues_of(got) == _queues_of(expected)
+
+    both()
     taken = rng.randrange(len(got.kv_holding_waiting) + 1)  # vLLM scheduled these from the front
     for queues_ in (expected, got):
         queues_.running.extend(queues_.kv_holding_waiting.popleft() for _ in range(taken))
-    vllm_compat.sort_queues(expected, key=lambda r: rank.get(r.request_id, len(rank)))
-    vllm_compat.rank_queues(got, rank)  # the queue leads in order: nothing to move
-    assert _queues_of(got) == _queues_of(expected)
+    both()  # the queue leads in order: nothing to move
+    both()  # nothing changed since: the memo holds
+    new = SimpleNamespace(request_id="new")  # unranked, in the other queue: the memo does not hold
+    for queues_ in (expected, got):
+        queues_.waiting.append(new)
+    both()

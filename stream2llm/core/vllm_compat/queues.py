@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from itertools import islice, repeat
 from operator import attrgetter
 from typing import Any
@@ -20,7 +21,14 @@ from stream2llm.core.vllm_compat.scheduler_state import blocks_held, is_parked, 
 
 _request_id = attrgetter("request_id")
 
-__all__ = ["defer_running_prefill", "end_chunk_early", "evict_waiting_kv", "rank_queues", "sort_queues"]
+__all__ = [
+    "QueueMemo",
+    "defer_running_prefill",
+    "end_chunk_early",
+    "evict_waiting_kv",
+    "rank_queues",
+    "sort_queues",
+]
 
 
 def sort_queues(scheduler: Scheduler, key: Any) -> None:
@@ -42,27 +50,63 @@ def sort_queues(scheduler: Scheduler, key: Any) -> None:
     first.extend(ordered)
 
 
-def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
+@dataclass
+class QueueMemo:
+    """What ``rank_queues`` left: the ranking it ordered by, the running list and the ranked head
+    of the KV-holding queue, set only when every ranked request was in one of them. If the same
+    ranking finds the same requests there again (and nothing new in the other queue), vLLM's
+    queues are as it left them and nothing needs reading."""
+
+    rank: Mapping[str, int] | None = None
+    running: list[Request] = field(default_factory=list)
+    head: list[Request] = field(default_factory=list)
+
+    def holds(self, rank: Mapping[str, int], running: list[Request], first: deque[Request]) -> bool:
+        n = len(self.head)
+        return rank is self.rank and running == self.running and list(islice(first, n)) == self.head
+
+
+def rank_queues(scheduler: Scheduler, rank: Mapping[str, int], memo: QueueMemo | None = None) -> None:
     """``sort_queues`` by place in ``rank`` (requests it does not rank go last, in their order),
     reading only the front of the KV-holding queue: its head up to the last ranked request it
     holds, and the other queue (new requests since the last step). Parked sessions sit in that
     queue behind the ranked ones, which a previous step put in front, and need not be touched;
     a ranked request further back (a session that just took its next chunk) is found by reading
     on to it, and one missing from both queues by reading all of it. The result is exactly
-    ``sort_queues``'s (a contract test holds them equal)."""
+    ``sort_queues``'s (a contract test holds them equal). ``memo`` skips even that when nothing
+    moved since the last call."""
+    running, first, second = scheduler.running, scheduler.kv_holding_waiting, scheduler.waiting
+    if not isinstance(first, deque) or not isinstance(second, deque):
+        _sort_running(running, rank)
+        return  # a priority policy orders its own queues
+    if memo is not None and not second and memo.holds(rank, running, first):
+        return
+    in_running = _sort_running(running, rank)
+    ranked = [r for r in second if r.request_id in rank]
+    tail = [r for r in second if r.request_id not in rank] if len(ranked) < len(second) else []
+    wanted = len(rank) - len(ranked) - in_running
+    if second or not _leads_in_order(first, rank, wanted):  # else: as the last call left it
+        _reorder(first, rank, ranked, wanted)
+        second.clear()
+        first.extend(tail)
+    if memo is not None:
+        placed = list(islice(first, len(rank) - in_running))
+        complete = all(r.request_id in rank for r in placed) and len(placed) == len(rank) - in_running
+        memo.rank, memo.running, memo.head = (rank if complete else None), list(running), placed
+
+
+def _sort_running(running: list[Request], rank: Mapping[str, int]) -> int:
+    """Order the running list by rank; how many running requests are ranked."""
     last = len(rank)
-    running = scheduler.running
     places = _places(running, rank, last)
     if places != sorted(places):
         running.sort(key=lambda r: rank.get(r.request_id, last))
-    first, second = scheduler.kv_holding_waiting, scheduler.waiting
-    if not isinstance(first, deque) or not isinstance(second, deque):
-        return  # a priority policy orders its own queues
-    ranked = [r for r in second if r.request_id in rank]
-    tail = [r for r in second if r.request_id not in rank] if len(ranked) < len(second) else []
-    wanted = last - len(ranked) - (len(places) - places.count(last))
-    if not second and _leads_in_order(first, rank, wanted):
-        return  # as the last step left it, less what vLLM took from the front
+    return len(places) - places.count(last)
+
+
+def _reorder(first: deque[Request], rank: Mapping[str, int], ranked: list[Request], wanted: int) -> None:
+    """Pop the queue's head up to its last ranked request, put the ranked ones (and ``ranked``,
+    from the other queue) in front in rank order, then the rest of the head in its order."""
     head: list[Request] = []
     while wanted > 0 and first:
         request = first.popleft()
@@ -72,10 +116,8 @@ def rank_queues(scheduler: Scheduler, rank: Mapping[str, int]) -> None:
         else:
             head.append(request)
     ranked.sort(key=lambda r: rank[r.request_id])
-    second.clear()
     first.extendleft(reversed(head))
     first.extendleft(reversed(ranked))
-    first.extend(tail)
 
 
 def _places(requests: Iterable[Request], rank: Mapping[str, int], default: Any) -> list[Any]:

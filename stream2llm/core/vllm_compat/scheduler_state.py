@@ -8,6 +8,7 @@ it. (``with_prompt`` builds a changed copy of a chunk; nothing here changes stat
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,9 @@ __all__ = [
 ]
 
 
+_request_id = operator.attrgetter("request_id")
+
+
 def additional_config(scheduler: Scheduler) -> dict[str, Any]:
     """The engine's ``additional_config`` (where stream2llm's options travel to the core)."""
     return scheduler.vllm_config.additional_config or {}
@@ -88,7 +92,7 @@ def running_requests(scheduler: Scheduler) -> list[Request]:
 
 
 def running_ids(scheduler: Scheduler) -> set[str]:
-    return {r.request_id for r in scheduler.running}
+    return set(map(_request_id, scheduler.running))  # read before every step: no Python call per request
 
 
 def token_budget(scheduler: Scheduler) -> int:
