@@ -59,16 +59,18 @@ def mix(n: int) -> tuple[int, int, int]:
     return n - 2 * active, active, active
 
 
-def loaded_scheduler(model_dir: str, n: int, policy: str = "stream2llm") -> Any:
-    """vLLM's scheduler (ours) holding N requests as ``mix`` says, KV to spare."""
+def loaded_scheduler(model_dir: str, n: int, steps: int = 300, policy: str = "stream2llm") -> Any:
+    """vLLM's scheduler (ours) holding N requests as ``mix`` says, KV to spare for ``steps``
+    more steps (each fills at most a token budget's blocks)."""
     from tests.unit.synthetic import make_request, make_scheduler, run_until_idle, step
 
     parked, decoding, prefilling = mix(n)
+    budget = max(512, n + 16)  # vLLM wants at least a token per batch slot
     scheduler = make_scheduler(
         model_dir,
-        num_blocks=8 * n + 2048,
+        num_blocks=8 * n + 1024 + steps * budget // 16,
         policy=policy,
-        max_num_batched_tokens=max(512, n + 16),
+        max_num_batched_tokens=budget,
         max_num_seqs=n + 16,
     )
     for i in range(parked):
@@ -96,20 +98,23 @@ def add_prefill(scheduler: Any, request_id: str) -> Any:
     return request
 
 
-def measure_apply(model_dir: str, n: int, steps: int = 300) -> float:
-    """Median microseconds of ``Broker.apply`` over real steps with N requests; a partial stream
-    that parks is replaced by a new one (the mix stays, the parked sessions grow slowly)."""
+def measure_apply(model_dir: str, n: int, steps: int = 300) -> dict[str, float]:
+    """``Broker.apply`` over real steps with N requests, in microseconds: the median wall time,
+    its 90th percentile, and the median CPU time of the thread (what the step costs when other
+    work shares the CPU). A partial stream that parks is replaced by a new one (the mix stays,
+    the parked sessions grow slowly)."""
     from stream2llm.core import vllm_compat as compat
     from tests.unit.synthetic import step
 
-    scheduler = loaded_scheduler(model_dir, n)
-    broker, samples = scheduler.broker, []
+    scheduler = loaded_scheduler(model_dir, n, steps)
+    broker, wall, cpu = scheduler.broker, [], []
     apply = broker.apply
 
     def timed() -> None:
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
         apply()
-        samples.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter_ns() - t0)
+        cpu.append(time.thread_time_ns() - c0)
         assert broker.short_last == 0, "the scenario must have KV to spare"
 
     broker.apply = timed
@@ -119,7 +124,11 @@ def measure_apply(model_dir: str, n: int, steps: int = 300) -> float:
         for i, request in enumerate(prefills):
             if compat.is_parked(request):
                 prefills[i] = add_prefill(scheduler, f"w{i}-{k}")
-    return statistics.median(samples) * 1e6
+    return {
+        "median": round(statistics.median(wall) / 1e3, 1),
+        "p90": round(statistics.quantiles(wall, n=10)[-1] / 1e3, 1),
+        "cpu_median": round(statistics.median(cpu) / 1e3, 1),
+    }
 
 
 def machine() -> str:
@@ -147,7 +156,7 @@ def main() -> None:
         "benchmark": "policy_step",
         "machine": machine(),
         "mix": {str(n): dict(zip(("parked", "decoding", "prefilling"), mix(n))) for n in args.n},
-        "apply_median_us": {str(n): round(measure_apply(model_dir, n, args.steps), 1) for n in args.n},
+        "apply_us": {str(n): measure_apply(model_dir, n, args.steps) for n in args.n},
         "decide_median_us": {name: {str(n): round(measure(name, n), 1) for n in args.n} for name in POLICIES},
     }
     print(json.dumps(result, indent=2))
