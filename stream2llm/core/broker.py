@@ -12,25 +12,26 @@ the ranked running list if it still runs short.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from stream2llm.core import vllm_compat as compat
-from stream2llm.core.policies import OFFLOAD, Costs, Policy, RequestView, VllmPolicy, make_policy
-from stream2llm.core.protocol import ChunkMeta
+from stream2llm.core.policies import OFFLOAD, Costs, Policy, VllmPolicy, make_policy
 from stream2llm.core.step_log import Eviction
-from stream2llm.core.streams import StreamState, StreamTracker
+from stream2llm.core.streams import StreamTracker
+from stream2llm.core.view_book import ViewBook
 from stream2llm.tokens import ceil_div
 
 
-def queued_tokens(request: compat.Request) -> int:
-    """Tokens the chunks queued behind the one in work will prefill, at most: an update carries the
-    whole new prompt and replaces what was queued before it (its shared prefix is known only when
-    it is applied); appends add theirs. Summing every queued update counted a refinement's context
-    once per version and ranked the session behind far longer finals."""
-    total = 0
-    for chunk in compat.queued_chunks(request):
-        n = len(compat.chunk_ids(chunk))
-        total = n if ChunkMeta.of(chunk.sampling_params).replaces_prompt else total + n
-    return total
+@dataclass
+class Plan:
+    """What the broker does before one step."""
+
+    order: list[str]  # requests that want compute, best first
+    short: int = 0  # blocks the top-ranked work lacks (``Broker._blocks_short``)
+    victims: list[tuple[str, str]] = field(default_factory=list)  # (request_id, mode)
+    deferred: list[str] = field(default_factory=list)  # running prefills that wait a step
+    rank: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # place in order
 
 
 class Broker:
@@ -53,6 +54,8 @@ class Broker:
         self._costs = costs
         self._tier = compat.kv_tier(scheduler)  # the engine's connector, where it can offload
         self._policies: dict[tuple[str, str], Policy] = {}
+        self.book = ViewBook(scheduler, streams)  # every request's view, kept between steps
+        self._queues = compat.QueueMemo()  # how the last step left vLLM's queues
         self.evictions = 0
         self.offloads = 0
         self.evicted_last: list[Eviction] = []  # before the last step: id, tokens, blocks, how
@@ -78,24 +81,9 @@ class Broker:
                 self._policies[key] = VllmPolicy()
         return self._policies[key]
 
-    def view(self, request: compat.Request, now: float) -> RequestView:
-        """What the policy may know about one request."""
-        rid = request.request_id
-        state = self._streams.get(rid) or StreamState(now, now, True)
-        parked = compat.is_parked(request)
-        pending = 0 if parked else max(compat.tokens_to_compute(request), 1)
-        return RequestView(
-            rid,
-            state.arrival,
-            state.last_chunk,
-            state.complete,
-            parked,
-            compat.computed_tokens(request),
-            pending,
-            compat.blocks_held(self._scheduler, rid),
-            state.next_chunk_eta(),
-            queued_tokens(request),
-        )
+    def touch(self, request_ids: Iterable[str]) -> None:
+        """These requests may have changed since the last step (the scheduler's hooks say so)."""
+        self.book.touch(request_ids)
 
     def apply(self) -> None:
         """Before a step: rank, reorder vLLM's queues, defer and evict as the policy decides."""
@@ -104,17 +92,31 @@ class Broker:
         self.evicted_last, self.short_last = [], 0
         if isinstance(policy, VllmPolicy) or not compat.num_requests(scheduler):
             return
-        now = time.monotonic()
-        views = [self.view(r, now) for r in compat.live_requests(scheduler)]
-        order = policy.rank([v for v in views if not v.parked])
-        ranked_ids = [v.request_id for v in order]
-        short = self.short_last = self._blocks_short(views, ranked_ids)
-        victims = policy.victims(order, views, short, now) if short > 0 else []
-        rank = {rid: i for i, rid in enumerate(ranked_ids)}
-        last = len(rank)
-        self._defer_outranked_prefills(rank)
-        compat.sort_queues(scheduler, key=lambda r: rank.get(r.request_id, last))
-        self._evict_waiting(victims, ranked_ids[0] if ranked_ids else None)
+        plan = self.plan(policy, time.monotonic())
+        self.short_last = plan.short
+        if plan.deferred:
+            for request in compat.running_requests(scheduler):
+                if request.request_id in plan.deferred:
+                    compat.defer_running_prefill(scheduler, request)
+                    self.deferrals += 1
+            self.book.touch(plan.deferred)
+        compat.rank_queues(scheduler, plan.rank, self._queues)
+        if plan.victims:
+            self._evict_waiting(plan.victims, plan.order[0] if plan.order else None)
+
+    def plan(self, policy: Policy, now: float) -> Plan:
+        """The policy's decision on the book's views: ranking, blocks short, victims, deferrals.
+        Nothing here changes the scheduler, so a test may compare it with one from scratch."""
+        book, running = self.book, compat.running_ids(self._scheduler)
+        book.refresh(policy, now, running)
+        order, rank = book.ranking.order(), book.ranking.rank()
+        waiting = [rid for rid in order if rid not in running]  # ranked, not running
+        short = self._blocks_short(waiting)
+        victims = []
+        if short > 0:
+            views = book.views
+            victims = policy.victims([views[rid] for rid in order], book.in_vllm_order(), short, now)
+        return Plan(order, short, victims, self._outranked_prefills(waiting, rank), rank)
 
     def _evict_waiting(self, victims: list[tuple[str, str]], first: str | None) -> None:
         """Free the KV of victims that are not running, their blocks first queued for the KV tier
@@ -137,55 +139,48 @@ class Broker:
                 self._tier.offload(request)
                 self.offloads += 1
             blocks = compat.evict_waiting_kv(self._scheduler, request)
+            self.book.touch((rid,))
             kind = OFFLOAD if offloaded else "recompute"
             self.evicted_last.append((compat.external_request_id(rid), tokens, blocks, kind))
             self.evictions += 1
 
-    def _blocks_short(self, views: list[RequestView], order: list[str]) -> int:
+    def _blocks_short(self, waiting: list[str]) -> int:
         """Blocks the top-ranked waiting work of one step needs beyond what is free, or the
         excess of parked KV over its cap, whichever is larger. A waiting request needs blocks
         for its whole prompt, not this step's chunk, where vLLM admits only whole prompts
         (``admits_whole_prompts``): counting the chunk freed nothing for a long final that vLLM
         then refused, and the engine idled for seconds while parked sessions held the KV."""
         scheduler = self._scheduler
-        by_id = {v.request_id: v for v in views}
-        running = compat.running_ids(scheduler)
+        by_id = self.book.current  # waiting requests' views are up to date there
         whole = compat.admits_whole_prompts(scheduler)
         budget, want = compat.token_budget(scheduler), 0
         block_size = compat.block_size(scheduler)
-        for rid in order:
+        for rid in waiting:
+            if budget <= 0:
+                break  # nothing further takes a token
             v = by_id[rid]
-            if rid in running or budget <= 0:
-                continue
             take = min(v.tokens_pending, budget)
             budget -= take
             admitted = v.tokens_pending if whole else take
             want += max(ceil_div(v.tokens_computed + admitted, block_size) - v.blocks_held, 0)
         short = want - compat.free_block_count(scheduler)
-        parked_blocks = sum(v.blocks_held for v in views if v.parked)
-        over_cap = parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))
+        over_cap = self.book.parked_blocks - int(self.parked_kv_cap * compat.total_block_count(scheduler))
         return max(short, over_cap, 0)
 
-    def _defer_outranked_prefills(self, rank: dict[str, int]) -> None:
+    def _outranked_prefills(self, waiting: list[str], rank: dict[str, int]) -> list[str]:
         """vLLM gives this step's tokens to running requests before waiting ones; a partial
         stream's prefill that ranks below a waiting complete stream (a final chunk on the TTFT
         clock) waits a step instead. Complete streams are not preempted for one another: the
         churn (deferring and resuming) cost more at the median than reordering them gained."""
-        running = compat.running_ids(self._scheduler)
-        top_waiting = min(
-            (rank[rid] for rid in rank if rid not in running and self._wants_tokens(rid)), default=None
-        )
-        if top_waiting is None or not self._streams.is_complete(
-            next(r for r in rank if rank[r] == top_waiting)
-        ):
-            return
-        for request in compat.running_requests(self._scheduler):
-            if self._streams.is_complete(request.request_id):
-                continue
-            if compat.is_prefilling(request) and rank.get(request.request_id, 0) > top_waiting:
-                compat.defer_running_prefill(self._scheduler, request)
-                self.deferrals += 1
-
-    def _wants_tokens(self, request_id: str) -> bool:
-        request = compat.find_request(self._scheduler, request_id)
-        return request is not None and not compat.is_parked(request) and compat.tokens_to_compute(request) > 0
+        to_compute = self.book.to_compute
+        top = next((rid for rid in waiting if to_compute[rid] > 0), None)
+        if top is None or not self._streams.is_complete(top):
+            return []
+        place = rank[top]
+        return [
+            r.request_id
+            for r in compat.running_requests(self._scheduler)
+            if rank.get(r.request_id, 0) > place
+            and not self._streams.is_complete(r.request_id)
+            and compat.is_prefilling(r)
+        ]

@@ -67,10 +67,12 @@ class StreamScheduler(compat.HookedScheduler):
         now = time.monotonic()
         rid = request.request_id
         known = self.streams.chunk_arrived(rid, now, meta.final, compat.is_stream_chunk(request))
+        new = compat.find_request(self, rid) is None
         super().add_request(request)
         held = compat.find_request(self, rid)
         if held is None:
             return
+        self.broker.book.admitted(rid, new)
         if known and meta.replaces_prompt:
             self.updates.mark_if_superseded(held)  # vLLM may have queued it behind the chunk in work
         self.streams.admitted(rid, now, meta.final or not compat.is_stream_chunk(request))
@@ -83,6 +85,7 @@ class StreamScheduler(compat.HookedScheduler):
         return self.updates.next_chunk(session, update)
 
     def after_session_update(self, session: compat.Request, update: compat.StreamingUpdate) -> None:
+        self.broker.touch((session.request_id,))
         self.updates.mark_if_superseded(session)  # an update may already wait behind the chunk just taken
 
     def is_last_chunk(self, request: compat.Request) -> bool:
@@ -92,6 +95,7 @@ class StreamScheduler(compat.HookedScheduler):
         self, request: compat.Request, params: dict[str, Any] | None
     ) -> dict[str, Any] | None:
         self.streams.forget(request.request_id)
+        self.broker.book.forget(request.request_id)
         counters = self.accounting.release(request.request_id)
         if counters is None:
             return params
@@ -102,9 +106,10 @@ class StreamScheduler(compat.HookedScheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.monotonic()
         tier_before = self._tier_bytes()
-        self.updates.end_superseded_chunks()
+        self.broker.touch(self.updates.end_superseded_chunks())
         self.broker.apply()
         output = super().schedule(*args, **kwargs)
+        self.broker.touch(compat.step_request_ids(output))
         self._count_tier_loads()
         tier_after = self._tier_bytes()
         self.accounting.step_scheduled(
@@ -119,8 +124,9 @@ class StreamScheduler(compat.HookedScheduler):
         self._publish()
         return output
 
-    def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = super().update_from_output(*args, **kwargs)
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self.broker.touch(compat.step_request_ids(scheduler_output, model_runner_output))
         self._count_tier_loads()  # loads that failed are taken back
         self.accounting.step_done()
         self._publish()  # requests finished here free their KV; the board must show it
@@ -130,6 +136,12 @@ class StreamScheduler(compat.HookedScheduler):
         finished = super().finish_requests(request_ids, finished_status)
         self._publish()
         return finished
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        running = compat.running_ids(self)  # with reset_running_requests vLLM preempts them here,
+        done = super().reset_prefix_cache(reset_running_requests, reset_connector)
+        self.broker.touch(running)  # and its next step's output reports it only after our apply
+        return done
 
     def _tier_bytes(self) -> tuple[int, int]:
         """Bytes the KV tier was asked to save and to load so far (0, 0 without a tier)."""

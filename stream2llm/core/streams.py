@@ -8,6 +8,7 @@ is far off is the cheapest to evict). Pure bookkeeping: no vLLM import.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_GAP_S = 0.7  # expected gap to a session's next chunk before any is observed (crawler median)
@@ -55,6 +56,11 @@ class StreamTracker:
 
     def get(self, request_id: str) -> StreamState | None:
         return self._states.get(request_id)
+
+    @property
+    def states(self) -> Mapping[str, StreamState]:
+        """Every tracked request's state (read only), for reading many per step without a call."""
+        return self._states
 
     def is_complete(self, request_id: str) -> bool:
         state = self._states.get(request_id)

@@ -56,10 +56,14 @@ class UpdateMode:
         if any(ChunkMeta.of(u.sampling_params).replaces_prompt for u in compat.queued_chunks(request)):
             self._superseded.add(request.request_id)
 
-    def end_superseded_chunks(self) -> None:
-        """Before a step: end each chunk marked as superseded after what was already scheduled."""
+    def end_superseded_chunks(self) -> list[str]:
+        """Before a step: end each chunk marked as superseded after what was already scheduled;
+        the sessions whose chunk was ended."""
+        ended = []
         for request_id in self._superseded:
             request = compat.find_request(self._scheduler, request_id)
             if request is not None and compat.end_chunk_early(self._scheduler, request):
                 self.chunks_ended_early += 1
+                ended.append(request_id)
         self._superseded.clear()
+        return ended

@@ -32,6 +32,7 @@ def make_scheduler(
     block_size: int = 16,
     policy: str = "vllm",
     max_num_batched_tokens: int = 4096,
+    max_num_seqs: int = 32,
     kv_transfer: dict[str, Any] | None = None,
     async_scheduling: bool = False,
     **options: Any,
@@ -45,7 +46,7 @@ def make_scheduler(
         model_config=model_config,
         cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
         scheduler_config=SchedulerConfig(
-            max_num_seqs=32,
+            max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=4096,
             is_encoder_decoder=False,

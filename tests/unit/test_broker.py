@@ -210,10 +210,16 @@ def test_an_append_queued_behind_a_prefilling_chunk_waits_for_all_of_it(tiny_mod
     assert session.num_computed_tokens == 600 + 10
 
 
+def views_of(scheduler):
+    """The broker's views before the next step (its book brought up to date)."""
+    scheduler.broker.plan(scheduler.broker.policy(), 0.0)
+    return scheduler.broker.book.views
+
+
 def test_the_broker_sees_chunks_queued_behind_the_one_in_work(tiny_model):
     scheduler, _ = prefilling_update(tiny_model)
     scheduler.add_request(make_request(scheduler, "s", [9] * 10, final=True))
-    (view,) = [scheduler.broker.view(r, 0.0) for r in scheduler.requests.values()]
+    (view,) = views_of(scheduler).values()
     assert view.complete and view.tokens_queued == 10
     assert view.tokens_pending == 600 - 104  # the chunk in work
 
@@ -227,7 +233,7 @@ def test_queued_updates_count_once_the_last_one_replaces_the_rest(tiny_model):
     scheduler.add_request(make_request(scheduler, "s", second, op="update"))
     scheduler.add_request(make_request(scheduler, "s", third, op="update"))
     scheduler.add_request(make_request(scheduler, "s", [9] * 10, final=True))
-    (view,) = [scheduler.broker.view(r, 0.0) for r in scheduler.requests.values()]
+    (view,) = views_of(scheduler).values()
     assert view.tokens_queued == len(third) + 10
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import pytest
 
 from stream2llm.core.policies import (
     OFFLOAD,
+    POLICIES,
     RECOMPUTE,
     Costs,
     RequestView,
@@ -186,3 +188,28 @@ def test_stream2llm_counts_chunks_queued_behind_the_one_in_work():
         view("short", 5.0, last=2.0, complete=True, pending=400),
     ]
     assert make_policy("stream2llm").decide(views).order == ["short", "late"]
+
+
+def _other(value, rng: random.Random):
+    """Another value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + rng.randrange(1, 5000)
+    if isinstance(value, float):
+        return rng.random() * 10
+    return value + "-other"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_policys_key_reads_only_its_key_fields(name):
+    """The broker keeps a running request's key while only fields outside ``key_fields`` change;
+    a field the key reads but does not declare would keep a stale key (and a wrong ranking)."""
+    policy, rng = make_policy(name), random.Random(name)
+    for _ in range(200):
+        base = view(
+            "r", rng.random(), last=rng.random(), complete=rng.random() < 0.5, pending=rng.randrange(1, 99)
+        )
+        names = [f.name for f in dataclasses.fields(RequestView) if f.name not in policy.key_fields]
+        changed = {name: _other(getattr(base, name), rng) for name in names}
+        assert policy.key(dataclasses.replace(base, **changed)) == policy.key(base)

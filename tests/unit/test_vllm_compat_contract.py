@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import random
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import vllm
@@ -222,6 +225,7 @@ def test_public_override_points_and_request_fields_exist():
         "schedule": ["self", "throttle_prefills"],
         "update_from_output": ["self", "scheduler_output", "model_runner_output"],
         "finish_requests": ["self", "request_ids", "finished_status"],
+        "reset_prefix_cache": ["self", "reset_running_requests", "reset_connector"],
     }.items():
         assert list(inspect.signature(getattr(Scheduler, name)).parameters) == params, name
     source = inspect.getsource(Scheduler)
@@ -408,3 +412,93 @@ def test_admits_whole_prompts_reads_vllms_admission_gate(tiny_model):
     assert vllm_compat.admits_whole_prompts(scheduler) is True
     scheduler.scheduler_reserve_full_isl = False
     assert vllm_compat.admits_whole_prompts(scheduler) is False
+
+
+def test_request_facts_and_step_request_ids_read_what_the_single_readers_read(tiny_model):
+    """The broker's one-call reader of a request agrees with the readers it stands for."""
+    scheduler, a, b, out = prefilling_and_parked(tiny_model)
+    tables = vllm_compat.block_tables(scheduler)  # vLLM's own maps: read once, they stay current
+    requests = vllm_compat.request_table(scheduler)
+    assert requests == {"a": a, "b": b} and sum(len(t.get("a", ())) for t in tables) == 4
+    for request in (a, b):
+        assert vllm_compat.request_facts(request, tables) == (
+            vllm_compat.is_parked(request),
+            vllm_compat.computed_tokens(request),
+            vllm_compat.tokens_to_compute(request),
+            vllm_compat.blocks_held(scheduler, request.request_id),
+            bool(vllm_compat.queued_chunks(request)),
+        )
+    assert vllm_compat.request_facts(a, tables)[:4] == (True, 50, 1, 4)
+    scheduler.add_request(make_request(scheduler, "a", [3, 4]))  # taken at once: no longer parked
+    scheduler.add_request(make_request(scheduler, "a", [5, 6]))  # queued behind it
+    assert vllm_compat.request_facts(a, tables) == (False, 50, vllm_compat.tokens_to_compute(a), 4, True)
+    assert vllm_compat.step_request_ids(out) == ["b"]
+    run_until_idle(scheduler)
+    assert b.is_finished() and vllm_compat.request_facts(b, tables) is None
+    assert "b" not in requests and vllm_compat.request_table(scheduler) is requests
+
+
+def _queues_of(scheduler) -> list[list[str]]:
+    return [
+        [r.request_id for r in q]
+        for q in (scheduler.running, scheduler.kv_holding_waiting, scheduler.waiting)
+    ]
+
+
+def test_rank_queues_orders_as_sort_queues_does(scheduler):
+    """``rank_queues`` reads only the front of vLLM's KV-holding queue; whatever the queues
+    hold (a session that took its next chunk behind parked ones, new requests in the other
+    queue), the order it leaves is ``sort_queues``'s."""
+    for i in range(6):
+        park(scheduler, f"p{i}", list(range(100 * i + 1, 100 * i + 40)))
+    scheduler.add_request(make_request(scheduler, "p3", [7, 8, 9]))  # behind p0..p2 in the queue
+    for rid in ("n1", "n2"):
+        scheduler.add_request(make_request(scheduler, rid, list(range(30)), final=True, resumable=False))
+    rank = {"n2": 0, "p3": 1, "n1": 2}
+    copy = SimpleNamespace(
+        running=list(scheduler.running),
+        kv_holding_waiting=deque(scheduler.kv_holding_waiting),
+        waiting=deque(scheduler.waiting),
+    )
+    vllm_compat.sort_queues(copy, key=lambda r: rank.get(r.request_id, len(rank)))
+    vllm_compat.rank_queues(scheduler, rank)
+    assert _queues_of(scheduler) == _queues_of(copy)
+    assert _queues_of(scheduler)[1] == ["n2", "p3", "n1", "p0", "p1", "p2", "p4", "p5"]
+    out = step(scheduler)
+    assert list(out.num_scheduled_tokens) == ["n2", "p3", "n1"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rank_queues_equals_sort_queues_on_random_queues(seed):
+    rng = random.Random(seed)
+    requests = [SimpleNamespace(request_id=f"r{i}") for i in range(rng.randrange(0, 30))]
+    rng.shuffle(requests)
+    cut = sorted(rng.sample(range(len(requests) + 1), 2)) if len(requests) > 1 else [0, 0]
+    ranked = rng.sample(requests, rng.randrange(len(requests) + 1))
+    rank = {r.request_id: i for i, r in enumerate(ranked)}
+    rank.update({f"gone{i}": len(rank) for i in range(rng.randrange(3))})  # ranked, in no queue
+
+    def queues():
+        return SimpleNamespace(
+            running=requests[: cut[0]],
+            kv_holding_waiting=deque(requests[cut[0] : cut[1]]),
+            waiting=deque(requests[cut[1] :]),
+        )
+
+    expected, got, memo = queues(), queues(), vllm_compat.QueueMemo()
+
+    def both() -> None:
+        vllm_compat.sort_queues(expected, key=lambda r: rank.get(r.request_id, len(rank)))
+        vllm_compat.rank_queues(got, rank, memo)
+        assert _queues_of(got) == _queues_of(expected)
+
+    both()
+    taken = rng.randrange(len(got.kv_holding_waiting) + 1)  # vLLM scheduled these from the front
+    for queues_ in (expected, got):
+        queues_.running.extend(queues_.kv_holding_waiting.popleft() for _ in range(taken))
+    both()  # the queue leads in order: nothing to move
+    both()  # nothing changed since: the memo holds
+    new = SimpleNamespace(request_id="new")  # unranked, in the other queue: the memo does not hold
+    for queues_ in (expected, got):
+        queues_.waiting.append(new)
+    both()

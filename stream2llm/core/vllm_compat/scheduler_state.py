@@ -8,6 +8,7 @@ it. (``with_prompt`` builds a changed copy of a chunk; nothing here changes stat
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "additional_config",
     "admits_whole_prompts",
     "block_size",
+    "block_tables",
     "blocks_held",
     "chunk_ids",
     "computed_token_ids",
@@ -39,10 +41,13 @@ __all__ = [
     "prompt_length",
     "queued_chunks",
     "request_counts",
+    "request_facts",
+    "request_table",
     "running_ids",
     "running_requests",
     "scheduled_tokens",
     "sent_prompts",
+    "step_request_ids",
     "token_budget",
     "token_ids_at",
     "tokens_to_compute",
@@ -50,6 +55,9 @@ __all__ = [
     "was_evicted",
     "with_prompt",
 ]
+
+
+_request_id = operator.attrgetter("request_id")
 
 
 def additional_config(scheduler: Scheduler) -> dict[str, Any]:
@@ -60,6 +68,12 @@ def additional_config(scheduler: Scheduler) -> dict[str, Any]:
 def find_request(scheduler: Scheduler, request_id: str) -> Request | None:
     """The request the scheduler holds under ``request_id`` (finished ones leave at once)."""
     return scheduler.requests.get(request_id)
+
+
+def request_table(scheduler: Scheduler) -> dict[str, Request]:
+    """vLLM's own map of request id to request (read only; the same dict for the scheduler's
+    life), for looking up many requests each step without a call apiece."""
+    return scheduler.requests
 
 
 def num_requests(scheduler: Scheduler) -> int:
@@ -78,7 +92,7 @@ def running_requests(scheduler: Scheduler) -> list[Request]:
 
 
 def running_ids(scheduler: Scheduler) -> set[str]:
-    return {r.request_id for r in scheduler.running}
+    return set(map(_request_id, scheduler.running))  # read before every step: no Python call per request
 
 
 def token_budget(scheduler: Scheduler) -> int:
@@ -147,6 +161,17 @@ def preempted_ids(output: Any) -> list[str]:
     return sorted(output.preempted_req_ids or ())
 
 
+def step_request_ids(output: Any, runner_output: Any = None) -> list[str]:
+    """Every request a step may have changed: those its ``SchedulerOutput`` scheduled or whose
+    KV vLLM's allocator preempted for it, and (with the model runner's output, when the step
+    comes back) those whose KV a connector finished loading."""
+    ids = [*output.num_scheduled_tokens, *(output.preempted_req_ids or ())]
+    connector = getattr(runner_output, "kv_connector_output", None)
+    if connector is not None:
+        ids.extend(connector.finished_recving or ())
+    return ids
+
+
 def sent_prompts(output: Any) -> dict[str, list[int]]:
     """The token ids a step's ``SchedulerOutput`` hands the model runner for each request it
     (re)starts there: ``scheduled_new_reqs`` (new requests, and parked streaming sessions resumed
@@ -207,6 +232,39 @@ def computed_token_ids(request: Request) -> list[int]:
 
 def blocks_held(scheduler: Scheduler, request_id: str) -> int:
     return sum(len(m.req_to_blocks.get(request_id, ())) for m in _managers(scheduler))
+
+
+def block_tables(scheduler: Scheduler) -> list[dict[str, Any]]:
+    """Each KV cache group's map of request id to the blocks it holds (vLLM's own, read only): a
+    request's blocks are the sum of its list lengths, read without a call per group."""
+    return [m.req_to_blocks for m in _managers(scheduler)]
+
+
+_LAST_LIVE, _PARKED = RequestStatus.PREEMPTED, RequestStatus.WAITING_FOR_STREAMING_REQ  # enum lookups, once
+
+
+def request_facts(
+    request: Request, tables: Sequence[dict[str, Any]]
+) -> tuple[bool, int, int, int, bool] | None:
+    """(parked, tokens computed, tokens to compute, blocks held, chunks queued) of one request in
+    one call, None once it finished; the broker reads them for every request that changed before
+    each step, so one call beats five (``is_parked``, ``computed_tokens``, ...)."""
+    status = request.status
+    if status > _LAST_LIVE:  # RequestStatus.is_finished, without the call
+        return None
+    rid, blocks = request.request_id, 0
+    for table in tables:
+        held = table.get(rid)
+        if held:
+            blocks += len(held)
+    computed = request.num_computed_tokens
+    return (
+        status == _PARKED,
+        computed,
+        len(request._all_token_ids) - computed,
+        blocks,
+        bool(request.streaming_queue),
+    )
 
 
 def free_block_count(scheduler: Scheduler) -> int:

@@ -154,7 +154,7 @@ class Simulator:
 
 
 def _queued_tokens(r: _Req) -> int:
-    """What the broker sees queued in the engine core (``broker.queued_tokens``): an update's whole
+    """What the broker sees queued in the engine core (``view_book.queued_tokens``): an update's whole
     prompt (its shared prefix is found only when it is applied), replacing what was queued before
     it; appends' new tokens."""
     total, length = 0, r.target
