@@ -148,6 +148,21 @@ def test_new_context_that_is_a_prefix_keeps_all_but_one_token(scheduler):
     assert request.num_computed_tokens == 59
 
 
+def test_an_update_that_keeps_nothing_may_then_hit_the_prefix_cache(scheduler):
+    """An update sharing no token with what a session holds cuts it to nothing; its new prompt may
+    start with blocks another request cached. vLLM looks such a request up in the prefix cache and
+    asserts (``get_num_blocks_to_allocate``) that a request it still tracks has no hits, so the cut
+    must untrack it as vLLM's own free does."""
+    park(scheduler, "a", list(range(1, 41)))
+    cached = list(range(500, 548))  # three full blocks, left in the prefix cache when "b" ends
+    scheduler.add_request(make_request(scheduler, "b", cached, resumable=False))
+    run_until_idle(scheduler)
+    scheduler.add_request(make_request(scheduler, "a", [*cached, 7, 8, 9], op="update"))
+    out = step(scheduler)  # raised AssertionError in vLLM before the cut untracked the request
+    assert scheduler.accounting.counters("a").updates[-1].kept == 0
+    assert out.num_scheduled_tokens["a"] == 3  # the three cached blocks were hits: 51 - 48 tokens
+
+
 def test_abort_frees_everything_and_board_shows_it(tiny_model, tmp_path):
     path = str(tmp_path / "board")
     board = StatsBoard(path, create=True)

@@ -86,7 +86,12 @@ def cut_session_kv(scheduler: Scheduler, request: Request, keep: int) -> tuple[i
         tail = blocks[n_keep:]
         del blocks[n_keep:]
         _release(scheduler, tail)
-        if rid in manager.num_cached_block:
+        if n_keep == 0:
+            # nothing kept: the request is new to this manager again. vLLM looks a request with
+            # no computed tokens up in the prefix cache, and asserts that one it tracks (a
+            # ``num_cached_block`` entry) has no hits: vLLM's own free drops the entry too
+            manager.num_cached_block.pop(rid, None)
+        elif rid in manager.num_cached_block:
             manager.num_cached_block[rid] = min(manager.num_cached_block[rid], keep // manager.block_size)
     request.num_computed_tokens = keep
     return keep, how
