@@ -66,6 +66,19 @@ def has_kv_tier(config: EngineConfig) -> bool:
     return config.preemption != "recompute" and config.kv_transfer is None
 
 
+def vllm_offloading_tier(cpu_bytes: int) -> dict[str, Any]:
+    """``EngineConfig.kv_transfer`` for vLLM's own ``OffloadingConnector`` as the KV tier (CUDA/ROCm/
+    XPU only: its CPU spec refuses a CPU engine). It stores every block as it is computed and loads
+    on any hit, so evicted sessions resume from it whatever the cost model says; stream2llm's own
+    tier is then off (one connector per engine)."""
+    return {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"cpu_bytes_to_use": cpu_bytes, "eviction_policy": "lru"},
+    }
+
+
 def tier_bytes(config: EngineConfig) -> int:
     return config.kv_tier_bytes if config.kv_tier_bytes is not None else 4 * config.kv_cache_bytes
 
