@@ -84,16 +84,16 @@ async def test_append_session_equals_oneshot(engine, k, n_chars):
     assert streamed.tokens_prefilled == len(expected_prompt)
 
 
-async def _wait_parked(engine, prefilled_before: int, timeout_s: float = 30.0) -> None:
-    """Until the engine core has prefilled the update and parked the session again, not a fixed
-    sleep: on a loaded machine 0.15 s was too short and the next update found a prefill in flight.
-    (An update prefills at least one token, so the total moving past ``prefilled_before`` shows the
-    board is not the state from before the update.)"""
+async def _wait_parked(engine, prefilled_before: int, expected: int = 1, timeout_s: float = 30.0) -> None:
+    """Until the engine core has prefilled the update (``expected`` tokens: what lies past the
+    kept prefix) and parked the session again, not a fixed sleep: on a loaded machine 0.15 s was
+    too short, and a board that had moved by a token or two of earlier work let the next update
+    find this one's prefill not even started."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
         stats = engine.stats()
         idle = stats.parked >= 1 and stats.running == 0 and stats.waiting == 0
-        if idle and stats.tokens_prefilled > prefilled_before:
+        if idle and stats.tokens_prefilled - prefilled_before >= expected:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the session did not park")
@@ -106,9 +106,11 @@ async def _run_updates(engine, series: list[list[str]], wait: bool):
         before = session.prompt_ids
         prefilled_before = engine.stats().tokens_prefilled
         await session.update(docs)
-        snapshots.append((before, session.prompt_ids))
+        after = session.prompt_ids
+        snapshots.append((before, after))
         if wait:
-            await _wait_parked(engine, prefilled_before)
+            kept = min(common_prefix_len(before, after), len(after) - 1)
+            await _wait_parked(engine, prefilled_before, max(len(after) - kept, 1))
     await session.finish()
     return session, snapshots, await session.result()
 
