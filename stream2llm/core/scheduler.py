@@ -50,12 +50,13 @@ class StreamScheduler(compat.HookedScheduler):
         options = compat.additional_config(self).get(CONFIG_KEY, {})
         self.streams = StreamTracker()
         self.accounting = Accounting(self, options.get("stats_path"), options.get("step_log"))
+        self._tier = compat.kv_tier(self)  # the engine's connector where it is a KV tier; fixed at start
         self.broker = Broker(
             self,
             self.streams,
             options.get("policy", "vllm"),
             float(options.get("parked_kv_cap", 1.0)),
-            _costs(options, compat.kv_tier(self)),
+            _costs(options, self._tier),
             options.get("preemption", "recompute"),
         )
         self.updates = UpdateMode(self, self.accounting)
@@ -145,16 +146,16 @@ class StreamScheduler(compat.HookedScheduler):
 
     def _tier_bytes(self) -> tuple[int, int]:
         """Bytes the KV tier was asked to save and to load so far (0, 0 without a tier)."""
-        tier = compat.kv_tier(self)
+        tier = self._tier
         return (tier.tier.bytes_offloaded, tier.tier.bytes_loaded) if tier is not None else (0, 0)
 
     def _count_tier_loads(self) -> None:
-        if (tier := compat.kv_tier(self)) is not None and tier.loaded_last:
+        if (tier := self._tier) is not None and tier.loaded_last:
             self.accounting.tier_loaded(tier.loaded_last)
             tier.loaded_last = []
 
     def _publish(self) -> None:
-        tier = compat.kv_tier(self)
+        tier = self._tier
         self.accounting.publish(self.broker.evictions, self.broker.offloads, tier.tier if tier else None)
 
 
