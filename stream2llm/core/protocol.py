@@ -19,8 +19,9 @@ CONFIG_KEY = "stream2llm"  # in VllmConfig.additional_config, SamplingParams.ext
 KV_PARAMS_KEY = "stream2llm_kv"  # the KV connector's per-request transfer counts, in kv_transfer_params
 
 
-# vLLM has no prefill-only request: every chunk but the one that answers samples this many tokens,
-# which the front end drops (engine.handover counts them off the front of the cumulative output)
+# vLLM has no prefill-only request: every chunk but the one that answers ends with this many tokens
+# (sampled, or a placeholder where a later chunk took it over: vllm_compat.take_over_chunk), which
+# the front end drops (engine.handover counts them off the front of the cumulative output)
 THROWAWAY_TOKENS_PER_CHUNK = 1
 
 
@@ -41,6 +42,7 @@ class ChunkMeta:
     final: bool = False
     policy: str | None = None
     preemption: str | None = None  # how victims give KV back (core.policies.PREEMPTIONS)
+    in_place: bool = False  # may take over the chunk in work at once (stream mode; stock vLLM queues)
 
     @property
     def replaces_prompt(self) -> bool:
@@ -53,6 +55,7 @@ class ChunkMeta:
                 "final": self.final,
                 "policy": self.policy,
                 "preemption": self.preemption,
+                "in_place": self.in_place,
             }
         }
 
@@ -66,6 +69,7 @@ class ChunkMeta:
             bool(raw.get("final")),
             raw.get("policy"),
             raw.get("preemption"),
+            bool(raw.get("in_place")),
         )
 
 

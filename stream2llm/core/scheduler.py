@@ -74,7 +74,7 @@ class StreamScheduler(compat.HookedScheduler):
         if held is None:
             return
         self.broker.book.admitted(rid, new)
-        if known and meta.replaces_prompt:
+        if known:
             self.updates.mark_if_superseded(held)  # vLLM may have queued it behind the chunk in work
         self.streams.admitted(rid, now, meta.final or not compat.is_stream_chunk(request))
 
@@ -107,7 +107,7 @@ class StreamScheduler(compat.HookedScheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.monotonic()
         tier_before = self._tier_bytes()
-        self.broker.touch(self.updates.end_superseded_chunks())
+        self.broker.touch(self.updates.take_over_superseded())
         self.broker.apply()
         output = super().schedule(*args, **kwargs)
         self.broker.touch(compat.step_request_ids(output))
@@ -127,6 +127,7 @@ class StreamScheduler(compat.HookedScheduler):
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        compat.add_ended_chunks(outputs, self.updates.take_ended())
         self.broker.touch(compat.step_request_ids(scheduler_output, model_runner_output))
         self._count_tier_loads()  # loads that failed are taken back
         self.accounting.step_done()
@@ -173,5 +174,5 @@ def _costs(options: dict[str, Any], tier: Any) -> Costs:
 class AsyncStreamScheduler(StreamScheduler, compat.AsyncScheduler):
     """``StreamScheduler`` on vLLM's ``AsyncScheduler`` (method order: ours, vLLM's async
     placeholders, vLLM's Scheduler). Every change ours makes holds with one step in flight: see
-    ``vllm_compat.end_chunk_early``, ``cut_session_kv``, ``defer_running_prefill``, and the broker,
+    ``vllm_compat.take_over_ready``, ``cut_session_kv``, ``defer_running_prefill``, and the broker,
     whose evictions wait for a victim's step in flight."""

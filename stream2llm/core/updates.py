@@ -3,8 +3,11 @@
 The session is cut back to the token-exact longest common prefix (LCP) of the tokens it holds and
 the new ones; KV past it is freed, a kept block that carries a prefix-cache hash is never written
 (its hash is dropped, or it is copied on write when shared), block hashes are recomputed from the
-cut, and only the rest is prefilled again. A chunk still in work when an update queues behind it
-is ended early: the rest of it would be replaced anyway.
+cut, and only the rest is prefilled again.
+
+A chunk that queues behind the one in work (vLLM would apply it after that chunk's prefill, its
+sampled token, a park and a resume) takes it over at the next step instead: an update replaces
+the rest of it, an append extends it (``vllm_compat.take_over_chunk``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ class UpdateMode:
     def __init__(self, scheduler: compat.Scheduler, accounting: Accounting) -> None:
         self._scheduler = scheduler
         self._accounting = accounting
-        self._superseded: set[str] = set()  # sessions whose chunk in work an update will replace
-        self.chunks_ended_early = 0
+        self._superseded: set[str] = set()  # sessions with a chunk queued behind the one in work
+        self.ended: list[compat.EndedChunk] = []  # outputs ending superseded chunks, for the next step
+        self.chunks_taken_over = 0
 
     def next_chunk(self, session: compat.Request, update: compat.StreamingUpdate) -> compat.StreamingUpdate:
         """The chunk vLLM appends to a parked session, rewritten so that appending it is right."""
@@ -50,20 +54,32 @@ class UpdateMode:
         return compat.with_prompt(update, new_ids[kept:])
 
     def mark_if_superseded(self, request: compat.Request) -> None:
-        """An update queued behind the chunk a session is working on replaces that chunk's context:
-        prefilling the rest of it would be thrown away (an ANN pipeline refines faster than a
-        long update prefills), so the chunk is ended early at the next step."""
-        if any(ChunkMeta.of(u.sampling_params).replaces_prompt for u in compat.queued_chunks(request)):
+        """A session with a chunk queued behind the one in work: the queued chunk takes over at the
+        next step (stream mode's chunks say so; stock vLLM's wait their turn)."""
+        chunk = compat.next_queued_chunk(request)
+        if chunk is not None and ChunkMeta.of(chunk.sampling_params).in_place:
             self._superseded.add(request.request_id)
 
-    def end_superseded_chunks(self) -> list[str]:
-        """Before a step: end each chunk marked as superseded after what was already scheduled;
-        the sessions whose chunk was ended."""
-        ended = []
-        for request_id in self._superseded:
+    def take_over_superseded(self) -> list[str]:
+        """Before a step: each marked session's queued chunks take over the chunk in work (those
+        not ready yet stay marked); the sessions changed. The outputs that end the superseded
+        chunks wait in ``ended`` for the step's outputs."""
+        changed = []
+        for request_id in list(self._superseded):
             request = compat.find_request(self._scheduler, request_id)
-            if request is not None and compat.end_chunk_early(self._scheduler, request):
-                self.chunks_ended_early += 1
-                ended.append(request_id)
-        self._superseded.clear()
+            if request is None:
+                self._superseded.discard(request_id)
+                continue
+            while compat.take_over_ready(request):
+                chunk = compat.next_queued_chunk(request)
+                keep_rest = not ChunkMeta.of(chunk.sampling_params).replaces_prompt
+                self.ended.append(compat.take_over_chunk(self._scheduler, request, keep_rest))
+                self.chunks_taken_over += 1
+                changed.append(request_id)
+            if compat.next_queued_chunk(request) is None or compat.is_parked(request):
+                self._superseded.discard(request_id)
+        return changed
+
+    def take_ended(self) -> list[compat.EndedChunk]:
+        ended, self.ended = self.ended, []
         return ended

@@ -7,8 +7,9 @@ append (whatever changed the context); anything else (an update, or an append wh
 extend what was sent: a BPE merge reaching back) is an update that carries the whole new prompt,
 and the engine core keeps KV up to the longest common prefix. Stock ``vllm`` mode aborts the
 request on an update and submits the whole prompt again. Every chunk but the one that answers
-samples a throw-away token (``core.protocol.throwaway_tokens``); the decode backend says who
-answers (``engine.decode``).
+ends with a throw-away token (``core.protocol.throwaway_tokens``: sampled, or a placeholder where
+a later chunk took it over in the engine core); the decode backend says who answers
+(``engine.decode``).
 """
 
 from __future__ import annotations
@@ -55,14 +56,6 @@ def chunk_op(sent: Sequence[int], target: Sequence[int], final: bool) -> ChunkOp
     return ChunkOp.UPDATE
 
 
-def merge_chunks(held: Chunk | None, new: Chunk) -> Chunk:
-    """One chunk with the effect of two: an update carries the whole new prompt, so it replaces
-    whatever was held; an append extends what was held (an update's prompt or an append's tail)."""
-    if held is None or new.op is ChunkOp.UPDATE:
-        return new
-    return Chunk(held.op, held.ids + new.ids, new.final)
-
-
 def chunk_params(final_sampling: Any, meta: ChunkMeta) -> Any:
     """One chunk's sampling parameters. vLLM has no prefill-only request, so an intermediate chunk
     samples one throw-away token (cumulative output, so the session can count them); the final
@@ -92,6 +85,14 @@ def tokens_prompt(ids: Sequence[int], cache_salt: str | None) -> dict[str, Any]:
     return prompt
 
 
+def _answer_logprobs(logprobs: Any, answer_tokens: int) -> list[dict[int, float]] | None:
+    """The answer's logprobs: the last ``answer_tokens`` entries (a chunk another took over ends
+    with a placeholder token that has none)."""
+    if logprobs is None:
+        return None
+    return [{t: lp.logprob for t, lp in d.items()} for d in logprobs[len(logprobs) - answer_tokens :]]
+
+
 async def _input_stream(queue: asyncio.Queue) -> AsyncIterator[Any]:
     while (item := await queue.get()) is not None:
         yield item
@@ -102,7 +103,7 @@ async def _wait_for(task: asyncio.Task) -> None:
 
 
 class Handover:
-    """One session's vLLM request: its input queue, the chunk in flight, held chunks, the runner.
+    """One session's vLLM request: its input queue, the chunks sent and their timings, the runner.
 
     The runner reports the answer so far to ``on_tokens(generated, now)``, then ``on_end()``, or
     ``on_error(exc)`` when the engine (or the decode instance) fails the request."""
@@ -132,8 +133,6 @@ class Handover:
         self._attempt = 0
         self._internal_id: str | None = None  # vLLM's request id (changes when vllm mode resubmits)
         self._chunks_before = 0  # chunks sent before the current vLLM request started
-        self._chunks_done = 0  # chunks of the current vLLM request whose prefill has finished
-        self._held: Chunk | None = None  # waits for the chunk in flight
         self._final_sent = False
 
     # -- sending -------------------------------------------------------------------------------
@@ -164,32 +163,11 @@ class Handover:
         self._start_runner(tokens_prompt(ids, self._cache_salt), internal_id)
 
     def _put(self, chunk: Chunk) -> None:
-        """Hand a chunk to the engine, or hold it while the previous one is still in flight.
-
-        vLLM takes one queued chunk per round (prefill, sample, park, resume), and its scheduler
-        only sees the chunk at the head: a backlog of k chunks costs k rounds and hides the final
-        one (and so the session's place in the ranking). Held chunks are merged and sent as one
-        as soon as the chunk in flight is done; the final chunk goes at once (merged with what was
-        held), so the scheduler learns that the stream is complete. An update may queue behind
-        the chunk in flight: it replaces that chunk's context, so the engine core ends the chunk
-        early instead of prefilling what is about to be thrown away. Stock ``vllm`` mode keeps
-        vLLM's behaviour."""
-        chunk = merge_chunks(self._held, chunk)
-        self._held = None
-        if self._mode == "stream" and not chunk.final and not self._may_send(chunk.op):
-            self._held = chunk
-            return
+        """Hand a chunk to the engine at once. In stream mode the engine core applies a chunk that
+        queues behind the one in work in place of it (an update replaces it, an append extends
+        it; ``core.updates``), so nothing waits here for a round trip; stock ``vllm`` mode's
+        chunks wait in vLLM's queue, one round each, as vLLM does."""
         self._hand_over(chunk)
-
-    def _may_send(self, op: ChunkOp) -> bool:
-        """An update may wait in vLLM behind the chunk in flight; anything else waits here."""
-        outstanding = len(self.chunks) - self._chunks_before - self._chunks_done
-        return outstanding < (2 if op is ChunkOp.UPDATE else 1)
-
-    def _release_held(self) -> None:
-        if self._held is not None and self._may_send(self._held.op):
-            chunk, self._held = self._held, None
-            self._hand_over(chunk)
 
     def _hand_over(self, chunk: Chunk) -> None:
         from vllm.engine.protocol import StreamingInput
@@ -212,7 +190,6 @@ class Handover:
         internal_id = self._next_request()
         self._inputs = asyncio.Queue()
         self._chunks_before = len(self.chunks)
-        self._chunks_done, self._held = 0, None
         self._put(Chunk(ChunkOp.APPEND, ids, final))
         self.sent = list(ids)
         self._start_runner(_input_stream(self._inputs), internal_id)
@@ -232,7 +209,7 @@ class Handover:
         self._runner = asyncio.get_running_loop().create_task(self._run(prompt, internal_id))
 
     def _chunk_sampling(self, op: ChunkOp, final: bool) -> Any:
-        meta = ChunkMeta(op, final, *self._host.policy())
+        meta = ChunkMeta(op, final, *self._host.policy(), in_place=self._mode == "stream")
         return self._decode.chunk_sampling(chunk_params(self._sampling, meta), meta)
 
     async def _run(self, prompt: Any, internal_id: str) -> None:
@@ -253,8 +230,8 @@ class Handover:
             self._on_error(exc)
 
     def _account(self, out: Any, now: float) -> Generated | None:
-        """Mark the chunks whose prefill finished (one output token each) and send what was held.
-        Returns the answer so far once the final chunk is sent (None before, or while the output
+        """Mark the chunks whose prefill finished or that a later chunk took over (one output
+        token each). Returns the answer so far once the final chunk is sent (None before, or while the output
         holds throw-away tokens only)."""
         completion = out.outputs[0]
         n_ids = len(completion.token_ids)
@@ -263,16 +240,13 @@ class Handover:
             if i < n_ids and chunk.done is None:
                 chunk.done = now
         if not self._final_sent:
-            self._chunks_done = max(self._chunks_done, min(n_ids, len(current)))
-            self._release_held()
             return None
         skip = throwaway_tokens(len(current), self._decode.answers_here)
         if n_ids <= skip:
             return None
-        logprobs = completion.logprobs
         return Generated(
             list(completion.token_ids)[skip:],
-            None if logprobs is None else [{t: lp.logprob for t, lp in d.items()} for d in logprobs[skip:]],
+            _answer_logprobs(completion.logprobs, n_ids - skip),
             completion.finish_reason,
             split_transfer_params(out.kv_transfer_params)[0].get(CONFIG_KEY),
         )

@@ -133,13 +133,14 @@ async def test_update_session_equals_oneshot_and_recomputes_only_past_lcp(engine
     assert result.prompt_token_ids == reference.prompt_token_ids
     assert_same_computation(engine, result, reference, series[-1])
     if not wait:
-        # sent faster than the engine prefills: held changes were merged into fewer rounds, and
-        # each applied update still recomputes exactly what lies past its LCP
-        assert 1 <= len(result.updates) < len(series) - 1
+        # sent faster than the engine prefills: each update took over the one in work in place
+        # (nothing held back), and recomputes exactly what lies past its LCP with what was computed
+        assert len(result.updates) == len(series) - 1
+        assert any(r["old_len"] < len(before) for r, (before, _) in zip(result.updates, snapshots[1:]))
         for record in result.updates:
             assert record["kept"] == min(record["lcp"], record["new_len"] - 1)
             assert record["recomputed"] == record["new_len"] - record["kept"]
-        # the last update carries the last docs (and the finishing tail, when that was held too)
+        # the last update carries the last docs (and the finishing tail, when they went as one)
         assert result.updates[-1]["new_len"] in (len(snapshots[-1][1]), len(result.prompt_token_ids))
         assert result.tokens_recomputed == sum(r["recomputed"] for r in result.updates)
         return

@@ -84,8 +84,10 @@ def make_request(
     max_tokens: int = 1,
     final: bool = False,
     resumable: bool = True,
+    in_place: bool = True,
 ) -> Request:
-    meta = {"op": op, "final": final}
+    """A streaming chunk as stream mode sends it (``in_place``: it takes over a chunk in work)."""
+    meta = {"op": op, "final": final, "in_place": in_place}
     params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args={CONFIG_KEY: meta})
     params.update_from_generation_config({}, None)
     hasher = get_request_block_hasher(scheduler.block_size, sha256)
@@ -127,7 +129,18 @@ def schedule_step(scheduler: StreamScheduler) -> Pending:
 
 
 def finish_step(scheduler: StreamScheduler, pending: Pending) -> dict[str, Any]:
-    """Play the model runner's output of a scheduled step; each finished request's counters."""
+    """Play the model runner's output of a scheduled step; each finished request's counters
+    (chunks another took over end too, but carry nothing)."""
+    taken_over = {id(output) for _, output in scheduler.updates.ended}
+    return {
+        o.request_id: o.kv_transfer_params
+        for o in finish_step_outputs(scheduler, pending)
+        if o.finish_reason is not None and id(o) not in taken_over
+    }
+
+
+def finish_step_outputs(scheduler: StreamScheduler, pending: Pending) -> list[Any]:
+    """Play the model runner's output of a scheduled step; the engine core's outputs, in order."""
     out, samples = pending
     req_ids = list(samples)
     runner = ModelRunnerOutput(
@@ -136,12 +149,7 @@ def finish_step(scheduler: StreamScheduler, pending: Pending) -> dict[str, Any]:
         sampled_token_ids=[samples[r] for r in req_ids],
     )
     engine_outputs = scheduler.update_from_output(out, runner)
-    return {
-        o.request_id: o.kv_transfer_params
-        for group in engine_outputs.values()
-        for o in group.outputs
-        if o.finish_reason is not None
-    }
+    return [o for group in engine_outputs.values() for o in group.outputs]
 
 
 def has_work(scheduler: StreamScheduler) -> bool:

@@ -3,7 +3,7 @@
 vLLM's engine core then schedules step N+1 before step N's output came back. These tests drive our
 scheduler that way (schedule, schedule again, then the first step's output, ...) on a synthetic
 setup (real scheduler and KV manager, no model) and check the token counts, computed tokens, blocks
-and request states of appends, updates, chunks ended early, deferrals and evictions.
+and request states of appends, updates, chunks taken over, deferrals and evictions.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tests.unit.synthetic import (
     SAMPLED,
     blocks_of,
     finish_step,
+    finish_step_outputs,
     make_request,
     make_scheduler,
     run_pipelined,
@@ -100,9 +101,10 @@ def test_append_chunks_with_the_next_step_scheduled_before_the_last_output(tiny_
     assert counters["computed_prompt_digest"] == token_digest(old + [5] * 20 + [6] * 3)
 
 
-def test_an_update_behind_a_chunk_in_flight_ends_it_early_and_cuts_after_its_output(tiny_model):
-    """The chunk is ended one token past the step in flight; the update's KV cut waits for the
-    output of the step that samples the chunk's throw-away token (vLLM applies it there)."""
+def test_an_update_behind_a_partial_prefill_in_flight_takes_it_over_at_once(tiny_model):
+    """The step in flight prefills part of the chunk and samples nothing, so the update takes over
+    at the next ``schedule()``: cut to the LCP of what was computed (the step in flight
+    included), no sampled token, no park; that step's output later changes nothing."""
     scheduler = async_scheduler(tiny_model, max_num_batched_tokens=64)
     old = list(range(1000, 1100))
     a = make_request(scheduler, "a", old)
@@ -111,33 +113,25 @@ def test_an_update_behind_a_chunk_in_flight_ends_it_early_and_cuts_after_its_out
     new = old[:40] + [2] * 8
     scheduler.add_request(make_request(scheduler, "a", new, op="update", final=True))
     second = schedule_step(scheduler)
-    assert scheduler.updates.chunks_ended_early == 1
-    assert second[0].num_scheduled_tokens == {"a": 1}  # past the 64 in flight: position 64
-    assert (a.num_prompt_tokens, a.num_computed_tokens, vllm_compat.tokens_in_flight(a)) == (65, 65, 65)
-    assert a.status.name == "RUNNING" and len(blocks_of(scheduler, "a")) == 5
-    finish_step(scheduler, first)  # a partial prefill: nothing sampled, nothing changes
-    assert (a.num_computed_tokens, vllm_compat.tokens_in_flight(a), len(a.output_token_ids)) == (65, 1, 0)
-    third = schedule_step(scheduler)
-    assert third[0].num_scheduled_tokens == {}
-    assert not scheduler.accounting.counters("a").updates  # no cut while its step is in flight
-    finish_step(scheduler, second)
+    assert scheduler.updates.chunks_taken_over == 1
     (record,) = scheduler.accounting.counters("a").updates
-    assert (record.old_len, record.lcp, record.kept, record.discarded) == (65, 40, 40, 25)
+    assert (record.old_len, record.lcp, record.kept, record.discarded) == (64, 40, 40, 24)
     assert record.tail == "unhashed"
-    assert (a.num_computed_tokens, a.num_prompt_tokens, len(blocks_of(scheduler, "a"))) == (40, 48, 3)
-    assert a.status.name == "WAITING" and not vllm_compat.step_in_flight(a)
-    fourth = schedule_step(scheduler)
-    assert fourth[0].num_scheduled_tokens == {"a": 8}
-    assert vllm_compat.sent_prompts(fourth[0]) == {"a": new}
-    assert fourth[0].scheduled_new_reqs[0].num_computed_tokens == 40
-    finish_step(scheduler, third)
-    counters = finish_step(scheduler, fourth)["a"][CONFIG_KEY]
-    assert counters["tokens_prefilled"] == 64 + 1 + 8
-    assert (counters["tokens_recomputed"], counters["tokens_discarded"]) == (8, 25)
+    assert second[0].num_scheduled_tokens == {"a": 8}
+    assert vllm_compat.sent_prompts(second[0]) == {"a": new}
+    assert second[0].scheduled_new_reqs[0].num_computed_tokens == 40
+    assert (a.num_computed_tokens, vllm_compat.tokens_in_flight(a)) == (48, 72)
+    assert len(blocks_of(scheduler, "a")) == 3
+    ended = finish_step_outputs(scheduler, first)  # the next outputs end the superseded chunk
+    assert [(o.request_id, len(o.new_token_ids), o.finish_reason.name) for o in ended] == [("a", 1, "LENGTH")]
+    assert (a.num_computed_tokens, vllm_compat.tokens_in_flight(a), len(a.output_token_ids)) == (48, 8, 0)
+    counters = finish_step(scheduler, second)["a"][CONFIG_KEY]
+    assert counters["tokens_prefilled"] == 64 + 8
+    assert (counters["tokens_recomputed"], counters["tokens_discarded"]) == (8, 24)  # positions 40-47 again
     assert counters["computed_prompt_digest"] == token_digest(new)
 
 
-def test_a_chunk_whose_last_step_is_in_flight_is_not_ended_early(tiny_model):
+def test_a_chunk_whose_last_step_is_in_flight_is_not_taken_over(tiny_model):
     scheduler = async_scheduler(tiny_model, max_num_batched_tokens=64)
     old = list(range(1000, 1100))
     a = make_request(scheduler, "a", old)
@@ -145,7 +139,7 @@ def test_a_chunk_whose_last_step_is_in_flight_is_not_ended_early(tiny_model):
     first, second = schedule_step(scheduler), schedule_step(scheduler)  # 64 + the last 36
     scheduler.add_request(make_request(scheduler, "a", old[:70] + [3] * 5, op="update"))
     third = schedule_step(scheduler)
-    assert scheduler.updates.chunks_ended_early == 0 and third[0].num_scheduled_tokens == {}
+    assert scheduler.updates.chunks_taken_over == 0 and third[0].num_scheduled_tokens == {}
     assert a.num_prompt_tokens == 100 and a.num_computed_tokens == 100
     finish_step(scheduler, first)
     finish_step(scheduler, second)

@@ -8,7 +8,15 @@ import math
 from stream2llm.core import vllm_compat
 from stream2llm.core.step_log import read_step_log
 from stream2llm.core.streams import DEFAULT_GAP_S, StreamTracker
-from tests.unit.synthetic import blocks_of, make_request, make_scheduler, run_until_idle, step
+from tests.unit.synthetic import (
+    blocks_of,
+    finish_step_outputs,
+    make_request,
+    make_scheduler,
+    run_until_idle,
+    schedule_step,
+    step,
+)
 
 BS = 16
 
@@ -182,31 +190,44 @@ def prefilling_update(tiny_model, policy="stream2llm"):
     return scheduler, session
 
 
-def test_an_update_queued_behind_a_prefilling_update_ends_it_early(tiny_model):
-    """An ANN pipeline refines faster than a long update prefills: the chunk in flight is cut one
-    token past what was scheduled (that token yields its throw-away sample) and the newer update
-    is applied from there, instead of prefilling 452 tokens that would be replaced."""
+def test_an_update_queued_behind_a_prefilling_update_takes_it_over_in_place(tiny_model):
+    """An ANN pipeline refines faster than a long update prefills: the newer update takes over the
+    chunk in work at the next step (cut to what both share of what was computed), with no step
+    that samples the superseded chunk's throw-away token, no park and no resume; the superseded
+    chunk ends with one placeholder token, first in that step's outputs."""
     scheduler, session = prefilling_update(tiny_model)
     second = list(range(100, 140)) + list(range(5000, 5100)) + [7] * 50
     scheduler.add_request(make_request(scheduler, "s", second, op="update"))
-    out = step(scheduler)
-    assert out.num_scheduled_tokens.get("s") == 1  # the last token of the shortened chunk
-    assert scheduler.updates.chunks_ended_early == 1
+    pending = schedule_step(scheduler)
+    assert pending[0].num_scheduled_tokens.get("s") == 64  # the new tail at once
+    assert scheduler.updates.chunks_taken_over == 1 and list(session.prompt_token_ids) == second
+    first_output, *_ = finish_step_outputs(scheduler, pending)
+    assert (first_output.request_id, len(first_output.new_token_ids)) == ("s", 1)
+    assert first_output.finish_reason.name == "LENGTH"
     run_until_idle(scheduler)
-    assert list(session.prompt_token_ids) == second and session.num_computed_tokens == len(second)
+    assert session.num_computed_tokens == len(second) and vllm_compat.is_parked(session)
     first, applied = scheduler.accounting.counters("s").updates
     assert (first.old_len, first.kept, first.discarded) == (50, 40, 10)
-    assert (applied.old_len, applied.kept, applied.discarded) == (105, 105, 0)  # all of it stays
-    # 50 parked + 64 + 1 of the first update + the 85 the second adds; 660 without the cut
-    assert scheduler.accounting.counters("s").tokens_prefilled == 50 + 65 + 85
+    assert (applied.old_len, applied.kept, applied.discarded) == (104, 104, 0)  # all of it stays
+    # 50 parked + 64 of the first update + the 86 the second adds; 660 without the take-over
+    assert scheduler.accounting.counters("s").tokens_prefilled == 50 + 64 + 86
 
 
-def test_an_append_queued_behind_a_prefilling_chunk_waits_for_all_of_it(tiny_model):
+def test_an_append_queued_behind_a_prefilling_chunk_extends_it_in_place(tiny_model):
     scheduler, session = prefilling_update(tiny_model)
     scheduler.add_request(make_request(scheduler, "s", [9] * 10))
-    out = step(scheduler)
-    assert out.num_scheduled_tokens.get("s") == 64 and scheduler.updates.chunks_ended_early == 0
-    run_until_idle(scheduler)
+    steps = run_until_idle(scheduler)
+    assert scheduler.updates.chunks_taken_over == 1
+    assert [o.num_scheduled_tokens.get("s") for o in steps] == [64] * 7 + [58]  # 506 in 64-token steps
+    assert session.num_computed_tokens == 600 + 10 and vllm_compat.is_parked(session)
+
+
+def test_stock_vllm_chunks_wait_their_turn_behind_the_chunk_in_work(tiny_model):
+    scheduler, session = prefilling_update(tiny_model)
+    scheduler.add_request(make_request(scheduler, "s", [9] * 10, in_place=False))
+    steps = run_until_idle(scheduler)
+    assert scheduler.updates.chunks_taken_over == 0
+    assert [o.num_scheduled_tokens.get("s") for o in steps] == [64] * 7 + [48, 10]  # a round each
     assert session.num_computed_tokens == 600 + 10
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stream2llm.core.protocol import ChunkMeta
 from stream2llm.core.protocol import ChunkOp as Op
-from stream2llm.engine.handover import Chunk, chunk_op, merge_chunks
+from stream2llm.engine.handover import _answer_logprobs, chunk_op
 
 
 def test_the_token_diff_says_append_only_for_an_extension():
@@ -16,12 +16,18 @@ def test_the_token_diff_says_append_only_for_an_extension():
     assert chunk_op(sent, list(sent), final=True) is Op.UPDATE  # the final chunk always goes
 
 
-def test_merged_chunks_keep_the_effect_of_both():
-    append, update = Chunk(Op.APPEND, [7, 8], False), Chunk(Op.UPDATE, [1, 2, 3], False)
-    assert merge_chunks(None, append) == append
-    assert merge_chunks(update, Chunk(Op.APPEND, [4], True)) == Chunk(Op.UPDATE, [1, 2, 3, 4], True)
-    assert merge_chunks(append, Chunk(Op.APPEND, [9], False)) == Chunk(Op.APPEND, [7, 8, 9], False)
-    assert merge_chunks(append, update) == update  # an update carries the whole prompt
+def test_the_answers_logprobs_are_the_last_ones_whatever_the_throw_away_tokens_had():
+    """A chunk another took over ends with a placeholder token that has no logprobs; one that
+    prefilled to its end sampled one that has."""
+
+    class Lp:
+        def __init__(self, v):
+            self.logprob = v
+
+    sampled, answer = {7: Lp(-0.5)}, [{1: Lp(-0.1)}, {2: Lp(-0.2)}]
+    assert _answer_logprobs([sampled, *answer], 2) == [{1: -0.1}, {2: -0.2}]
+    assert _answer_logprobs(answer, 2) == [{1: -0.1}, {2: -0.2}]  # the throw-away token had none
+    assert _answer_logprobs(None, 2) is None
 
 
 def test_a_chunks_op_reaches_the_engine_core_as_an_op():

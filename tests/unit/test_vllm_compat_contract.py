@@ -193,25 +193,83 @@ def test_last_chunk_finishes_the_session_and_drops_the_late_end_marker(scheduler
     assert f"prompt=TokensPrompt(prompt_token_ids={marker})," in source
 
 
-def test_end_chunk_early_cuts_a_prefilling_request_one_token_past_what_was_scheduled(tiny_model):
+def _prefilling(tiny_model, queued_op: str):
+    """A 300-token chunk one 64-token step in, with a chunk queued behind it."""
     scheduler = make_scheduler(str(tiny_model.path), block_size=BS, max_num_batched_tokens=64)
     ids = list(range(1000, 1300))
     request = make_request(scheduler, "r", ids)
     scheduler.add_request(request)
     step(scheduler)
     assert request.status.name == "RUNNING" and request.num_computed_tokens == 64
-    scheduler.add_request(make_request(scheduler, "r", [5, 6], op="update"))
-    assert [list(u.prompt_token_ids) for u in vllm_compat.queued_chunks(request)] == [[5, 6]]
-    assert [vllm_compat.chunk_ids(u) for u in vllm_compat.queued_chunks(request)] == [[5, 6]]
+    queued = ids[:50] + [5, 6] if queued_op == "update" else [5, 6]
+    scheduler.updates._superseded.clear()  # the test drives the take-over itself
+    scheduler.add_request(make_request(scheduler, "r", queued, op=queued_op))
+    scheduler.updates._superseded.clear()
+    assert [vllm_compat.chunk_ids(u) for u in vllm_compat.queued_chunks(request)] == [queued]
+    assert vllm_compat.next_queued_chunk(request) is not None
+    return scheduler, request, ids
 
-    assert vllm_compat.end_chunk_early(scheduler, request)
+
+def test_an_update_takes_over_a_prefilling_chunk_through_vllms_session_update(tiny_model):
+    scheduler, request, ids = _prefilling(tiny_model, "update")
+    assert vllm_compat.take_over_ready(request)
+    client, ended = vllm_compat.take_over_chunk(scheduler, request, keep_rest=False)
+    # the superseded chunk ends as a sampled chunk would: one token, finish_reason length
+    assert client == request.client_index and ended.request_id == "r"
+    assert ended.new_token_ids == [ids[-1]] and ended.finish_reason.name == "LENGTH"
     assert request.status.name == "WAITING" and request not in scheduler.running  # its KV stays
-    assert request.prompt_token_ids == ids[:65] and request._all_token_ids == ids[:65]
-    assert request.num_prompt_tokens == 65 and len(request.block_hashes) == 65 // BS
-    assert len(blocks_of(scheduler, "r")) == 4
+    assert not vllm_compat.queued_chunks(request)
+    assert request.prompt_token_ids == ids[:50] + [5, 6] == request._all_token_ids
+    assert request.num_computed_tokens == 50 and len(blocks_of(scheduler, "r")) == 4  # cut by our hook
+    assert request.num_prompt_tokens == 52 and len(request.block_hashes) == 52 // BS
     out = step(scheduler)
-    assert out.num_scheduled_tokens == {"r": 1}  # the last token: it yields the chunk's sample
-    assert list(request.prompt_token_ids) == [5, 6] and not vllm_compat.queued_chunks(request)
+    assert out.num_scheduled_tokens == {"r": 2}  # straight to the update's tail: no one-token step
+    assert vllm_compat.sent_prompts(out) == {"r": ids[:50] + [5, 6]}  # the worker takes it anew
+
+
+def test_an_append_extends_a_prefilling_chunk_in_place(tiny_model):
+    scheduler, request, ids = _prefilling(tiny_model, "append")
+    assert vllm_compat.take_over_ready(request)
+    _, ended = vllm_compat.take_over_chunk(scheduler, request, keep_rest=True)
+    assert ended.new_token_ids == [ids[-1]] and ended.finish_reason.name == "LENGTH"
+    assert request.prompt_token_ids == ids + [5, 6] == request._all_token_ids
+    assert request.num_computed_tokens == 64 and len(blocks_of(scheduler, "r")) == 4
+    assert request.num_prompt_tokens == 302 and len(request.block_hashes) == 302 // BS
+    out = step(scheduler)
+    assert out.num_scheduled_tokens == {"r": 64} and request.num_computed_tokens == 128
+
+
+def test_a_chunk_that_sampled_or_is_parked_is_not_taken_over(tiny_model):
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, max_num_batched_tokens=64)
+    request = park(scheduler, "p", list(range(40)))
+    assert not vllm_compat.take_over_ready(request)  # parked: vLLM applies chunks itself
+    scheduler.add_request(make_request(scheduler, "p", [1, 2], final=True, max_tokens=5))
+    step(scheduler)
+    assert request.num_output_tokens == 1 and request.status.name == "RUNNING"  # decoding its answer
+    request.streaming_queue.append(make_streaming_update([3, 4]))
+    assert not vllm_compat.take_over_ready(request)  # it sampled: vLLM moves on by itself
+    request.streaming_queue.clear()
+    request.streaming_queue.append(None)  # vLLM's end-of-input marker
+    assert vllm_compat.next_queued_chunk(request) is None
+
+
+def make_streaming_update(ids):
+    from vllm.v1.request import StreamingUpdate
+
+    return StreamingUpdate(
+        mm_features=None, prompt_token_ids=ids, max_tokens=1, arrival_time=0.0, sampling_params=None
+    )
+
+
+def test_ended_chunks_come_first_in_a_steps_outputs():
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+    step_outputs = {0: EngineCoreOutputs(outputs=[EngineCoreOutput("b", [9])])}
+    vllm_compat.add_ended_chunks(
+        step_outputs, [(0, EngineCoreOutput("a", [1])), (1, EngineCoreOutput("c", [2]))]
+    )
+    assert [o.request_id for o in step_outputs[0].outputs] == ["a", "b"]
+    assert [o.request_id for o in step_outputs[1].outputs] == ["c"]
 
 
 def test_waiting_queues_drain_kv_holders_first_and_sort_queues_merges_them(scheduler):

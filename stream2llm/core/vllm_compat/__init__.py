@@ -5,13 +5,13 @@ StreamingInput, ``scheduler_cls``, ``additional_config``) and through the small 
 hooks here. For the engine core: ``hooks`` (``HookedScheduler``: vLLM's private scheduler hooks
 under stable names), ``scheduler_state`` (scheduler, request and step state with no public accessor
 such as ``requests``, ``running``, ``num_computed_tokens``, ``SchedulerOutput.num_scheduled_tokens``),
-``queues`` (ordering vLLM's queues, deferring a prefill, evicting a waiting request's KV, ending a
-chunk early), ``kv_cut`` (the KV cut of an update), ``kv_transfer`` (what the KV connector reads),
-``in_flight`` for async scheduling (vLLM's ``AsyncScheduler``, what a step in flight holds); for
-the front end ``engine_process`` (starting AsyncLLM, its engine-core processes, shutting it down).
-Only a request's
-``request_id`` and ``sampling_params`` (what it was submitted with) and a streaming chunk's
-``sampling_params`` are read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` (and
+``queues`` (ordering vLLM's queues, deferring a prefill, evicting a waiting request's KV),
+``supersede`` (a queued chunk taking over the one in work, in place), ``kv_cut`` (the KV cut of an
+update), ``kv_transfer`` (what the KV connector reads), ``in_flight`` for async scheduling (vLLM's
+``AsyncScheduler``, what a step in flight holds); for the front end ``engine_process`` (starting
+AsyncLLM, its engine-core processes, shutting it down). Only a request's ``request_id`` and
+``sampling_params`` (what it was submitted with) and a streaming chunk's ``sampling_params`` are
+read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` (and
 ``test_async_scheduling.py`` for ``in_flight``) checks each assumption made here, so a vLLM
 upgrade that breaks one fails loudly in one place instead of corrupting KV somewhere else.
 """
@@ -30,6 +30,8 @@ from stream2llm.core.vllm_compat.queues import *  # noqa: F403
 from stream2llm.core.vllm_compat.queues import __all__ as _queues_names
 from stream2llm.core.vllm_compat.scheduler_state import *  # noqa: F403
 from stream2llm.core.vllm_compat.scheduler_state import __all__ as _scheduler_state_names
+from stream2llm.core.vllm_compat.supersede import *  # noqa: F403
+from stream2llm.core.vllm_compat.supersede import __all__ as _supersede_names
 
 VLLM_API = "0.32"
 
@@ -42,4 +44,5 @@ __all__ = [
     *_kv_transfer_names,
     *_queues_names,
     *_scheduler_state_names,
+    *_supersede_names,
 ]

@@ -1,8 +1,8 @@
 """Queue surgery: moving requests between vLLM's running list and waiting queues, and resetting them.
 
 These are the levers the broker and the update mode pull on vLLM's own structures: the order it
-schedules in, taking a partial prefill out of the running list, freeing a waiting request's KV, and
-ending a chunk early. vLLM then schedules and allocates as it always does.
+schedules in, taking a partial prefill out of the running list, and freeing a waiting request's
+KV. vLLM then schedules and allocates as it always does.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from typing import Any
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from stream2llm.core.vllm_compat.scheduler_state import blocks_held, is_parked, is_prefilling
+from stream2llm.core.vllm_compat.scheduler_state import blocks_held, is_prefilling
 
 _request_id = attrgetter("request_id")
 
 __all__ = [
     "QueueMemo",
     "defer_running_prefill",
-    "end_chunk_early",
     "evict_waiting_kv",
     "rank_queues",
     "sort_queues",
@@ -157,28 +156,3 @@ def defer_running_prefill(scheduler: Scheduler, request: Request) -> None:
     scheduler._inflight_prefills.discard(request)
     request.status = RequestStatus.WAITING
     scheduler.kv_holding_waiting.add_request(request)
-
-
-def end_chunk_early(scheduler: Scheduler, request: Request) -> bool:
-    """End the chunk a streaming session is prefilling after the tokens already scheduled plus one
-    (its throw-away token is sampled there); return whether anything was cut.
-
-    The rest of the chunk is about to be replaced by an update queued behind it. A running request
-    is moved back to the waiting queue, keeping its KV, so the worker takes its shortened state
-    anew when it is scheduled again (as a deferred prefill is).
-
-    Under async scheduling ``num_computed_tokens`` already counts the step in flight, so the cut
-    falls past it: that step is a partial prefill of positions that stay, and it samples nothing
-    (a step that samples holds an output placeholder; such a chunk is left alone)."""
-    keep = request.num_computed_tokens + 1
-    if is_parked(request) or request.num_output_tokens or keep >= request.num_prompt_tokens:
-        return False
-    if request.num_output_placeholders:
-        return False
-    if is_prefilling(request):
-        defer_running_prefill(scheduler, request)
-    del request._all_token_ids[keep:]
-    del request.prompt_token_ids[keep:]
-    del request.block_hashes[keep // scheduler.hash_block_size :]
-    request.num_prompt_tokens = keep
-    return True
