@@ -164,7 +164,11 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="out of sample: fit the profile to this other bench run (its steps.jsonl[.gz] and results.json)",
     )
-    parser.add_argument("--no-hold", action="store_true", help="model every chunk as applied on arrival")
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="model the engine before chunks took over in place (one chunk in flight, the rest held)",
+    )
     parser.add_argument(
         "--measured-lengths",
         action="store_true",
@@ -223,7 +227,7 @@ def main() -> None:
         speed = machine_speed(log, measured, requests, profile, args.speed_window)
     if args.speed_factor is not None:
         speed["*"] = lambda _t: args.speed_factor
-    rows = predict_runs(measured, requests, profile, not args.no_hold, speed)
+    rows = predict_runs(measured, requests, profile, args.hold, speed)
     report = {"profile": args.profile, "speed_window_s": args.speed_window, "rows": rows}
     report["speed_factor"] = args.speed_factor
     report["mean_over_repeats"] = means = mean_over_repeats(rows)

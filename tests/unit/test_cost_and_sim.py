@@ -259,17 +259,22 @@ def test_the_front_end_delays_each_chunk_and_the_final_re_tokenizes_the_whole_pr
     first_done = 1.0 + 0.002 + 400 * 1e-5 + 0.01 + 400 * 1e-3  # the template went at open
     expected = first_done + 0.01 + 100 * 1e-3 + 0.001 - 1.01
     assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
-    # an append that is not the final is held in the front end, and goes in once the front end has
-    # seen the chunk in work finish (the token's trip out, then the trip in)
+    # an append that comes while a chunk is in work extends it at the next step; the final, which
+    # comes during that step, the step after
     events = (
         TraceEvent(1.0, "append", n_tokens=400),
         TraceEvent(1.01, "append", n_tokens=50),
         TraceEvent(1.43, "append", n_tokens=100),
     )
     request = TraceRequest("r", "crawler", "q", events)
+    expected = first_done + (0.01 + 50 * 1e-3) + (0.01 + 100 * 1e-3) + 0.001 - 1.43
+    assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
+    # the engine before chunks took over in place held it in the front end until the front end
+    # had seen the chunk in work finish (the token's trip out, then the trip in)
     held_done = first_done + 0.001 + 0.002 + 0.01 + 50 * 1e-3
     expected = held_done + 0.01 + 100 * 1e-3 + 0.001 - 1.43
-    assert sim.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
+    held = Simulator(profile, hold_in_flight=True)
+    assert held.run([request], "stream2llm", qps=1e6).ttft_final == [pytest.approx(expected)]
 
 
 def test_fit_frontend_separates_tokenizing_from_the_trips_in_and_out():
@@ -296,17 +301,17 @@ def test_fit_frontend_separates_tokenizing_from_the_trips_in_and_out():
 
 
 def test_a_final_held_behind_the_chunk_in_work_counts_in_the_ranking():
-    """Our sessions keep one chunk in the engine. Each session opens with its 40-token template;
-    C's final goes first (complete); B's 2,000-token final then queues behind what is left of B's
-    first chunk (380 tokens), and the broker ranks B by both, so A (600 tokens) goes first, as it
-    would if B's chunks were applied at once. Ranked by the chunk in work alone, B (380) would go
-    first and A's TTFT would be 1.14 s."""
+    """The engine before chunks took over in place kept one chunk in it per session. Each session
+    opens with its 40-token template; C's final goes first (complete); B's 2,000-token final then
+    queues behind what is left of B's first chunk (380 tokens), and the broker ranks B by both, so
+    A (600 tokens) goes first, as it would if B's chunks were applied at once. Ranked by the chunk
+    in work alone, B (380) would go first and A's TTFT would be 1.14 s."""
     events = (TraceEvent(0.0, "append", n_tokens=400), TraceEvent(0.15, "append", n_tokens=2000))
     b = TraceRequest("b", "crawler", "q", events)
     c = TraceRequest("c", "crawler", "q", (TraceEvent(0.05, "append", n_tokens=200),))
     a = TraceRequest("a", "crawler", "q", (TraceEvent(0.2, "append", n_tokens=600),))
     profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)  # 0.1 s a step
-    ttft = Simulator(profile).run([b, c, a], "stream2llm", qps=1e6).ttft_by_request
+    ttft = Simulator(profile, hold_in_flight=True).run([b, c, a], "stream2llm", qps=1e6).ttft_by_request
     # B's template 0-0.04; the three sessions' first tokens 0.04-0.14; C 0.14-0.34; A 0.34-0.94
     assert ttft["c"] == pytest.approx(0.29, abs=1e-3)
     assert ttft["a"] == pytest.approx(0.74, abs=1e-3)
@@ -338,8 +343,9 @@ def test_running_complete_streams_are_not_preempted_for_a_shorter_one():
     short = TraceRequest("short", "crawler", "q", (TraceEvent(0.15, "append", n_tokens=60),))
     profile = toy_profile(max_num_batched_tokens=100, step_s=0.0)
     ttft = Simulator(profile).run([long, short], "stream2llm", qps=1e6).ttft_final
-    # long: its template 0-0.04, then 960 tokens to 1.04; short (its template, then 60) runs 0.94-1.1
-    assert ttft == pytest.approx([1.04, 0.95], abs=1e-3)
+    # long: its template and 960 tokens (taken in at once) to 1.0; short (its template, then 60)
+    # runs 1.0-1.1
+    assert ttft == pytest.approx([1.0, 0.95], abs=1e-3)
 
 
 def test_update_recomputes_only_past_the_changed_document():
@@ -372,21 +378,26 @@ def test_an_update_ends_the_update_in_work():
     assert stock == pytest.approx(ours, abs=0.02)
 
 
-def test_each_chunk_an_update_supersedes_ends_after_a_one_token_step():
-    """The engine core ends a superseded chunk after the one token it must sample, a step of its
-    own: a final queued behind a queued update pays for two such steps, one behind the chunk in
-    work alone for one. Stock vLLM aborts and resubmits, whatever was queued."""
+def test_a_superseded_chunk_ends_at_once_and_the_held_engine_paid_a_step_for_each():
+    """A final queued behind a queued update costs nothing more than one alone: each takes over
+    the chunk in work at the next step. The engine before that ended a superseded chunk after the
+    one token it had to sample, a step of its own. Stock vLLM aborts and resubmits, whatever was
+    queued."""
     docs0 = tuple(filler_doc(f"a{i}", 200) for i in range(5))
     docs1 = (filler_doc("b0", 200), *docs0[1:])
     docs2 = (filler_doc("c0", 200), *docs0[1:])
     first, final = TraceEvent(0.0, "update", docs=docs0), TraceEvent(0.3, "update", docs=docs2)
     queued = TraceRequest("r", "anns", "q", (first, TraceEvent(0.3, "update", docs=docs1), final))
     alone = TraceRequest("r", "anns", "q", (first, final))
-    sim = Simulator(toy_profile(max_num_batched_tokens=100))
+    profile = toy_profile(max_num_batched_tokens=100)
+    ours = [Simulator(profile).run([r], "stream2llm", qps=1e6).ttft_final[0] for r in (queued, alone)]
+    assert ours[0] == pytest.approx(ours[1])
+    held = Simulator(profile, hold_in_flight=True)
+    before = [held.run([r], "stream2llm", qps=1e6).ttft_final[0] for r in (queued, alone)]
     one_token_step = 0.01 + 1e-3
-    ours = [sim.run([r], "stream2llm", qps=1e6).ttft_final[0] for r in (queued, alone)]
-    assert ours[0] - ours[1] == pytest.approx(one_token_step)
-    stock = [sim.run([r], "vllm", qps=1e6).ttft_final[0] for r in (queued, alone)]
+    assert before[0] - before[1] == pytest.approx(one_token_step)
+    assert before[1] > ours[1]  # the one-token step behind the chunk in work alone, too
+    stock = [Simulator(profile).run([r], "vllm", qps=1e6).ttft_final[0] for r in (queued, alone)]
     assert stock[0] == pytest.approx(stock[1])
 
 

@@ -8,13 +8,13 @@ growing with the context) plus the engine's bookkeeping per chunk and per reques
 delays each chunk by its tokenizing and a fixed trip in, and the token by a trip out (profile
 fields ``frontend_in_s``, ``tokenize_token_s``, ``frontend_out_s``). Requests arrive as
 a Poisson process and replay their trace events: ``stream`` policies get each chunk on arrival,
-``nonstream`` gets the whole prompt after the last event. Our sessions keep one chunk in the engine
-and hold the appends that come meanwhile; they go in, merged, once the front end has seen the chunk
-in work finish (its output's trip out, then the trip in), so on a busy engine they miss one step.
-An update and the final (with what was held) go into the engine core at once: an update ends the
-chunk in work after the tokens already scheduled and one more step for the token it must sample
-(so does each queued update the final supersedes; a further update waits in the front end), the
-final waits there behind the chunk in work. Stock vLLM
+``nonstream`` gets the whole prompt after the last event. Our sessions' chunks take over the chunk
+in work in place (``core.updates``): an update replaces it at the next step, cut to what both
+share of what was computed, and an append extends it. ``hold_in_flight`` models the engine before
+that (for runs recorded then): one chunk in the engine, the appends that come meanwhile held and
+sent, merged, once the front end has seen the chunk in work finish (its output's trip out, then
+the trip in); an update and the final go in at once, the update ending the chunk in work after
+the tokens already scheduled and one more step for the token it must sample. Stock vLLM
 queues appends in the engine core and applies them one per round; its update aborts the request
 and resubmits the whole prompt (the prefix cache keeps the whole blocks it shares). Parked sessions
 hold their blocks; ``vllm`` never evicts them (work waits for memory), the other policies evict by
@@ -113,13 +113,13 @@ class Simulator:
         profile: CostProfile,
         block_size: int = 16,
         *,
-        hold_in_flight: bool = True,
+        hold_in_flight: bool = False,
         speed: Callable[[float], float] | None = None,
         preemption: str = "cost",
     ) -> None:
         self.profile = profile
         self.preemption = preemption  # how victims give KV back (the tier is the profile's kv_save/kv_load)
-        self.hold_in_flight = hold_in_flight  # our sessions: one chunk in the engine, the rest held
+        self.hold_in_flight = hold_in_flight  # the engine before chunks took over in place
         # the machine's slowness over the run's time (a factor on each step's engine cost): a
         # measured run's, to tell the model's errors from a CPU whose speed drifts
         self.speed = speed
