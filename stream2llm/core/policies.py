@@ -161,6 +161,10 @@ class Policy:
         self.preemption = preemption
         self.has_tier = self.costs.can_offload if has_tier is None else has_tier  # somewhere to offload to
 
+    # A session whose updates threw away more than this share of the tokens prefilled for it stops
+    # speculating (``core.speculation``); None: never (the published policies).
+    speculation_gate: float | None = None
+
     # The view fields ``key`` reads: the broker skips rebuilding a running request's view and key
     # while only fields outside them change (a decoding request's tokens and blocks each step).
     key_fields: frozenset[str] = frozenset(f.name for f in fields(RequestView))
@@ -240,6 +244,10 @@ class McpsPolicy(Policy):
 
 class Stream2llmPolicy(Policy):
     key_fields = frozenset({"complete", "tokens_pending", "tokens_queued", "last_chunk_arrival", "arrival"})
+    # a speculated token saves its prefill at the final if kept, and costs as much compute if
+    # thrown away, which a loaded engine takes from someone's final: it pays while more is kept
+    # than thrown away
+    speculation_gate = 0.5
 
     def key(self, view: RequestView) -> Any:
         if view.complete:

@@ -6,6 +6,8 @@ It wires what stock vLLM lacks for streamed context into vLLM's scheduling loop:
   session back to the longest common prefix and prefills only the rest;
 - **the broker** (``broker.py``): before each step, the policy's ranking and victims are applied
   through vLLM's own levers (queue order, eviction of parked sessions, deferred prefills);
+- **the speculation gate** (``speculation.py``): a session whose updates threw away most of what
+  was prefilled for it stops speculating; its partial chunks wait for its final;
 - **accounting** (``accounting.py``): tokens prefilled and recomputed per request, returned to
   the front end with the request's final output, live engine state on a shared-memory board, and
   the optional step log.
@@ -29,6 +31,7 @@ from stream2llm.core.broker import Broker
 from stream2llm.core.cost_profile import DEFAULT_PROFILE, CostProfile
 from stream2llm.core.policies import Costs
 from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta
+from stream2llm.core.speculation import SpeculationGate, merge_chunks
 from stream2llm.core.streams import StreamTracker
 from stream2llm.core.updates import UpdateMode
 
@@ -60,6 +63,7 @@ class StreamScheduler(compat.HookedScheduler):
             options.get("preemption", "recompute"),
         )
         self.updates = UpdateMode(self, self.accounting)
+        self.gate = SpeculationGate(self.accounting)
         self._publish()
 
     def add_request(self, request: compat.Request) -> None:
@@ -68,15 +72,58 @@ class StreamScheduler(compat.HookedScheduler):
         now = time.monotonic()
         rid = request.request_id
         known = self.streams.chunk_arrived(rid, now, meta.final, compat.is_stream_chunk(request))
-        new = compat.find_request(self, rid) is None
+        session = compat.find_request(self, rid)
+        if session is not None and meta.in_place and compat.is_stream_chunk(request):
+            if self._gate_holds(session, request, meta):
+                return
+            if held := self.gate.take(rid):  # the final: it goes in with the chunks held for it
+                self._release_held(session, held + [compat.as_chunk(request)])
+                self.streams.admitted(rid, now, True)
+                return
         super().add_request(request)
         held = compat.find_request(self, rid)
         if held is None:
             return
-        self.broker.book.admitted(rid, new)
+        self.broker.book.admitted(rid, session is None)
         if known:
             self.updates.mark_if_superseded(held)  # vLLM may have queued it behind the chunk in work
         self.streams.admitted(rid, now, meta.final or not compat.is_stream_chunk(request))
+
+    def _gate_holds(self, session: compat.Request, request: compat.Request, meta: ChunkMeta) -> bool:
+        """Hold a partial chunk for its final if speculating has not paid for this session
+        (``core.speculation``). Whether the chunk was held."""
+        rid = session.request_id
+        if meta.final:
+            return False
+        chunk = compat.as_chunk(request)
+        if rid not in self.gate.held:
+            if not self.gate.closed(rid, self.broker.policy().speculation_gate):
+                return False
+            if not compat.is_parked(session):
+                if not compat.park_ready(session):
+                    return False  # it samples or has chunks queued: the gate waits for the next chunk
+                chunk = self._park_in_place(session, chunk, meta)
+        self.gate.hold(rid, chunk)
+        return True
+
+    def _park_in_place(
+        self, session: compat.Request, chunk: compat.StreamingUpdate, meta: ChunkMeta
+    ) -> compat.StreamingUpdate:
+        """The chunk in work (nothing sampled) parks where it is, and ends as a chunk taken over
+        does; an append that comes then carries the tokens of it not computed in front."""
+        ended, rest = compat.park_in_place(self, session)
+        self.updates.ended.append(ended)
+        self.broker.touch((session.request_id,))
+        if rest and not meta.replaces_prompt:
+            return compat.with_prompt(chunk, rest + compat.chunk_ids(chunk))
+        return chunk
+
+    def _release_held(self, session: compat.Request, chunks: list[compat.StreamingUpdate]) -> None:
+        """The parked session takes the held chunks and its final as one chunk; each held chunk
+        ends (one placeholder token) as a chunk the next took over does."""
+        self.updates.ended += [compat.ended_chunk(session) for _ in chunks[:-1]]
+        compat.resume_parked(self, session, merge_chunks(chunks))
+        self.broker.book.admitted(session.request_id, False)
 
     # -- vLLM's session and free hooks ----------------------------------------------------------
 
@@ -97,6 +144,7 @@ class StreamScheduler(compat.HookedScheduler):
     ) -> dict[str, Any] | None:
         self.streams.forget(request.request_id)
         self.broker.book.forget(request.request_id)
+        self.gate.forget(request.request_id)
         counters = self.accounting.release(request.request_id)
         if counters is None:
             return params

@@ -5,6 +5,7 @@ the final prompt), the same greedy tokens, the same top-5 candidates with float3
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 
@@ -99,6 +100,18 @@ async def _wait_parked(engine, prefilled_before: int, expected: int = 1, timeout
     raise AssertionError("the session did not park")
 
 
+@contextlib.contextmanager
+def engine_policy(engine, name: str):
+    """The engine's policy for the chunks sent inside (fcfs: every update applied as it comes,
+    no speculation gate), restored after."""
+    before = engine.policy
+    engine.set_policy(name)
+    try:
+        yield
+    finally:
+        engine.set_policy(before)
+
+
 async def _run_updates(engine, series: list[list[str]], wait: bool):
     session = await engine.open(QUESTION, GREEDY)
     snapshots = []
@@ -127,7 +140,8 @@ async def test_update_session_equals_oneshot_and_recomputes_only_past_lcp(engine
         [b[:3000], b[3000:]],  # everything replaced
         [b[:1700]],  # shorter than before (a prefix of the old context)
     ]
-    _, snapshots, result = await _run_updates(engine, series, wait)
+    with engine_policy(engine, "fcfs"):  # each update applied: stream2llm's gate would hold some
+        _, snapshots, result = await _run_updates(engine, series, wait)
 
     reference = await oneshot(engine, QUESTION, series[-1], GREEDY)
     assert result.prompt_token_ids == reference.prompt_token_ids
@@ -231,6 +245,37 @@ async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine)
     assert result.tokens_prefilled < 1.2 * len(result.prompt_token_ids)
     # exactly: what streaming prefilled beyond one-shot is the KV that updates threw away
     assert result.tokens_prefilled == len(result.prompt_token_ids) + result.tokens_discarded
+
+
+async def test_a_session_whose_updates_throw_away_most_stops_speculating_and_equals_oneshot(engine):
+    """stream2llm's speculation gate: each refinement replaces the first document, so once one has
+    thrown away most of what was prefilled, the session's next refinements wait in the engine
+    core and go in with its final (as one chunk). Fewer updates are applied and fewer tokens
+    prefilled than under fcfs (no gate), and both answers are the one-shot's."""
+    text = corpus_text(12000, seed=41)
+    series = [[f"Refinement {i}: " + text[i * 300 : 2000 + i * 300], text[6000:9000]] for i in range(6)]
+    results = {}
+    for policy in ("fcfs", "stream2llm"):
+        with engine_policy(engine, policy):
+            session = await engine.open(QUESTION, GREEDY)
+            for i, docs in enumerate(series):
+                before, prefilled_before = session.prompt_ids, engine.stats().tokens_prefilled
+                await session.update(docs)
+                if policy == "fcfs" or i < 3:  # stream2llm's gate closes at the fourth (see below)
+                    kept = min(common_prefix_len(before, session.prompt_ids), len(session.prompt_ids) - 1)
+                    await _wait_parked(engine, prefilled_before, len(session.prompt_ids) - kept)
+            await session.finish()
+            results[policy] = await session.result()
+    reference = await oneshot(engine, QUESTION, series[-1], GREEDY)
+    for result in results.values():
+        assert_same_computation(engine, result, reference, series[-1])
+    ungated, gated = results["fcfs"], results["stream2llm"]
+    assert len(ungated.updates) == len(series) - 1
+    # the second refinement threw away ~all the first had prefilled (49% of all prefilled so far),
+    # the third ~all of the second (66%): the fourth and fifth are held, then go in with the last
+    assert len(gated.updates) == 3 and gated.updates[:2] == ungated.updates[:2]
+    held = sum(u["recomputed"] for u in ungated.updates[2:4])
+    assert gated.tokens_prefilled == pytest.approx(ungated.tokens_prefilled - held, rel=0.02)
 
 
 async def test_nonstream_computes_the_rendered_prompt(engine):

@@ -272,3 +272,95 @@ def test_stream_tracker_expects_the_next_chunk_after_the_smoothed_gap():
     assert streams.is_complete("s") and streams.get("s").next_chunk_eta() == math.inf
     streams.forget("s")
     assert streams.get("s") is None and not streams.is_complete("s")
+
+
+def wasteful_session(tiny_model, policy="stream2llm"):
+    """A parked session whose one update threw away 160 of the 250 tokens prefilled for it."""
+    scheduler = make_scheduler(str(tiny_model.path), num_blocks=200, block_size=BS, policy=policy)
+    session = park(scheduler, "s", list(range(100, 300)), policy)
+    scheduler.add_request(make_request(scheduler, "s", list(range(100, 140)) + [7] * 10, op="update"))
+    run_until_idle(scheduler)
+    counters = scheduler.accounting.counters("s")
+    assert (counters.tokens_discarded, counters.tokens_prefilled) == (160, 210)
+    assert vllm_compat.is_parked(session)
+    return scheduler, session
+
+
+def test_a_session_whose_updates_threw_away_most_stops_speculating_until_its_final(tiny_model):
+    """Its next partial chunks are held in the engine core, unscheduled; the final goes in with
+    them as one chunk (an update replaces what came before it, appends extend it), only that is
+    prefilled past the KV the session holds, and each held chunk ends with a placeholder token
+    first in the final's outputs, as a chunk taken over does."""
+    scheduler, session = wasteful_session(tiny_model)
+    update = list(range(100, 140)) + [8] * 30
+    scheduler.add_request(make_request(scheduler, "s", update, op="update"))
+    scheduler.add_request(make_request(scheduler, "s", [9] * 5))
+    assert scheduler.gate.chunks_held == 2 and scheduler.gate.sessions_gated == 1
+    assert not run_until_idle(scheduler) and vllm_compat.is_parked(session)  # nothing speculated
+    assert len(scheduler.accounting.counters("s").updates) == 1
+    scheduler.add_request(make_request(scheduler, "s", [6] * 3, final=True))
+    assert not scheduler.gate.held
+    pending = schedule_step(scheduler)
+    assert pending[0].num_scheduled_tokens == {"s": 38}  # past the 40 tokens both share
+    outputs = finish_step_outputs(scheduler, pending)
+    assert [(o.request_id, len(o.new_token_ids)) for o in outputs[:2]] == [("s", 1), ("s", 1)]
+    assert all(o.finish_reason.name == "LENGTH" for o in outputs[:2])
+    assert list(session.prompt_token_ids) == update + [9] * 5 + [6] * 3
+    counters = outputs[-1].kv_transfer_params["stream2llm"]  # the final answered: its counters
+    assert [(u["kept"], u["recomputed"]) for u in counters["updates"]][-1] == (40, 38)
+    assert counters["tokens_prefilled"] == 210 + 38
+
+
+def test_a_session_whose_updates_keep_most_keeps_speculating(tiny_model):
+    scheduler = make_scheduler(str(tiny_model.path), num_blocks=200, block_size=BS, policy="stream2llm")
+    park(scheduler, "s", list(range(100, 300)), "stream2llm")
+    scheduler.add_request(make_request(scheduler, "s", list(range(100, 290)) + [7] * 10, op="update"))
+    run_until_idle(scheduler)
+    scheduler.add_request(make_request(scheduler, "s", list(range(100, 290)) + [8] * 30, op="update"))
+    assert scheduler.gate.chunks_held == 0 and step(scheduler).num_scheduled_tokens == {"s": 30}
+
+
+def test_published_policies_never_gate(tiny_model):
+    scheduler, _ = wasteful_session(tiny_model, policy="fcfs")
+    scheduler.add_request(make_request(scheduler, "s", list(range(100, 140)) + [8] * 30, op="update"))
+    assert scheduler.gate.chunks_held == 0 and step(scheduler).num_scheduled_tokens == {"s": 30}
+
+
+def test_a_gated_sessions_chunk_in_work_parks_where_it_is(tiny_model):
+    """The gate closes while an update is mid-prefill: when the next partial chunk comes, that
+    update parks with the 104 tokens it computed (ending as a chunk taken over does), the new
+    chunk is held, and the final goes in with it."""
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=200, block_size=BS, policy="stream2llm", max_num_batched_tokens=64
+    )
+    session = park(scheduler, "s", list(range(100, 300)), "stream2llm")
+    first = list(range(100, 140)) + list(range(5000, 5300))
+    scheduler.add_request(make_request(scheduler, "s", first, op="update"))  # throws 160 of 200 away
+    step(scheduler)
+    assert session.status.name == "RUNNING" and session.num_computed_tokens == 104
+    second = list(range(100, 140)) + list(range(5000, 5050)) + [8] * 20
+    scheduler.add_request(make_request(scheduler, "s", second, op="update"))
+    assert vllm_compat.is_parked(session) and list(session.prompt_token_ids) == first[:104]
+    assert scheduler.gate.chunks_held == 1 and not run_until_idle(scheduler)
+    scheduler.add_request(make_request(scheduler, "s", [6] * 3, final=True))
+    pending = schedule_step(scheduler)
+    assert pending[0].num_scheduled_tokens == {"s": 23}  # past the 90 tokens second shares with it
+    ended, *rest = finish_step_outputs(scheduler, pending)
+    assert (ended.new_token_ids, ended.finish_reason.name) == ([first[-1]], "LENGTH")  # the parked chunk
+    assert [len(o.new_token_ids) for o in rest] == [1, 1]  # the held chunk's end, then the answer
+    assert list(session.prompt_token_ids) == second + [6] * 3
+
+
+def test_an_append_held_by_the_gate_carries_what_the_parked_chunk_had_not_computed(tiny_model):
+    scheduler = make_scheduler(
+        str(tiny_model.path), num_blocks=200, block_size=BS, policy="stream2llm", max_num_batched_tokens=64
+    )
+    session = park(scheduler, "s", list(range(100, 300)), "stream2llm")
+    first = list(range(100, 140)) + list(range(5000, 5300))
+    scheduler.add_request(make_request(scheduler, "s", first, op="update"))
+    step(scheduler)
+    scheduler.add_request(make_request(scheduler, "s", [9] * 4))
+    assert vllm_compat.is_parked(session) and session.num_computed_tokens == 104
+    scheduler.add_request(make_request(scheduler, "s", [6] * 3, final=True))
+    run_until_idle(scheduler)
+    assert list(session.prompt_token_ids) == first + [9] * 4 + [6] * 3

@@ -481,3 +481,25 @@ def test_nonstream_ranked_serves_the_shortest_waiting_prompt_first():
     # the model has no late replay: TTFT from the final event and from its due time agree
     report = ranked.to_json()
     assert report["ttft_due_s"] == report["ttft_final_s"] and report["policy"] == "nonstream-ranked"
+
+
+def test_the_speculation_gate_holds_a_wasteful_sessions_partial_chunks_until_its_final(monkeypatch):
+    """Each refinement replaces the first document, so each throws away what was prefilled: once
+    one has (the second: the first replaced only the opening template), stream2llm holds the
+    session's partial chunks (the third and fourth) and prefills the final's tokens once; without
+    the gate it prefills every refinement. The final's wait is the same."""
+    from stream2llm.core import policies
+
+    tail = tuple(filler_doc(f"t{i}", 200) for i in range(4))
+    events = tuple(TraceEvent(1.5 * i, "update", docs=(filler_doc(f"head{i}", 200), *tail)) for i in range(6))
+    request = TraceRequest("r", "anns", "q", events)
+    profile = toy_profile(max_num_batched_tokens=200)
+
+    def run(gate):
+        monkeypatch.setattr(policies.Stream2llmPolicy, "speculation_gate", gate)
+        return Simulator(profile).run([request], "stream2llm", qps=1e6)
+
+    gated, ungated = run(0.5), run(None)
+    refinement = (ungated.tokens_prefilled - TEMPLATE_TOKENS) / 6
+    assert gated.tokens_prefilled == pytest.approx(ungated.tokens_prefilled - 2 * refinement, rel=0.01)
+    assert gated.ttft_final == pytest.approx(ungated.ttft_final)

@@ -14,7 +14,9 @@ share of what was computed, and an append extends it. ``hold_in_flight`` models 
 that (for runs recorded then): one chunk in the engine, the appends that come meanwhile held and
 sent, merged, once the front end has seen the chunk in work finish (its output's trip out, then
 the trip in); an update and the final go in at once, the update ending the chunk in work after
-the tokens already scheduled and one more step for the token it must sample. Stock vLLM
+the tokens already scheduled and one more step for the token it must sample. stream2llm's
+speculation gate parks a session (where its chunk in work is) and holds its partial chunks until
+its final once its updates threw away more than they kept (``core.speculation``). Stock vLLM
 queues appends in the engine core and applies them one per round; its update aborts the request
 and resubmits the whole prompt (the prefix cache keeps the whole blocks it shares). Parked sessions
 hold their blocks; ``vllm`` never evicts them (work waits for memory), the other policies evict by
@@ -66,6 +68,10 @@ class _Req:
     backlog: list[Chunk] = field(default_factory=list)  # held by the front end (stock: queued in vLLM)
     queued_at: float = 0.0  # its place in vLLM's waiting queue: when it entered, resumed or parked
     running_since: float | None = None  # in vLLM's running list (mid-prefill) since
+    prefilled: int = 0  # tokens prefilled for it so far
+    discarded: int = 0  # of those, thrown away by its updates
+    updated: bool = False  # an update was applied (the speculation gate's evidence)
+    gated: list[Chunk] = field(default_factory=list)  # partial chunks the speculation gate holds
 
     @property
     def parked(self) -> bool:
@@ -86,6 +92,7 @@ class SimResult:
     offloads: int = 0  # evictions whose KV went to the tier
     tokens_loaded: int = 0  # brought back from the tier instead of recomputed
     tokens_recomputed: int = 0  # computed again after an eviction
+    tokens_prefilled: int = 0
 
     @property
     def ttft_final(self) -> list[float]:
@@ -104,6 +111,7 @@ class SimResult:
             "offloads": self.offloads,
             "tokens_loaded": self.tokens_loaded,
             "tokens_recomputed": self.tokens_recomputed,
+            "tokens_prefilled": self.tokens_prefilled,
         }
 
 
@@ -176,7 +184,8 @@ class _Run:
         spec = bench_policy(policy)
         # stock vLLM applies a session's queued chunks one per round; our sessions merge them
         self.one_chunk_a_round = spec.mode == "vllm"
-        self.held = spec.mode == "stream" and sim.hold_in_flight
+        self.stream = spec.mode == "stream"
+        self.held = self.stream and sim.hold_in_flight
         self.policy = make_policy(spec.scheduler, Costs.from_profile(self.profile), sim.preemption)
         self.saving_s = 0.0  # the tier's copies this step (before its forward pass, as in the engine)
         self.events = [(r.chunks[0].at, i, False) for i, r in enumerate(reqs)]  # (time, request, release)
@@ -202,6 +211,7 @@ class _Run:
                 self._after_step(r)
         self.result.completion_s = self.now
         self.result.evictions = sum(r.evictions for r in self.reqs)
+        self.result.tokens_prefilled = sum(r.prefilled for r in self.reqs)
         return self.result
 
     # -- chunks reaching the engine ---------------------------------------------------------------
@@ -220,12 +230,36 @@ class _Run:
                 heapq.heappush(self.events, (r.chunks[r.next_chunk].at, i, False))
             if r not in self.admitted:
                 self.admitted.append(r)
+            if self._gate_holds(r, chunk):
+                r.gated.append(chunk)
+                r.waiting_chunk = True  # a chunk in work parks where it is
+                continue
+            self._release_gated(r, chunk)
             if self.held and (chunk.replaces or chunk.final):
                 self._send_at_once(r, chunk)
             elif self.one_chunk_a_round and chunk.replaces:
                 self._resubmit(r, chunk)
             else:
                 self._append(r, i, chunk)
+
+    def _release_gated(self, r: _Req, final: Chunk) -> None:
+        """The final goes in with what the gate held, as one chunk: only the last update among
+        them counts (an update replaces what came before it), kept as far as the trace says it
+        shares with the event before it (the engine cuts to the LCP with the KV it holds)."""
+        chunks = [*r.gated, final]
+        last = max((i for i, c in enumerate(chunks) if c.replaces), default=None)
+        for held in r.gated[last or 0 :]:
+            self._apply_chunk(r, held)
+        r.gated.clear()
+
+    def _gate_holds(self, r: _Req, chunk: Chunk) -> bool:
+        """The speculation gate (``core.speculation``): a parked session whose updates threw away
+        more than the policy's share of what was prefilled for it keeps its partial chunks until
+        its final."""
+        gate = self.policy.speculation_gate
+        if gate is None or not self.stream or chunk.final:
+            return False
+        return bool(r.gated) or (r.updated and r.discarded > gate * r.prefilled)
 
     def _send_at_once(self, r: _Req, chunk: Chunk) -> None:
         """Our sessions send the final (with what they held) into the engine core at once, where it
@@ -312,7 +346,11 @@ class _Run:
     def _apply_chunk(self, r: _Req, chunk: Chunk) -> None:
         """The request's prompt becomes the chunk's; KV past what the chunk keeps is freed."""
         r.target, r.last_chunk_at, r.waiting_chunk = max(chunk.target, 1), chunk.at, False
+        before = r.computed
         r.computed = min(r.computed, chunk.keep, r.target - 1)  # one token always yields logits
+        if chunk.replaces:
+            r.discarded += before - r.computed
+            r.updated = True
         r.stored = min(r.stored, chunk.keep)  # the tier's copy is valid up to what the update keeps
         r.lost = min(r.lost, chunk.keep)
         kept_blocks = ceil_div(r.computed, self.block_size)
@@ -351,6 +389,7 @@ class _Run:
             cost += self.profile.chunk_s(take, r.computed)
             self.result.tokens_recomputed += max(0, min(r.lost, r.computed + take) - r.computed)
             r.computed += take
+            r.prefilled += take
             if r.running_since is None and r.pending > 0:
                 r.running_since = self.now
             budget -= take
