@@ -115,6 +115,7 @@ def run_deployment(name: str, plan: tuple, args: argparse.Namespace, root: Path)
             delta = {k: after[k] - before.get(k, 0.0) for k in after}
             row = {"deployment": name, "policy": policy, "qps": qps, "completion_s": run["completion_s"]}
             row |= {"ttft_final_s": run["ttft_final_s"], "errors": run["errors"], "requests": run["requests"]}
+            row |= {k: run[k] for k in ("second_token_s", "tpot_s") if k in run}  # where the hop went
             row |= {"throughput_rps": run["requests"] / run["completion_s"], "kv": kv_moved(run)}
             if delta:
                 row["decode"] = delta | {

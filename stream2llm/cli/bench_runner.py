@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stream2llm.cli.bench_tables import ratio_table, repeats_table
+from stream2llm.cli.bench_tables import decode_table, ratio_table, repeats_table
 from stream2llm.workloads import plots
 from stream2llm.workloads.bench import load_requests, machine
 from stream2llm.workloads.bench_policies import check_policies
@@ -140,6 +140,8 @@ async def run_http_bench_command(endpoint: str, args: BenchArgs, console: Consol
         )
     _finish(result, args, machine() + " (the client's)")
     console.print(ratio_table(result))
+    if (decode := decode_table(result)) is not None:
+        console.print(decode)
     console.print(f"results: {args.out / 'results.json'}")
     return result
 

@@ -84,3 +84,26 @@ def ratio_table(result: dict[str, Any], metric: str = "ttft_final_s") -> Table:
             str(run["errors"]),
         )
     return table
+
+
+def decode_table(result: dict[str, Any]) -> Table | None:
+    """Repeat 0's TTFT beside second-token latency and time per output token, where the bench
+    measured them (over HTTP): a deployment may move a hop from the first token to the second."""
+    runs = [r for r in result["runs"] if r["repeat"] == 0 and "tpot_s" in r]
+    if not runs:
+        return None
+    table = Table(
+        "qps",
+        "policy",
+        "TTFT p50",
+        "TTFT p99",
+        "2nd token p50",
+        "2nd token p99",
+        "TPOT p50",
+        "TPOT p99",
+        title="after the first token, repeat 0 (seconds; over HTTP, from the text deltas)",
+    )
+    for run in sorted(runs, key=lambda r: (r["qps"], r["policy"])):
+        cells = [run[m][p] for m in ("ttft_final_s", "second_token_s", "tpot_s") for p in ("p50", "p99")]
+        table.add_row(f"{run['qps']:g}", run["policy"], *(f"{c:.4f}" for c in cells))
+    return table

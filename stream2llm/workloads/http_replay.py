@@ -4,7 +4,9 @@ in-process replay's arrivals, payloads and metrics.
 
 Per request: open (with its own ``X-Session-ID``, so a session-hashing router keeps it on one
 instance), read the SSE stream, send each event (append or update) at its time, the last one
-final. TTFT is the client's: from sending the final event (or the open) to the first streamed token.
+final. TTFT is the client's: from sending the final event (or the open) to the first streamed token;
+second-token latency and time per output token are read from when the text deltas arrived (a
+delta that holds several tokens, an incomplete character's, counts as their last).
 The scheduling policy is the deployment's; a policy name here only chooses the session mode.
 """
 
@@ -58,6 +60,7 @@ class HttpSession:
         self._opened = opened  # the open's time: TTFT from the query's arrival
         self._final_sent: float | None = None  # sending the final event: TTFT from the final event
         self._first_token: float | None = None
+        self._deltas: list[float] = []  # when each text delta arrived
         self._stream = asyncio.create_task(self._read_stream())
 
     @property
@@ -84,6 +87,7 @@ class HttpSession:
     async def result(self) -> Outcome:
         result = await self._stream
         assert self._first_token is not None
+        deltas, n = self._deltas, result.get("completion_tokens", 0)
         return Outcome(
             ttft_final_s=self._first_token - (self._final_sent or self._opened),
             ttft_query_s=self._first_token - self._opened,
@@ -92,6 +96,8 @@ class HttpSession:
             tokens_prefilled=result["tokens_prefilled"],
             tokens_recomputed=result["tokens_recomputed"],
             kv_transfer=result.get("kv_transfer"),
+            second_token_s=deltas[1] - deltas[0] if len(deltas) > 1 else None,
+            tpot_s=(deltas[-1] - deltas[0]) / (n - 1) if n > 1 and len(deltas) > 1 else None,
         )
 
     async def _read_stream(self) -> dict:
@@ -107,6 +113,8 @@ class HttpSession:
                 event = json.loads(line[5:])
                 if event["type"] in ("delta", "result") and self._first_token is None:
                     self._first_token = loop.time()
+                if event["type"] == "delta":
+                    self._deltas.append(loop.time())
                 if event["type"] == "error":
                     raise HttpError(f"session {sid}: {event['error']['message']}")
                 if event["type"] == "result":

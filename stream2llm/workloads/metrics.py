@@ -52,6 +52,8 @@ class RequestRecord:
     # engine request id, then monotonic times of the final event, its hand-off, the first token
     timeline: tuple[str, float, float, float] | None = None
     kv_transfer: dict[str, int] | None = None  # disaggregated deployments: what the KV connector moved
+    second_token_s: float | None = None  # first token to the second (over HTTP: text deltas)
+    tpot_s: float | None = None  # time per output token after the first
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RunResult:
             "preemption": self.preemption,
             "preemptions": dict(self.preemptions),
             "kv_tier": dict(self.kv_tier),
+            **_decode_summaries(ok),
             "errors": len(self.records) - len(ok),
             "error_examples": sorted({r.error for r in self.records if r.error})[:3],
             "samples": {
@@ -96,6 +99,16 @@ class RunResult:
                 **({"kv_transfer": [r.kv_transfer for r in ok]} if any(r.kv_transfer for r in ok) else {}),
             },
         }
+
+
+def _decode_summaries(ok: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Second-token latency and time per output token, where the transport measured them."""
+    out = {}
+    for metric in ("second_token_s", "tpot_s"):
+        values = [getattr(r, metric) for r in ok if getattr(r, metric) is not None]
+        if values:
+            out[metric] = summary(values)
+    return out
 
 
 def ci95(values: Sequence[float]) -> tuple[float, float]:

@@ -108,6 +108,8 @@ class Outcome:
     first_token_at: float | None = None  # on the monotonic clock: with the due time, ttft_due_s
     timeline: tuple[str, float, float, float] | None = None
     kv_transfer: dict[str, int] | None = None
+    second_token_s: float | None = None  # first token to the second (where the transport sees it)
+    tpot_s: float | None = None  # time per output token after the first
 
 
 class ReplaySession(Protocol):
@@ -188,6 +190,8 @@ def fill(record: RequestRecord, outcome: Outcome, due_at: float | None, done_s: 
     record.tokens_loaded = outcome.tokens_loaded
     record.timeline = outcome.timeline
     record.kv_transfer = outcome.kv_transfer
+    record.second_token_s = outcome.second_token_s
+    record.tpot_s = outcome.tpot_s
 
 
 # -- a run: every request of the trace at one rate -------------------------------------------------------

@@ -182,6 +182,7 @@ def test_http_bench_replays_a_trace_through_the_router(deployment):
         assert len(run["samples"]["ttft_final_s"]) == 4
         assert all(t > 0 for t in run["samples"]["ttft_final_s"])
         assert all(n > 40 for n in run["samples"]["prompt_tokens"])
+        assert run["second_token_s"]["p50"] > 0 and run["tpot_s"]["p50"] > 0  # two tokens each
 
 
 def test_a_killed_instance_fails_only_its_sessions(deployment):

@@ -105,8 +105,11 @@ def test_the_http_transport_replays_through_the_session_api():
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await final.wait()
+        for pause in (0.0, 0.05, 0.1):  # three tokens: the second 50 ms after the first, the third 100 after
+            await asyncio.sleep(pause)
+            await response.write(b'data: {"type": "delta", "text": "x"}\n\n')
         result = {"type": "result", "prompt_tokens": 12, "chunks": [{"tokens": 5}], "tokens_prefilled": 12}
-        result |= {"tokens_recomputed": 1, "kv_transfer": {"blocks": 2}}
+        result |= {"tokens_recomputed": 1, "kv_transfer": {"blocks": 2}, "completion_tokens": 3}
         await response.write(f"data: {json.dumps(result)}\n\ndata: [DONE]\n\n".encode())
         return response
 
@@ -146,3 +149,5 @@ def test_the_http_transport_replays_through_the_session_api():
     assert (record.prompt_tokens, record.final_chunk_tokens, record.tokens_prefilled) == (12, 5, 12)
     assert record.tokens_recomputed == 1 and record.kv_transfer == {"blocks": 2}
     assert record.ttft_due_s is None and record.timeline is None and record.tokens_discarded == 0
+    assert record.second_token_s is not None and 0.05 <= record.second_token_s < 0.5
+    assert record.tpot_s is not None and 0.075 <= record.tpot_s < 0.5  # 150 ms over two tokens
