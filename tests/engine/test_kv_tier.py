@@ -11,6 +11,7 @@ one-shot reuses some of its freed blocks (which also drops them from vLLM's pref
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,7 +58,8 @@ async def evict_then_resume(engine, seed: int, between: Callable[[Path], None] =
     directory, then send the final chunk; returns (result, context, stats before the final)."""
     first, second = corpus_text(FIRST, seed=seed), corpus_text(SECOND, seed=seed + 1)
     prefilled = engine.stats().tokens_prefilled
-    session = await engine.open(QUESTION, GREEDY, cache_salt=f"tier-{seed}")
+    # a salt of its own: a chunk taken over before any of it was computed looks the prefix cache up
+    session = await engine.open(QUESTION, GREEDY, cache_salt=f"tier-{seed}-{uuid.uuid4().hex}")
     await session.append(first)
     await wait_parked(engine, session, prefilled)
     offloads = engine.stats().offloads
