@@ -31,13 +31,26 @@ class UnknownSession(StreamError, KeyError):
 
 
 class ContextTooLong(StreamError):
-    """The prompt would not fit the model's context window."""
+    """The prompt would not fit the model's context window (worded as vLLM words it)."""
 
-    def __init__(self, size: int, limit: int, what: str = "prompt") -> None:
-        self.size, self.limit = size, limit
+    def __init__(self, size: int, limit: int, what: str = "prompt", output_tokens: int = 0) -> None:
+        self.size, self.limit, self.output_tokens = size, limit, output_tokens
+        window = limit + output_tokens
         super().__init__(
-            f"{what} needs {size} tokens but max_model_len is {limit}; "
-            "shorten the context or open the session with truncate=True to drop the oldest context"
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{size + output_tokens} tokens ({size} in the {what}, {output_tokens} in the completion). "
+            "Please reduce the length of the context or the completion, or open the session with "
+            "truncate=True to drop the oldest context."
+        )
+
+
+class OutputTooLong(StreamError):
+    """More output tokens were asked for than the context window holds (worded as vLLM words it)."""
+
+    def __init__(self, max_tokens: int, max_model_len: int) -> None:
+        super().__init__(
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens."
         )
 
 

@@ -162,16 +162,12 @@ def _serve_one(
         dtype=dtype,
         max_num_batched_tokens=max_batched_tokens,
         max_num_seqs=max_num_seqs,
+        vllm_stats=True,  # vLLM's own metrics, as vllm serve exports them
     )
     settings = ServerSettings(
-        host=host,
-        port=port,
-        token=token,
-        max_sessions=max_sessions,
-        allow_insecure_bind=allow_insecure_bind,
-        allowed_origins=allowed_origins,
-        allowed_hosts=allowed_hosts,
-    )
+        host=host, port=port, token=token, max_sessions=max_sessions, allow_insecure_bind=allow_insecure_bind,
+        allowed_origins=allowed_origins, allowed_hosts=allowed_hosts,
+    )  # fmt: skip
 
     def ready(url: str) -> None:
         console.print(f"serving [bold]{model}[/bold] at [green]{url}[/green] (OpenAI base URL: {url}/v1)")

@@ -38,13 +38,15 @@ DOC_SEPARATOR = "\n\n"
 GIL_FREE_CHARS = 8192  # texts longer than this are tokenized without holding the GIL
 
 
-def clearly_too_long(n_chars: int, limit: int) -> ContextTooLong:
+def clearly_too_long(n_chars: int, limit: int, output_tokens: int = 0) -> ContextTooLong:
     """ContextTooLong for a text that cannot fit even at the longest tokens (not tokenized)."""
-    error = ContextTooLong(ceil_div(n_chars, MAX_CHARS_PER_TOKEN), limit)
+    error = ContextTooLong(ceil_div(n_chars, MAX_CHARS_PER_TOKEN), limit, output_tokens=output_tokens)
     error.args = (
-        f"a prompt of {n_chars} characters (at most {MAX_CHARS_PER_TOKEN} characters a token) "
-        f"needs {error.size} tokens but max_model_len is {limit}; shorten the context or open "
-        "the session with truncate=True to drop the oldest context",
+        f"This model's maximum context length is {limit + output_tokens} tokens. However, your "
+        f"prompt contains {n_chars} characters (more than {MAX_CHARS_PER_TOKEN * limit} characters, "
+        f"the upper bound for {limit} input tokens with {output_tokens} in the completion). Please "
+        "reduce the length of the context or the completion, or open the session with "
+        "truncate=True to drop the oldest context.",
     )
     return error
 
@@ -125,6 +127,7 @@ class PromptBuilder:
         max_prompt_tokens: int | None = None,
         truncate: bool = False,
         holdback_chars: int = HOLDBACK_CHARS,
+        output_tokens: int = 0,
     ) -> None:
         template = template or PromptTemplate()
         self._tok = tokenizer
@@ -132,12 +135,13 @@ class PromptBuilder:
         self.suffix = template.render_suffix(question)
         self.body = ""
         self.max_prompt_tokens = max_prompt_tokens
+        self.output_tokens = output_tokens  # reserved for the completion: named in errors
         self.truncate = truncate
         self.holdback_chars = holdback_chars
         self.truncated_chars = 0
         n_chars = len(self.prefix) + len(self.suffix)
         if max_prompt_tokens is not None and n_chars > MAX_CHARS_PER_TOKEN * max_prompt_tokens:
-            raise clearly_too_long(n_chars, max_prompt_tokens)  # before tokenizing a huge question
+            raise clearly_too_long(n_chars, max_prompt_tokens, output_tokens)  # before tokenizing it
         self._suffix_len = len(tokenizer.encode_with_ends(self.suffix, bos=False)[0])
         self._last: tuple[str, list[int], list[int]] | None = None  # text, ids, ends at the last call
 
@@ -181,7 +185,8 @@ class PromptBuilder:
             self.body = self.body[excess:]
             self.truncated_chars += excess
             return
-        raise clearly_too_long(len(self.prefix) + len(self.body) + len(self.suffix), limit)
+        n_chars = len(self.prefix) + len(self.body) + len(self.suffix)
+        raise clearly_too_long(n_chars, limit, self.output_tokens)
 
     def _encode_incrementally(self) -> tuple[list[int], list[int]]:
         """Tokens of prefix + body, re-tokenizing only after the last committed token when the body
@@ -199,7 +204,7 @@ class PromptBuilder:
             ends = old_ends[:keep] + [restart + e for e in tail_ends]
         size = len(ids) + self._suffix_len
         if self.max_prompt_tokens is not None and size > self.max_prompt_tokens:
-            raise ContextTooLong(size, self.max_prompt_tokens)
+            raise ContextTooLong(size, self.max_prompt_tokens, output_tokens=self.output_tokens)
         return ids, ends
 
     def _fit(self) -> tuple[list[int], list[int]]:
@@ -207,7 +212,7 @@ class PromptBuilder:
         limit = self.max_prompt_tokens
         while limit is not None and len(ids) > limit:
             if not self.truncate or not self.body:
-                raise ContextTooLong(len(ids), limit)
+                raise ContextTooLong(len(ids), limit, output_tokens=self.output_tokens)
             self._drop_oldest(ids, ends, len(ids) - limit)
             ids, ends = self._tok.encode_with_ends(self.text(final=True))
         return ids, ends

@@ -37,6 +37,9 @@ class EngineConfig:
     kv_tier_bytes: int | None = None  # the host KV tier's bound; None: 4x kv_cache_bytes
     kv_tier_path: str | None = None  # a directory for it; None: a fresh one in shared memory
     step_log: str | None = None  # a file the engine core appends one JSON line per step to
+    # vLLM's own stat loggers: its Prometheus metrics (``vllm:...``, in prometheus_client's global
+    # registry) as ``vllm serve`` exports them; ``stream2llm serve`` turns them on
+    vllm_stats: bool = False
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
@@ -113,7 +116,7 @@ def engine_args(
                 "session_ttl_s": config.session_ttl_s,
             }
         },
-        "disable_log_stats": True,
+        "disable_log_stats": not config.vllm_stats,
         **model.engine_overrides,
         **config.engine_args,
     }

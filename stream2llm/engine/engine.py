@@ -42,7 +42,7 @@ from stream2llm.engine.outputs import SessionResult
 from stream2llm.engine.remote_decode import RemoteDecode
 from stream2llm.engine.sampling import check_sampling, default_sampling, with_eos_stop
 from stream2llm.engine.session import Session
-from stream2llm.errors import AdmissionRejected, EngineDied, StreamError, UnknownSession
+from stream2llm.errors import AdmissionRejected, EngineDied, OutputTooLong, StreamError, UnknownSession
 
 log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 10.0  # session aborts, then vLLM's own shutdown, half each
@@ -141,13 +141,16 @@ class StreamingEngine:
         request_id = self._admit(mode, request_id)
         sampling = sampling if sampling is not None else default_sampling()
         check_sampling(sampling)
+        if sampling.max_tokens > self.config.max_model_len:
+            raise OutputTooLong(sampling.max_tokens, self.config.max_model_len)
         sampling = self.with_eos_stop(sampling)
         builder = PromptBuilder(
             self.tokenizer,
             question,
             template=template or self.template,
-            max_prompt_tokens=self.config.max_model_len - (sampling.max_tokens or 0),
+            max_prompt_tokens=self.config.max_model_len - sampling.max_tokens,
             truncate=truncate,
+            output_tokens=sampling.max_tokens,
         )
         session = Session(self._host, request_id, builder, sampling, mode, cache_salt)
         self._sessions[request_id] = session

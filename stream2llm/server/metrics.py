@@ -1,12 +1,13 @@
-"""Prometheus metrics of one app, in its own registry (vLLM fills the global one), and the engine's
-state read at scrape time."""
+"""Prometheus metrics of one app, in its own registry, and the engine's state read at scrape time;
+beside them vLLM's own (``vllm:...``), which its stat loggers keep in prometheus_client's global
+registry when the engine runs with ``vllm_stats``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ class ServerMetrics:
     """Request and session counters and TTFT histograms of one app."""
 
     def __init__(self, server: SessionRegistry) -> None:
+        self._server = server
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "stream2llm_http_requests",
@@ -51,6 +53,13 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(server))
+
+    def exposition(self) -> bytes:
+        """The scrape: this app's metrics, then vLLM's where the engine exports them."""
+        ours = generate_latest(self.registry)
+        if not self._server.engine.config.vllm_stats:
+            return ours
+        return ours + generate_latest(REGISTRY)
 
     def record_end(self, api: str, outcome: str, result: SessionResult | None) -> None:
         """One session ended: its outcome, and its tokens and TTFTs when it has a result."""

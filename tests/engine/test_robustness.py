@@ -105,7 +105,7 @@ async def test_bad_input_gets_clear_errors_and_harms_no_other_session(engine):
     with pytest.raises(SequenceError, match="duplicate event 0"):
         await victim.push(ContextEvent(victim.request_id, 0, Op.APPEND, "first again. "))
     # context beyond max_model_len: the error names the size and the limit; the session survives
-    with pytest.raises(ContextTooLong, match=r"needs \d+ tokens but max_model_len is 4072") as err:
+    with pytest.raises(ContextTooLong, match=r"maximum context length is 4096 tokens. However, you") as err:
         await victim.append(corpus_text(20000, seed=6))
     assert err.value.size > err.value.limit == 4096 - GREEDY.max_tokens
     await victim.push(ContextEvent(victim.request_id, 1, Op.APPEND, "second.", final=True))

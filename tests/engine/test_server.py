@@ -281,6 +281,16 @@ async def test_bad_requests_get_4xx_json_and_a_concurrent_session_completes(serv
         await expect_error(r, 400, "mode")
     async with http.post(post, json={"question": "q", "max_tokens": 5000}) as r:
         assert (await expect_error(r, 400, "max_model_len"))["code"] == "context_length_exceeded"
+    # worded as vLLM words it: what was asked for against the model's window
+    huge = "max_tokens=100000000 cannot be greater than max_model_len=4096"
+    async with http.post(post, json={"question": "q", "max_tokens": 100_000_000}) as r:
+        await expect_error(r, 400, huge)
+    too_many = {"model": model, "prompt": "Hello", "max_tokens": 100_000_000}
+    async with http.post("/v1/completions", json=too_many) as r:
+        await expect_error(r, 400, huge)
+    long_prompt = {"model": model, "prompt": corpus_text(3000, seed=3), "max_tokens": 3900}
+    async with http.post("/v1/completions", json=long_prompt) as r:
+        await expect_error(r, 400, "maximum context length is 4096 tokens. However, you requested")
     async with http.post("/v1/sessions/no-such-id/append", json={"text": "x"}) as r:
         assert (await expect_error(r, 404, "no-such-id"))["code"] == "session_not_found"
     async with http.get("/v1/sessions/no-such-id/stream") as r:

@@ -68,7 +68,7 @@ async def test_vllm_metrics_are_exported_beside_ours_and_count_the_traffic(serve
     assert "stream2llm_kv_usage_ratio" in after  # ours, from our registry
     for name in GAUGES:
         assert after[name].type == "gauge", name
-        assert {s.labels["model_name"] for s in after[name].samples} == {engine.model.name}
+        assert {s.labels["model_name"] for s in after[name].samples} == {str(engine.model.path)}
     for name in COUNTERS:
         assert after[name].type == "counter", name
     for name in HISTOGRAMS:

@@ -53,12 +53,18 @@ def test_streamed_ids_match_final_tokenization(tokenizer, hf_tokenizer, seed):
     assert drift_tokens == 0  # the hold-back kept every committed token stable on this corpus
 
 
-def test_context_too_long_names_size_and_limit(tokenizer):
-    builder = PromptBuilder(tokenizer, "Q?", max_prompt_tokens=100)
-    builder.append("word " * 500)
-    with pytest.raises(ContextTooLong, match=r"needs (\d+) tokens but max_model_len is 100") as err:
+def test_context_too_long_names_size_and_limit_as_vllm_does(tokenizer):
+    builder = PromptBuilder(tokenizer, "Q?", max_prompt_tokens=100, output_tokens=28)
+    builder.append("word " * 250)  # 1,250 characters: tokenized, ~250 tokens
+    pattern = r"context length is 128 tokens. However, you requested \d+ tokens \(\d+ in the prompt, 28"
+    with pytest.raises(ContextTooLong, match=pattern) as err:
         builder.ids(final=False)
-    assert err.value.size > 100
+    assert err.value.size > 100 and err.value.limit == 100
+    assert f"requested {err.value.size + 28} tokens ({err.value.size} in the prompt" in str(err.value)
+    huge = PromptBuilder(tokenizer, "Q?", max_prompt_tokens=100, output_tokens=28)
+    huge.append("x" * 5000)  # not even tokenized: 16 characters a token at most
+    with pytest.raises(ContextTooLong, match=r"is 128 tokens. However, your prompt contains \d+ characters"):
+        huge.ids(final=False)
 
 
 def test_truncate_keeps_the_newest_context(tokenizer):
