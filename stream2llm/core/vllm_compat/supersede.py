@@ -73,12 +73,7 @@ def park_in_place(scheduler: Scheduler, request: Request) -> tuple[EndedChunk, l
     if request.status == RequestStatus.RUNNING:
         defer_running_prefill(scheduler, request)
     ended = ended_chunk(request)
-    computed = request.num_computed_tokens
-    rest = request._all_token_ids[computed:]
-    del request._all_token_ids[computed:]
-    del request.prompt_token_ids[computed:]
-    del request.block_hashes[computed // scheduler.hash_block_size :]
-    request.num_prompt_tokens = computed
+    rest = _end_prompt_at_computed(scheduler, request)
     request.status = RequestStatus.WAITING_FOR_STREAMING_REQ
     scheduler.num_waiting_for_streaming_input += 1
     scheduler.deferred_waiting.add(request)  # as vLLM files a request in a blocked state
@@ -130,13 +125,21 @@ def take_over_chunk(scheduler: Scheduler, request: Request, keep_rest: bool) -> 
     update = queue.popleft()
     ended = ended_chunk(request)
     if keep_rest:
-        computed = request.num_computed_tokens
-        rest = request._all_token_ids[computed:]
+        rest = _end_prompt_at_computed(scheduler, request)
         update = dataclasses.replace(update, prompt_token_ids=rest + list(update.prompt_token_ids or ()))
-        del request.prompt_token_ids[computed:]
-        request.num_prompt_tokens = computed
     scheduler._update_request_as_session(request, update)
     return ended
+
+
+def _end_prompt_at_computed(scheduler: Scheduler, request: Request) -> list[int]:
+    """Make the tokens computed the request's whole prompt; return the ones cut off."""
+    computed = request.num_computed_tokens
+    rest = request._all_token_ids[computed:]
+    del request._all_token_ids[computed:]
+    del request.prompt_token_ids[computed:]
+    del request.block_hashes[computed // scheduler.hash_block_size :]
+    request.num_prompt_tokens = computed
+    return rest
 
 
 def add_ended_chunks(outputs: dict[int, EngineCoreOutputs], ended: Iterable[EndedChunk]) -> None:
