@@ -232,11 +232,12 @@ async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine)
     shows it held fewer tokens than that update's prompt), and the answer is still the one-shot's."""
     text = corpus_text(16000, seed=21)
     series = [[f"Refinement {i}: " + text[i * 50 : 4000 + i * 50], text[8000:11000]] for i in range(5)]
-    session = await engine.open(QUESTION, GREEDY)
-    for docs in series:
-        await session.update(docs)
-    await session.finish()
-    result = await session.result()
+    with engine_policy(engine, "fcfs"):  # take-over alone: stream2llm's gate would hold some updates
+        session = await engine.open(QUESTION, GREEDY)
+        for docs in series:
+            await session.update(docs)
+        await session.finish()
+        result = await session.result()
 
     reference = await oneshot(engine, QUESTION, series[-1], GREEDY)
     assert result.prompt_token_ids == reference.prompt_token_ids
