@@ -29,6 +29,7 @@ from stream2llm.core import vllm_compat as compat
 from stream2llm.core.accounting import Accounting
 from stream2llm.core.broker import Broker
 from stream2llm.core.cost_profile import DEFAULT_PROFILE, CostProfile
+from stream2llm.core.kv_audit import KvAudit
 from stream2llm.core.policies import Costs
 from stream2llm.core.protocol import CONFIG_KEY, ChunkMeta
 from stream2llm.core.speculation import SpeculationGate, merge_chunks
@@ -64,6 +65,8 @@ class StreamScheduler(compat.HookedScheduler):
         )
         self.updates = UpdateMode(self, self.accounting)
         self.gate = SpeculationGate(self.accounting)
+        audit = options.get("kv_events_audit")
+        self._kv_audit = KvAudit(audit) if audit else None
         self._publish()
 
     def add_request(self, request: compat.Request) -> None:
@@ -180,6 +183,7 @@ class StreamScheduler(compat.HookedScheduler):
         self._count_tier_loads()  # loads that failed are taken back
         self.accounting.step_done()
         self._publish()  # requests finished here free their KV; the board must show it
+        self._audit_kv()  # after vLLM published this step's KV events
         return outputs
 
     def finish_requests(self, request_ids: Any, finished_status: Any) -> list[compat.Request]:
@@ -191,7 +195,13 @@ class StreamScheduler(compat.HookedScheduler):
         running = compat.running_ids(self)  # with reset_running_requests vLLM preempts them here,
         done = super().reset_prefix_cache(reset_running_requests, reset_connector)
         self.broker.touch(running)  # and its next step's output reports it only after our apply
+        compat.publish_kv_events(self)  # AllBlocksCleared now, not with the next step
+        self._audit_kv()
         return done
+
+    def _audit_kv(self) -> None:
+        if self._kv_audit is not None:
+            self._kv_audit.write(self)
 
     def _tier_bytes(self) -> tuple[int, int]:
         """Bytes the KV tier was asked to save and to load so far (0, 0 without a tier)."""

@@ -10,7 +10,14 @@ from collections import deque
 from typing import Any
 
 import torch
-from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import (
+    CacheConfig,
+    KVEventsConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -35,6 +42,7 @@ def make_scheduler(
     max_num_seqs: int = 32,
     kv_transfer: dict[str, Any] | None = None,
     async_scheduling: bool = False,
+    kv_events: dict[str, Any] | None = None,
     **options: Any,
 ) -> StreamScheduler:
     """Our scheduler as vLLM's engine core builds it; ``async_scheduling`` as on GPU (vLLM's CPU
@@ -53,6 +61,7 @@ def make_scheduler(
         ),
         additional_config={CONFIG_KEY: {"policy": policy, **options}},
         kv_transfer_config=KVTransferConfig(**kv_transfer) if kv_transfer else None,
+        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, **kv_events) if kv_events else None,
     )
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     vllm_config.scheduler_config.async_scheduling = async_scheduling

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import inspect
 import random
+import time
 from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
@@ -302,11 +303,48 @@ def test_public_override_points_and_request_fields_exist():
     }.items():
         assert list(inspect.signature(getattr(Scheduler, name)).parameters) == params, name
     source = inspect.getsource(Scheduler)
-    for ours in ("streams", "accounting", "broker", "updates"):  # StreamScheduler's own attributes
+    for ours in ("streams", "accounting", "broker", "updates", "gate", "_kv_audit"):  # StreamScheduler's own
         assert f"self.{ours} " not in source and f"self.{ours}:" not in source, f"vLLM now uses {ours}"
     fields = {f.name for f in dataclasses.fields(vllm_compat.StreamingUpdate)}
     assert {"prompt_token_ids", "sampling_params"} <= fields
     assert "request_id" in inspect.signature(vllm_compat.Request).parameters
+
+
+def test_cached_block_keys_are_the_requests_block_hashes_and_a_reset_is_published_at_once(
+    tiny_model, tmp_path
+):
+    """The prefix cache's keys read as KV events carry them; vLLM publishes a step's events in
+    update_from_output, so a reset on an idle engine is published by ``publish_kv_events``."""
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import AllBlocksCleared, KVEventBatch
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    endpoint = f"ipc://{tmp_path / 'kv.sock'}"
+    subscriber = zmq.Context.instance().socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.setsockopt(zmq.RCVTIMEO, 5000)
+    subscriber.connect(endpoint)
+    scheduler = make_scheduler(str(tiny_model.path), block_size=BS, kv_events={"endpoint": endpoint})
+    time.sleep(0.5)  # the subscriber's connection completes once the publisher has bound
+    try:
+        request = make_request(scheduler, "r", list(range(100, 100 + 5 * BS + 3)), max_tokens=1, final=True)
+        scheduler.add_request(request)
+        run_until_idle(scheduler)
+        expected = {(0, maybe_convert_block_hash(h)) for h in request.block_hashes[:5]}
+        assert set(vllm_compat.cached_block_keys(scheduler)) == expected
+        decoder = msgspec.msgpack.Decoder(KVEventBatch)
+        while True:  # the stores, published with the steps
+            batch = decoder.decode(subscriber.recv_multipart()[2])
+            if any(type(e).__name__ == "BlockStored" for e in batch.events):
+                break
+        assert scheduler.reset_prefix_cache()
+        assert vllm_compat.cached_block_keys(scheduler) == []
+        batch = decoder.decode(subscriber.recv_multipart()[2])  # no step ran: published by the reset
+        assert [type(e) for e in batch.events] == [AllBlocksCleared]
+    finally:
+        scheduler.shutdown()
+        subscriber.close(linger=0)
 
 
 def test_additional_config_carries_the_engines_options(tiny_model):

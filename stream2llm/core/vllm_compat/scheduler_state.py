@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "block_size",
     "block_tables",
     "blocks_held",
+    "cached_block_keys",
     "chunk_ids",
     "computed_token_ids",
     "computed_tokens",
@@ -39,6 +41,7 @@ __all__ = [
     "preempted_ids",
     "prompt_ids",
     "prompt_length",
+    "publish_kv_events",
     "queued_chunks",
     "request_counts",
     "request_facts",
@@ -282,6 +285,25 @@ def total_block_count(scheduler: Scheduler) -> int:
 
 
 # -- vLLM's KV cache manager (also the KV cut's way in) ---------------------------------------
+
+
+def cached_block_keys(scheduler: Scheduler) -> list[tuple[int, bytes | int]]:
+    """Every block hash the prefix cache holds, as ``(KV group, hash)`` in the form vLLM's KV
+    events carry it: the truth a subscriber's replayed block set must equal."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash, get_group_id, maybe_convert_block_hash
+
+    keys = _block_pool(scheduler).cached_block_hash_to_block._cache
+    return [(get_group_id(key), maybe_convert_block_hash(get_block_hash(key))) for key in keys]
+
+
+def publish_kv_events(scheduler: Scheduler) -> None:
+    """Publish the KV events the block pool holds now, as vLLM does at the end of a step: a reset
+    on an idle engine would otherwise reach subscribers only with the next step."""
+    events = scheduler.kv_cache_manager.take_events()
+    if events:
+        from vllm.distributed.kv_events import KVEventBatch
+
+        scheduler.kv_event_publisher.publish(KVEventBatch(ts=time.time(), events=events))
 
 
 def _managers(scheduler: Scheduler) -> Sequence[Any]:
