@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Annotated, Any
 
@@ -73,6 +74,17 @@ KvConnectorOpt = Annotated[
     str,
     typer.Option(help="With --disaggregate: stream2llm (a host store, KV moved as computed) or nixl (GPUs)."),
 ]
+KvEventsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-events-config",
+        help='vLLM\'s KV cache events on ZMQ, as vllm serve takes them (JSON), e.g. \'{"endpoint": "tcp://*:5557"}\'.',
+    ),
+]
+OtlpOpt = Annotated[
+    str | None,
+    typer.Option(help="OpenTelemetry traces of sessions to this OTLP collector (OTEL_* variables apply)."),
+]
 
 
 def serve(
@@ -106,9 +118,12 @@ def serve(
     routing: RoutingOpt = "consistent_hash",
     disaggregate: DisaggregateOpt = False,
     kv_connector: KvConnectorOpt = "stream2llm",
+    kv_events_config: KvEventsOpt = None,
+    otlp_traces_endpoint: OtlpOpt = None,
     debug: DebugOpt = False,
 ):
     """Serve the HTTP API (streaming sessions, OpenAI-compatible completions and chat) until Ctrl-C."""
+    kv_events = _kv_events(kv_events_config, replicas, debug)
     if replicas > 1:
         from stream2llm.cli.replicas_cmds import serve_replicas
 
@@ -117,7 +132,7 @@ def serve(
             kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, policy=policy, dtype=dtype,
             disaggregate=disaggregate or None, kv_connector=kv_connector if disaggregate else None,
             max_batched_tokens=max_batched_tokens,
-            max_num_seqs=max_num_seqs,
+            max_num_seqs=max_num_seqs, otlp_traces_endpoint=otlp_traces_endpoint,
         )  # fmt: skip
     _serve_one(
         model=model, host=host, port=port, token=token, max_sessions=max_sessions, kv_cache_gb=kv_cache_gb,
@@ -125,7 +140,26 @@ def serve(
         kv_connector=kv_connector if disaggregate else None, max_batched_tokens=max_batched_tokens,
         max_num_seqs=max_num_seqs, allow_insecure_bind=allow_insecure_bind,
         allowed_origins=tuple(allowed_origin or ()), allowed_hosts=tuple(allowed_host or ()),
+        kv_events=kv_events, otlp_traces_endpoint=otlp_traces_endpoint,
     )  # fmt: skip
+
+
+def _kv_events(text: str | None, replicas: int, debug: bool) -> dict[str, Any] | None:
+    """``--kv-events-config`` as KVEventsConfig fields; a clear error for what cannot serve."""
+    if text is None:
+        return None
+    if replicas > 1:
+        why = "each instance needs its own endpoint: start them one by one (`stream2llm serve`)"
+        fail(ValueError(f"--kv-events-config with --replicas: {why}"), debug)
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(ValueError(f"--kv-events-config is not JSON ({exc}): {text!r}"), debug)
+    if not isinstance(fields, dict):
+        fail(
+            ValueError(f"--kv-events-config must be a JSON object of KVEventsConfig fields: {text!r}"), debug
+        )
+    return fields
 
 
 def _serve_one(
@@ -146,6 +180,8 @@ def _serve_one(
     allow_insecure_bind: bool = False,
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] = (),
+    kv_events: dict[str, Any] | None = None,
+    otlp_traces_endpoint: str | None = None,
 ) -> None:
     """One engine serving HTTP in this process until a signal (SIGTERM: status 0) or its death;
     with a ``kv_connector`` (``--disaggregate``) it prefills and a vLLM decode instance answers."""
@@ -163,6 +199,8 @@ def _serve_one(
         max_num_batched_tokens=max_batched_tokens,
         max_num_seqs=max_num_seqs,
         vllm_stats=True,  # vLLM's own metrics, as vllm serve exports them
+        kv_events=kv_events,
+        otlp_traces_endpoint=otlp_traces_endpoint,
     )
     settings = ServerSettings(
         host=host, port=port, token=token, max_sessions=max_sessions, allow_insecure_bind=allow_insecure_bind,

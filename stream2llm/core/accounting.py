@@ -21,6 +21,8 @@ from stream2llm.core.protocol import RequestCounters, UpdateRecord, token_digest
 from stream2llm.core.stats_board import EngineStats, StatsBoard
 from stream2llm.core.step_log import Eviction, PrefillItem, StepLog
 
+MAX_PREFILL_STEPS = 4096  # step start times kept per request (a 2M-token prompt at 512 a step)
+
 
 class Accounting:
     """Counters per live request and in total, published on the board and in the step log."""
@@ -103,7 +105,7 @@ class Accounting:
             if prompt_part:
                 again = self._recomputed(request_id, computed_before, prompt_part)
                 self._note_computed(request, computed_before, prompt_part)
-                self._count_prefill(request_id, prompt_part, again)
+                self._count_prefill(request_id, prompt_part, again, t0)
                 if self._step_log is not None:
                     submitted_as = compat.external_request_id(request_id)
                     logged.append((prompt_part, computed_before, is_complete(request_id), submitted_as))
@@ -118,8 +120,10 @@ class Accounting:
                 policy, logged, decodes, held, t0, evicted, preempted, again_logged, kv, tier
             )
 
-    def _count_prefill(self, request_id: str, tokens: int, recomputed: int) -> None:
+    def _count_prefill(self, request_id: str, tokens: int, recomputed: int, t0: float) -> None:
         counters = self._counters_for(request_id)
+        if len(counters.prefill_steps) < MAX_PREFILL_STEPS:
+            counters.prefill_steps.append(round(t0, 6))
         counters.tokens_prefilled += tokens
         counters.tokens_recomputed += recomputed
         self._totals.tokens_prefilled += tokens

@@ -113,6 +113,9 @@ class RequestCounters:
     # the token ids whose KV the request held at the end, as handed to the model (see accounting)
     computed_prompt_len: int = 0
     computed_prompt_digest: str | None = None
+    # when each step that prefilled this request's prompt started (monotonic, shared with the
+    # front end): where a chunk's queueing ends and its prefill starts, for its trace
+    prefill_steps: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +126,7 @@ class RequestCounters:
             "updates": [vars(u) for u in self.updates],
             "computed_prompt_len": self.computed_prompt_len,
             "computed_prompt_digest": self.computed_prompt_digest,
+            "prefill_steps": self.prefill_steps,
         }
 
 

@@ -61,6 +61,8 @@ def decode_argv(config: EngineConfig, model: Any, port: int, transfer: dict[str,
     argv += ["--kv-transfer-config", json.dumps(transfer)]
     if config.block_size is not None:
         argv += ["--block-size", str(config.block_size)]
+    if config.otlp_traces_endpoint is not None:  # its llm_request span joins the session's trace
+        argv += ["--otlp-traces-endpoint", config.otlp_traces_endpoint]
     return argv + list(instance_flags(model.engine_overrides))  # what the model needs (Gemma: full KV)
 
 

@@ -10,6 +10,7 @@ from stream2llm.core.kv_connector import tier_config
 from stream2llm.core.policies import PREEMPTIONS
 from stream2llm.core.protocol import CONFIG_KEY
 from stream2llm.engine import models
+from stream2llm.engine.tracing import check_endpoint
 
 Mode = Literal["stream", "vllm", "nonstream"]
 MODES: tuple[str, ...] = ("stream", "vllm", "nonstream")
@@ -40,6 +41,13 @@ class EngineConfig:
     # vLLM's own stat loggers: its Prometheus metrics (``vllm:...``, in prometheus_client's global
     # registry) as ``vllm serve`` exports them; ``stream2llm serve`` turns them on
     vllm_stats: bool = False
+    # vLLM's KV cache events (its KVEventsConfig fields, as ``vllm serve --kv-events-config``):
+    # BlockStored / BlockRemoved / AllBlocksCleared on a ZMQ publisher, for KV-aware routers
+    kv_events: dict[str, Any] | None = None
+    kv_events_audit: str | None = None  # a file the core keeps its cached block hashes in (checks)
+    # OpenTelemetry: sessions' traces go to this OTLP collector (``vllm serve
+    # --otlp-traces-endpoint``; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL picks grpc or http/protobuf)
+    otlp_traces_endpoint: str | None = None
     dtype: str = "bfloat16"
     seed: int = 0
     fast_start: bool = False  # fork the engine processes (~4 s start; slower steps; tests only)
@@ -61,6 +69,40 @@ def check_config(config: EngineConfig) -> None:
     if config.kv_tier_bytes is not None and config.kv_tier_bytes <= 0:
         raise ValueError(f"kv_tier_bytes={config.kv_tier_bytes}: the KV tier needs a positive bound")
     profile_json(config.cost_profile)  # ValueError naming the packaged profiles
+    if config.kv_events is not None:
+        check_kv_events(config.kv_events)
+    if config.otlp_traces_endpoint is not None:
+        check_endpoint(config.otlp_traces_endpoint)
+
+
+def kv_events_config(fields: dict[str, Any]) -> Any:
+    """vLLM's KVEventsConfig from ``--kv-events-config``'s fields, events on unless said otherwise;
+    a field vLLM does not know is refused by name."""
+    from vllm.config import KVEventsConfig
+
+    return KVEventsConfig(**{"enable_kv_cache_events": True, **fields})
+
+
+def check_kv_events(fields: dict[str, Any]) -> None:
+    """Refuse KV-event settings vLLM would fail on deep in the engine core: a field it does not
+    know, or a publisher endpoint this host cannot bind (tried and released at once)."""
+    try:
+        events = kv_events_config(fields)
+    except Exception as exc:  # vLLM's config validation: pydantic or TypeError
+        raise ValueError(f"kv_events={fields!r}: {exc}") from None
+    endpoint = events.endpoint
+    binds = "*" in endpoint or "::" in endpoint or endpoint.startswith("ipc://")  # as vLLM decides
+    if events.publisher != "zmq" or not binds:
+        return  # a connecting endpoint: the subscriber side binds
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.PUB)
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ValueError(f"kv_events endpoint {endpoint!r}: {exc}") from None
+    finally:
+        socket.close(linger=0)
 
 
 def has_kv_tier(config: EngineConfig) -> bool:
@@ -114,6 +156,7 @@ def engine_args(
                 "preemption": config.preemption,
                 "cost_profile": profile_json(config.cost_profile),
                 "session_ttl_s": config.session_ttl_s,
+                "kv_events_audit": config.kv_events_audit,
             }
         },
         "disable_log_stats": not config.vllm_stats,
@@ -123,6 +166,8 @@ def engine_args(
     transfer = config.kv_transfer
     if transfer is None and tier_path is not None:
         transfer = tier_config(tier_path, tier_bytes(config))
+    if config.kv_events is not None:
+        kwargs["kv_events_config"] = kv_events_config(config.kv_events)
     if transfer is not None:
         from vllm.config import KVTransferConfig
 

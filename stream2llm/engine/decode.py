@@ -23,6 +23,7 @@ class FinalPrompt:
     token_ids: list[int]
     cache_salt: str | None = None
     kv_params: dict[str, Any] = field(default_factory=dict)  # the KV connector's own (NIXL: where)
+    trace_headers: dict[str, str] = field(default_factory=dict)  # the session's traceparent
 
 
 class DecodeBackend(Protocol):

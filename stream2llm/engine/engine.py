@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,12 @@ from stream2llm.engine.outputs import SessionResult
 from stream2llm.engine.remote_decode import RemoteDecode
 from stream2llm.engine.sampling import check_sampling, default_sampling, with_eos_stop
 from stream2llm.engine.session import Session
+from stream2llm.engine.tracing import Tracing
 from stream2llm.errors import AdmissionRejected, EngineDied, OutputTooLong, StreamError, UnknownSession
 
 log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 10.0  # session aborts, then vLLM's own shutdown, half each
+TRACE_FLUSH_S = 2.0  # the last spans' export at shutdown, at most
 
 __all__ = ["EngineConfig", "Session", "SessionResult", "StreamingEngine"]
 
@@ -76,6 +78,7 @@ class StreamingEngine:
         self._watchdog = Watchdog(llm, self._fail_all)
         self._shutdown: asyncio.Task | None = None
         self._decode = decode_backend(config)
+        self.tracing = Tracing(config.otlp_traces_endpoint) if config.otlp_traces_endpoint else None
         self._host = SessionHost(
             generate=llm.generate,
             decode=self._decode,
@@ -133,11 +136,13 @@ class StreamingEngine:
         truncate: bool = False,
         template: PromptTemplate | None = None,
         cache_salt: str | None = None,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> Session:
         """Open a session; in ``stream`` mode the instructions and question start prefilling now.
 
         ``cache_salt`` isolates the session's prefix-cache entries (per tenant, or for references
-        that must not reuse another request's KV). Raises EngineDied once the engine core died."""
+        that must not reuse another request's KV); ``trace_headers`` (a caller's ``traceparent``)
+        continue the caller's trace when tracing is on. Raises EngineDied once the engine core died."""
         request_id = self._admit(mode, request_id)
         sampling = sampling if sampling is not None else default_sampling()
         check_sampling(sampling)
@@ -152,13 +157,15 @@ class StreamingEngine:
             truncate=truncate,
             output_tokens=sampling.max_tokens,
         )
-        session = Session(self._host, request_id, builder, sampling, mode, cache_salt)
+        trace = self.tracing.session(request_id, mode, trace_headers) if self.tracing is not None else None
+        session = Session(self._host, request_id, builder, sampling, mode, cache_salt, trace)
         self._sessions[request_id] = session
         self._ensure_reaper()
         try:
             await session.begin()
-        except BaseException:
+        except BaseException as exc:
             self._sessions.pop(request_id, None)  # a session that failed to open holds no slot
+            session.end_trace_with(exc)
             raise
         return session
 
@@ -268,6 +275,11 @@ class StreamingEngine:
     def stats(self) -> EngineStats:
         return self._board.read()
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached block no request holds (vLLM's own reset, announced to KV-event
+        subscribers as AllBlocksCleared); False while running requests hold blocks."""
+        return await self._llm.reset_prefix_cache()
+
     async def complete(
         self, prompt_ids: Sequence[int], sampling: Any, *, use_prefix_cache: bool = True
     ) -> list[int]:
@@ -303,6 +315,9 @@ class StreamingEngine:
             await asyncio.wait([asyncio.ensure_future(a) for a in aborts], timeout=timeout_s / 2)
         vllm_compat.shut_down(self._llm, timeout_s / 2)
         await self._decode.close()
+        if self.tracing is not None:  # the last spans, in bounded time: a collector may be down
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(self.tracing.shutdown), TRACE_FLUSH_S)
         self._board.close()
         with contextlib.suppress(OSError):
             os.unlink(self._board.path)

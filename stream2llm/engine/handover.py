@@ -119,8 +119,10 @@ class Handover:
         on_tokens: Callable[[Generated, float], None],
         on_end: Callable[[], None],
         on_error: Callable[[Exception], None],
+        trace_headers: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self._host, self._request_id, self._mode = host, request_id, mode
+        self._trace_headers = trace_headers  # the session's traceparent, passed to a decode instance
         self._decode = host.decode
         self._sampling, self._cache_salt = sampling, cache_salt
         self._on_tokens, self._on_end, self._on_error = on_tokens, on_end, on_error
@@ -256,7 +258,8 @@ class Handover:
         parameters; the engine core's counters and the KV moved go with its last output."""
         ours, foreign = split_transfer_params(prefilled.kv_transfer_params)
         counters, moved = dict(ours.get(CONFIG_KEY) or {}), dict(ours.get(KV_PARAMS_KEY) or {})
-        prompt = FinalPrompt(list(self.sent), self._cache_salt, foreign)
+        trace = self._trace_headers() if self._trace_headers is not None else {}
+        prompt = FinalPrompt(list(self.sent), self._cache_salt, foreign, trace)
         async for generated in self._decode.decode(prompt, self._sampling):
             if generated.finish_reason is not None:  # the decode instance's own counts come last
                 moved.update((generated.counters or {}).get("kv_transfer") or {})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stream2llm.context.prompt import TextTokenizer
@@ -66,6 +66,7 @@ class SessionResult:
     # disaggregated (engine.remote_decode): blocks the prefill instance saved (in all, after the
     # final chunk), their size, and the decode instance's prompt tokens, cached and computed
     kv_transfer: dict[str, int] | None = None
+    prefill_steps: list[float] = field(default_factory=list)  # when its prefill steps started
 
 
 class SessionOutput:
@@ -120,37 +121,38 @@ class SessionOutput:
         mode: str,
         opened_at: float,
         final_event_at: float | None,
-    ) -> None:
-        """Generation ended: push the rest of the text and settle the result."""
+    ) -> SessionResult:
+        """Generation ended: push the rest of the text and settle the result (returned)."""
         text = self._tokenizer.decode(self.token_ids)
         self._push_text(text)
         self._deltas.put_nowait(None)
         t_first = self.first_token_at if self.first_token_at is not None else time.monotonic()
         counters = self._counters
-        self._done.set_result(
-            SessionResult(
-                text=text,
-                token_ids=list(self.token_ids),
-                prompt_token_ids=list(prompt_ids),
-                ttft_final_s=t_first - (final_event_at or t_first),
-                ttft_open_s=t_first - opened_at,
-                tokens_prefilled=int(counters.get("tokens_prefilled", 0)),
-                tokens_recomputed=int(counters.get("tokens_recomputed", 0)),
-                tokens_discarded=int(counters.get("tokens_discarded", 0)),
-                tokens_loaded=int(counters.get("tokens_loaded", 0)),
-                updates=list(counters.get("updates", [])),
-                chunks=list(chunks),
-                finish_reason=self._finish_reason,
-                mode=mode,
-                final_event_at=final_event_at,
-                final_handoff_at=chunks[-1].sent if final_event_at and chunks else None,
-                first_token_at=self.first_token_at,
-                computed_prompt_len=int(counters.get("computed_prompt_len", 0)),
-                computed_prompt_digest=counters.get("computed_prompt_digest"),
-                logprobs=self.logprobs,
-                kv_transfer=counters.get("kv_transfer"),
-            )
+        result = SessionResult(
+            text=text,
+            token_ids=list(self.token_ids),
+            prompt_token_ids=list(prompt_ids),
+            ttft_final_s=t_first - (final_event_at or t_first),
+            ttft_open_s=t_first - opened_at,
+            tokens_prefilled=int(counters.get("tokens_prefilled", 0)),
+            tokens_recomputed=int(counters.get("tokens_recomputed", 0)),
+            tokens_discarded=int(counters.get("tokens_discarded", 0)),
+            tokens_loaded=int(counters.get("tokens_loaded", 0)),
+            updates=list(counters.get("updates", [])),
+            chunks=list(chunks),
+            finish_reason=self._finish_reason,
+            mode=mode,
+            final_event_at=final_event_at,
+            final_handoff_at=chunks[-1].sent if final_event_at and chunks else None,
+            first_token_at=self.first_token_at,
+            computed_prompt_len=int(counters.get("computed_prompt_len", 0)),
+            computed_prompt_digest=counters.get("computed_prompt_digest"),
+            logprobs=self.logprobs,
+            kv_transfer=counters.get("kv_transfer"),
+            prefill_steps=list(counters.get("prefill_steps", [])),
         )
+        self._done.set_result(result)
+        return result
 
     def fail(self, error: StreamError, *, expected: bool = False) -> None:
         """End the stream with ``error``; ``expected`` (an abort, an expiry) is no unhandled error."""

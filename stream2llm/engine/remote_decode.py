@@ -114,7 +114,7 @@ class RemoteDecode:
         lps: list[dict[int, float]] = []
         counts: dict[str, int] = {}
         finish: str | None = None
-        async for event in self._events(body):
+        async for event in self._events(body, prompt.trace_headers):
             counts.update(_usage_counts(event.get("usage")))
             for choice in event.get("choices") or ():
                 ids += choice.get("token_ids") or []
@@ -130,7 +130,7 @@ class RemoteDecode:
     def _logprobs(sampling: Any, lps: list[dict[int, float]]) -> list[dict[int, float]] | None:
         return list(lps) if sampling.logprobs is not None else None
 
-    async def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
         """The decode instance's server-sent events, parsed; a clear error if it fails."""
         if self._http is None or self._http.closed:
             # idle connections are dropped before vLLM's server (uvicorn: 5 s) closes them: reusing
@@ -140,7 +140,8 @@ class RemoteDecode:
             self._http = aiohttp.ClientSession(connector=connector, timeout=timeout)
         usage: dict[str, Any] | None = None
         try:
-            async with self._http.post(self.url + "/v1/completions", json=body) as response:
+            post = self._http.post(self.url + "/v1/completions", json=body, headers=headers)
+            async with post as response:
                 if response.status != 200:
                     text = (await response.text())[:300]
                     raise StreamError(f"the decode instance at {self.url} answered {response.status}: {text}")

@@ -25,6 +25,7 @@ from stream2llm.engine.config import Mode
 from stream2llm.engine.handover import Handover
 from stream2llm.engine.host import SessionHost
 from stream2llm.engine.outputs import SessionOutput, SessionResult
+from stream2llm.engine.tracing import SessionTrace
 from stream2llm.errors import EngineDied, InvalidEvent, SessionClosed, SessionExpired, StreamError
 
 State = Literal["open", "finished", "aborted", "failed"]
@@ -42,8 +43,10 @@ class Session:
         sampling: Any,
         mode: Mode,
         cache_salt: str | None = None,
+        trace: SessionTrace | None = None,
     ) -> None:
         self.request_id = request_id
+        self.trace = trace  # its OpenTelemetry trace (None: tracing is off)
         self.mode = mode
         self._host = host
         self._builder = builder
@@ -64,6 +67,7 @@ class Session:
             on_tokens=self._output.on_output,
             on_end=self._complete,
             on_error=self._fail,
+            trace_headers=trace.decode_call if trace is not None else None,
         )
 
     # -- public API ------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class Session:
             self._state = "aborted"
             self._host.closed(self.request_id)
             self._output.fail(error, expected=True)
+            self.end_trace_with(error)
         return self._handover.stop()
 
     def engine_died(self, error: EngineDied) -> None:
@@ -229,22 +234,34 @@ class Session:
         self._state = "failed"
         self._host.closed(self.request_id)
         self._output.fail(error)
+        self.end_trace_with(error)
         self._handover.drop()
 
     def _complete(self) -> None:
         if self._output.done:
             return
         self._host.closed(self.request_id)
-        self._output.complete(
+        result = self._output.complete(
             prompt_ids=self._handover.sent,
             chunks=self._handover.chunks,
             mode=self.mode,
             opened_at=self._t_open,
             final_event_at=self._t_final,
         )
+        if self.trace is not None:
+            self.trace.finished(result, time.monotonic())
 
     def _fail(self, exc: Exception) -> None:
         self._state = "failed"
         self._host.closed(self.request_id)
-        died = self._host.engine_died()
-        self._output.fail(died or StreamError(f"session {self.request_id!r} failed in the engine: {exc}"))
+        error = self._host.engine_died() or StreamError(
+            f"session {self.request_id!r} failed in the engine: {exc}"
+        )
+        self._output.fail(error)
+        self.end_trace_with(error)
+
+    def end_trace_with(self, error: BaseException) -> None:
+        """End the session's trace as failed (an abort, an expiry, a failure, or a failed open)."""
+        if self.trace is not None:
+            self.trace.failed(error)
+            self.trace = None

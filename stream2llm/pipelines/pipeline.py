@@ -138,10 +138,15 @@ class _Run:
                 self.errors.append(f"{item.retriever}: {item.error}")
                 self.failed.append(item.retriever)
                 self.assembler.finish(item.retriever)
+                if session.trace is not None:
+                    session.trace.retriever_done(item.retriever, error=str(item.error))
                 continue
             name, event = item
             for ready in checks[name].accept(event):
-                yield self._arrived(name, ready)
+                arrived = self._arrived(name, ready)
+                if session.trace is not None:
+                    session.trace.context_arrived(name, arrived.op, arrived.chars, arrived.final, arrived.seq)
+                yield arrived
                 await self._fold(session, name, ready)
         self.t_retrieved = time.monotonic()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +72,10 @@ async def open_openai_session(
     prompt: tuple[str, str],
     template: PromptTemplate | None,
     max_tokens: int,
+    headers: Mapping[str, str] | None = None,
 ) -> Entry:
-    """One plain session on ``prompt`` = (question, context text), its whole context sent."""
+    """One plain session on ``prompt`` = (question, context text), its whole context sent;
+    ``headers``: the caller's, whose ``traceparent`` the session's trace continues."""
     check_model(server, body.model)
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options needs stream: true", code="invalid_value", param="stream_options")
@@ -95,6 +97,7 @@ async def open_openai_session(
         request_id=f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
         template=template,
         cache_salt=body.cache_salt,
+        trace_headers=headers,
     )
     try:
         if context:
@@ -146,7 +149,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if not prompt:
         raise ApiError(400, "prompt is empty", code="invalid_value", param="prompt")
     entry = await open_openai_session(
-        server, "completions", body, (prompt, text), template, body.max_tokens or 16
+        server, "completions", body, (prompt, text), template, body.max_tokens or 16, request.headers
     )
     return await respond(request, server, entry, body, chat=False)
 
@@ -157,7 +160,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     question, history = render_messages(body.messages)
     text = DOC_SEPARATOR.join([*(body.context or []), *([history] if history else [])])
     max_tokens = body.max_completion_tokens or body.max_tokens or 256
-    entry = await open_openai_session(server, "chat", body, (question, text), None, max_tokens)
+    entry = await open_openai_session(
+        server, "chat", body, (question, text), None, max_tokens, request.headers
+    )
     return await respond(request, server, entry, body, chat=True)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stream2llm.engine.session import Session
 from stream2llm.errors import UnknownSession
 from stream2llm.server.bodies import AppendBody, FinishBody, OpenSessionBody, UpdateBody, read_json, sampling
 from stream2llm.server.errors import ApiError
@@ -98,6 +99,7 @@ async def open_session(request: web.Request) -> web.Response:
         request_id=chosen_id(request, body.session_id),
         truncate=body.truncate,
         cache_salt=body.cache_salt,
+        trace_headers=request.headers,
     )
     return web.json_response(
         state_json(entry), status=201, headers={SESSION_ID_HEADER: entry.session.request_id}
@@ -131,9 +133,17 @@ def tag_response(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.setdefault(SESSION_ID_HEADER, session_id)
 
 
+def context_event(request: web.Request, session: Session, op: str, chars: int, final: bool) -> None:
+    """Context a client sent: counted, and an event on the session's trace (retriever ``client``)."""
+    request.app[SESSIONS].metrics.context_events.labels(op).inc()
+    if session.trace is not None:
+        session.trace.context_arrived("client", op, chars, final)
+
+
 async def append(request: web.Request) -> web.Response:
     entry = session_entry(request)
     body = await read_json(request, AppendBody)
+    context_event(request, entry.session, "append", len(body.text), body.final)
     await entry.session.append(body.text, final=body.final)
     return web.json_response(state_json(entry))
 
@@ -141,6 +151,7 @@ async def append(request: web.Request) -> web.Response:
 async def update(request: web.Request) -> web.Response:
     entry = session_entry(request)
     body = await read_json(request, UpdateBody)
+    context_event(request, entry.session, "update", sum(len(d) for d in body.docs), body.final)
     await entry.session.update(body.docs, final=body.final)
     return web.json_response(state_json(entry))
 
@@ -148,6 +159,7 @@ async def update(request: web.Request) -> web.Response:
 async def finish(request: web.Request) -> web.Response:
     entry = session_entry(request)
     await read_json(request, FinishBody, allow_empty=True)
+    context_event(request, entry.session, "finish", 0, True)
     await entry.session.finish()
     return web.json_response(state_json(entry))
 

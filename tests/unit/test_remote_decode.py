@@ -96,6 +96,9 @@ def test_the_answers_logprobs_and_usage_are_read_back():
     assert _usage_counts(None) == {}
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def test_the_decode_instances_events_become_the_cumulative_answer():
     """RemoteDecode.decode reads the decode server's stream (here: its parsed events) into
     Generated: cumulative ids and logprobs, then the finish reason and what it computed itself."""
@@ -106,13 +109,13 @@ def test_the_decode_instances_events_become_the_cumulative_answer():
     ]
     remote = RemoteDecode("http://decode", "decode")
 
-    async def fake_events(body):
-        assert body["prompt"] == [1, 2, 3]
+    async def fake_events(body, headers):
+        assert body["prompt"] == [1, 2, 3] and headers == {"traceparent": TRACEPARENT}
         for event in events:
             yield event
 
     remote._events = fake_events  # the HTTP part is tested against a real server in tests/process
-    prompt = FinalPrompt([1, 2, 3])
+    prompt = FinalPrompt([1, 2, 3], trace_headers={"traceparent": TRACEPARENT})
 
     async def collect():
         return [g async for g in remote.decode(prompt, CALLER)]
