@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from stream2llm.engine.engine import SessionResult
     from stream2llm.server.registry import SessionRegistry
 
+TRACE_OUTCOMES = ("ended", "exported", "failed")  # engine.tracing.Tracing.counts()
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -52,6 +53,22 @@ class ServerMetrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.context_events = Counter(
+            "stream2llm_context_events",
+            "Context events sessions received over HTTP, by operation.",
+            ["op"],
+            registry=self.registry,
+        )
+        self.speculative = Counter(
+            "stream2llm_speculative_tokens",
+            "Prompt tokens handed to the engine before the final context event (streamed ahead).",
+            registry=self.registry,
+        )
+        self.discarded = Counter(
+            "stream2llm_prompt_tokens_discarded",
+            "Prefilled prompt tokens whose KV updates threw away (past the longest common prefix).",
+            registry=self.registry,
+        )
         self.registry.register(EngineCollector(server))
 
     def exposition(self) -> bytes:
@@ -66,6 +83,8 @@ class ServerMetrics:
         self.sessions.labels(api, outcome).inc()
         if result is not None:
             self.generated.inc(len(result.token_ids))
+            self.speculative.inc(sum(chunk.tokens for chunk in result.chunks[:-1]))
+            self.discarded.inc(result.tokens_discarded)
             if result.token_ids:
                 self.ttft_final.labels(api).observe(result.ttft_final_s)
                 self.ttft_open.labels(api).observe(result.ttft_open_s)
@@ -100,3 +119,32 @@ class EngineCollector:
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        yield from _kv_families(stats)
+        spans = CounterMetricFamily(
+            "stream2llm_trace_spans", "Trace spans ended, exported, failed to export.", labels=["outcome"]
+        )
+        counts = engine.tracing.counts() if engine.tracing is not None else dict.fromkeys(TRACE_OUTCOMES, 0)
+        for outcome, value in counts.items():
+            spans.add_metric([outcome], value)
+        yield spans
+
+
+def _kv_families(stats: Any) -> Iterator[Any]:
+    """Evictions by how the victim gave its KV back, and the KV moved by the engine's KV tier."""
+    evictions = CounterMetricFamily(
+        "stream2llm_evictions", "Sessions evicted under memory pressure, by kind.", labels=["kind"]
+    )
+    evictions.add_metric(["offload"], stats.offloads)
+    evictions.add_metric(["recompute"], stats.preemptions - stats.offloads)
+    yield evictions
+    moved = CounterMetricFamily(
+        "stream2llm_kv_tier_bytes", "KV bytes the host KV tier saved and loaded back.", labels=["direction"]
+    )
+    moved.add_metric(["saved"], stats.tier_bytes_saved)
+    moved.add_metric(["loaded"], stats.tier_bytes_loaded)
+    yield moved
+    yield CounterMetricFamily(
+        "stream2llm_kv_tier_load_failures",
+        "Blocks missing or damaged in the KV tier.",
+        value=stats.tier_load_failures,
+    )

@@ -4,6 +4,10 @@ the scrape parsed by prometheus_client."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -78,3 +82,32 @@ async def test_vllm_metrics_are_exported_beside_ours_and_count_the_traffic(serve
     assert total(after["vllm:generation_tokens"]) - total(before["vllm:generation_tokens"]) >= 5
     ttft = total(after["vllm:time_to_first_token_seconds"], "_count")
     assert ttft - total(before["vllm:time_to_first_token_seconds"], "_count") >= 1
+
+
+DASHBOARD = Path(__file__).parents[2] / "ops" / "grafana-dashboard.json"
+SUFFIX_TYPES = {"_bucket": "histogram", "_total": "counter", "_sum": "histogram", "_count": "histogram"}
+
+
+def dashboard_metrics() -> set[str]:
+    """Every metric name the dashboard's queries read (``vllm:...`` and ``stream2llm_...``)."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel.get("targets", [])]
+    assert len(exprs) > 20
+    return {name for expr in exprs for name in re.findall(r"\b(?:vllm:|stream2llm_)[A-Za-z0-9_:]+", expr)}
+
+
+async def test_every_dashboard_expression_names_an_exported_metric_of_the_right_type(served):
+    http, _ = served
+    async with http.post("/v1/sessions", json={"question": QUESTION, "max_tokens": 2}) as r:
+        sid = (await r.json())["id"]
+    async with http.post(f"/v1/sessions/{sid}/append", json={"text": "Some context.", "final": True}) as r:
+        assert r.status == 200
+    families = await scrape(http)
+    for name in sorted(dashboard_metrics()):
+        suffix = next((s for s in SUFFIX_TYPES if name.endswith(s)), "")
+        family = families.get(name.removesuffix(suffix) if suffix else name)
+        assert family is not None, f"the dashboard reads {name}, which /metrics does not export"
+        if suffix:
+            assert family.type == SUFFIX_TYPES[suffix], f"{name}: {family.type}"
+        else:
+            assert family.type == "gauge", f"{name} is a {family.type}: a query needs its suffix"

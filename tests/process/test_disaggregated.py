@@ -11,9 +11,11 @@ SIGTERM, or the decode instance's death, stops every process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.clients.otlp_receiver import OtlpReceiver
 from tests.conftest import corpus_text
 from tests.process.helpers import Command
 
@@ -43,15 +46,38 @@ def _ready(command: Command) -> str:
     return command.wait_for_line(URL, READY_S).group(1)
 
 
+class ThreadedReceiver:
+    """The OTLP/HTTP receiver on a loop of its own (these tests are synchronous)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.receiver = asyncio.run_coroutine_threadsafe(OtlpReceiver().start(), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.receiver.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 @pytest.fixture(scope="module")
 def pair():
-    """The disaggregated deployment and a single instance, started together."""
-    disagg, single = _start("--dtype", "float32", "--disaggregate"), _start("--dtype", "float32")
+    """The disaggregated deployment (traced: both instances export to a receiver here) and a
+    single instance, started together."""
+    traces = ThreadedReceiver()
+    with pytest.MonkeyPatch.context() as env:  # the commands' environment: both instances export so
+        env.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        url = traces.receiver.url
+        disagg = _start("--dtype", "float32", "--disaggregate", "--otlp-traces-endpoint", url)
+    single = _start("--dtype", "float32")
     try:
         urls = _ready(disagg), _ready(single)
-        store = Path(disagg.wait_for_line(r"KV store (\S+)", 10).group(1))
-        yield SimpleNamespace(url=urls[0], single=urls[1], store=store, command=disagg)
+        found = disagg.wait_for_line(r"decode instance: (http://\S+) .*KV store (\S+)", 10)
+        decode, store = found.group(1), Path(found.group(2))
+        yield SimpleNamespace(
+            url=urls[0], single=urls[1], store=store, command=disagg, decode=decode, traces=traces.receiver
+        )
     finally:
+        traces.close()
         disagg.kill_all()
         single.kill_all()
 
@@ -99,6 +125,25 @@ def test_streamed_appends_equal_a_single_instance_and_move_only_the_final_chunks
     assert len(result["chunks"]) >= 4  # the appends went as chunks of their own
     assert kv["blocks_saved_after_final"] <= math.ceil(final_chunk_tokens / kv["block_size"])
     assert kv["blocks_saved"] - kv["blocks_saved_after_final"] >= 3  # moved while retrieval went on
+
+
+def test_the_decode_instances_part_joins_the_sessions_trace(pair):
+    """The session's trace (the caller's trace id) has the decode call's span, and under it the
+    span vLLM's own server writes for the request it answered."""
+    trace_id, caller = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    headers = {"traceparent": f"00-{trace_id}-{caller}-01"}
+    with httpx.Client(timeout=120, headers=headers) as http:
+        session(http, pair.url, "What do rivers carry?", appends(11, n=2))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = {s.name: s for s in pair.traces.trace(trace_id)}
+        if {"stream2llm.session", "decode (remote)", "llm_request"} <= set(names):
+            break
+        time.sleep(0.5)
+    assert {"stream2llm.session", "decode (remote)", "llm_request"} <= set(names), sorted(names)
+    root, call, vllm_span = names["stream2llm.session"], names["decode (remote)"], names["llm_request"]
+    assert root.parent_span_id.hex() == caller
+    assert call.parent_span_id == root.span_id and vllm_span.parent_span_id == call.span_id
 
 
 def test_updates_equal_a_single_instance(pair):
@@ -178,6 +223,46 @@ def test_the_decode_instance_really_uses_the_transferred_blocks(pair):
             result = http.get(url).json()
     assert result["result"]["kv_transfer"]["decode_cached_tokens"] >= 6 * 128
     assert result["result"]["token_ids"] != reference["token_ids"]
+
+
+def metric_families(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """``vllm:`` families of a scrape: name -> (type, label names), bucket and quantile labels aside."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        family.name: (
+            family.type,
+            frozenset(k for s in family.samples for k in s.labels if k not in ("le", "quantile")),
+        )
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("vllm:")
+    }
+
+
+def not_applicable() -> set[str]:
+    """The ``vllm:`` families the README lists as not applying to stream2llm, with the reason."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("<!-- vllm-metrics-not-exported -->")[1].split("<!-- end -->")[0]
+    return {line.split("`")[1] for line in section.splitlines() if line.startswith("| `vllm:")}
+
+
+def test_every_vllm_metric_family_of_vllms_own_server_is_exported_with_its_type_and_labels(pair):
+    """The same traffic to vLLM's own OpenAI server (the decode instance) and to stream2llm serve:
+    every ``vllm:`` family vLLM exports, stream2llm exports with the same type and label names."""
+    body = {"prompt": "Hello there, how are you?", "max_tokens": 5, "temperature": 0}
+    with httpx.Client(timeout=120) as http:
+        assert http.post(f"{pair.decode}/v1/completions", json={"model": "decode", **body}).status_code == 200
+        assert http.post(f"{pair.single}/v1/completions", json={"model": "tiny", **body}).status_code == 200
+        theirs = metric_families(http.get(f"{pair.decode}/metrics").text)
+        ours = metric_families(http.get(f"{pair.single}/metrics").text)
+    skipped = not_applicable()
+    assert len(theirs) > 20 and skipped <= set(theirs)  # the README lists only families vLLM has
+    missing = sorted(set(theirs) - set(ours) - skipped)
+    assert not missing, f"vLLM's server exports these, stream2llm serve does not: {missing}"
+    differ = {
+        name: (theirs[name], ours[name]) for name in set(theirs) & set(ours) if theirs[name] != ours[name]
+    }
+    assert not differ, f"type or labels differ (vLLM's, ours): {differ}"
 
 
 def test_sigterm_stops_both_instances_and_removes_the_store(pair):
