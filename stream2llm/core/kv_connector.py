@@ -248,14 +248,22 @@ class StreamingKVConnector(KVConnectorBase_V1):
 
     def _keys_covering(self, request: Any, tokens: int) -> list[str]:
         """Keys of the blocks that hold the request's first ``tokens`` tokens: full blocks by
-        vLLM's hash, a partial last one by ``tail_key``."""
-        keys = compat.block_hash_keys(request)
-        wanted = ceil_div(tokens, self.block_size)
-        if wanted <= len(keys):
-            return keys[:wanted]
-        start = len(keys) * self.block_size
-        tail = compat.token_ids_at(request, start, compat.tokens_held(request))
-        return [*keys, tail_key(keys[-1] if keys else None, tail)]
+        vLLM's hash; the block holding the last of them, if it is not full within ``tokens``, is
+        the first the store has of: that block full in this prompt (vLLM's hash), the prefill's
+        partial prompt tail (``tail_key``), or that tail one token shorter (the prefill instance
+        sampled the first token, and this prompt ends with it)."""
+        full = tokens // self.block_size
+        hashes = compat.block_hash_keys(request)
+        if tokens % self.block_size == 0:
+            return hashes[:full]
+        start, held = full * self.block_size, compat.tokens_held(request)
+        last = hashes[full - 1] if full else None
+        candidates = hashes[full : full + 1] + [
+            tail_key(last, compat.token_ids_at(request, start, end))
+            for end in (held, held - 1)
+            if end - start < self.block_size
+        ]
+        return [*hashes[:full], next((key for key in candidates if self.store.has(key)), candidates[0])]
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         plan = self._plans.pop(request.request_id, None)

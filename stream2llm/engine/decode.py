@@ -29,14 +29,21 @@ class FinalPrompt:
 class DecodeBackend(Protocol):
     """A strategy handover calls: how chunks sample here, and who answers after the final one."""
 
-    answers_here: bool  # True: the final chunk's samples on the local engine are the answer
+    # True: the local engine samples the whole answer; False: it samples the first token (the
+    # final chunk's sample), and ``decode`` goes on from it elsewhere unless it ended the answer
+    answers_here: bool
 
     def chunk_sampling(self, params: Any, meta: ChunkMeta) -> Any:
         """A chunk's sampling parameters as this backend needs them on the local engine."""
         ...
 
-    def decode(self, prompt: FinalPrompt, sampling: Any) -> AsyncIterator[Generated]:
-        """The answer to a prefilled prompt (called only when ``answers_here`` is False)."""
+    def ends_here(self, finish_reason: str, sampling: Any) -> bool:
+        """Whether the local engine's finish reason ends the caller's answer."""
+        ...
+
+    def decode(self, prompt: FinalPrompt, sampling: Any, first_token: int) -> AsyncIterator[Generated]:
+        """The rest of the answer to a prefilled prompt after its first token, sampled locally
+        (called only when ``answers_here`` is False, with the caller's sampling parameters)."""
         ...
 
     async def close(self) -> None: ...
@@ -51,7 +58,10 @@ class LocalDecode:
     def chunk_sampling(self, params: Any, meta: ChunkMeta) -> Any:
         return params
 
-    async def decode(self, prompt: FinalPrompt, sampling: Any) -> AsyncIterator[Generated]:
+    def ends_here(self, finish_reason: str, sampling: Any) -> bool:
+        return True
+
+    async def decode(self, prompt: FinalPrompt, sampling: Any, first_token: int) -> AsyncIterator[Generated]:
         raise RuntimeError("the local engine answers in the prefill's own request")
         yield  # pragma: no cover - makes this an async generator
 

@@ -8,7 +8,8 @@ extend what was sent: a BPE merge reaching back) is an update that carries the w
 and the engine core keeps KV up to the longest common prefix. Stock ``vllm`` mode aborts the
 request on an update and submits the whole prompt again. Every chunk but the one that answers
 ends with a throw-away token (``core.protocol.throwaway_tokens``: sampled, or a placeholder where
-a later chunk took it over in the engine core); the decode backend says who answers
+a later chunk took it over in the engine core); the final chunk samples the answer (or, with a
+decode instance, its first token) and the decode backend says who answers the rest
 (``engine.decode``).
 """
 
@@ -91,6 +92,11 @@ def _answer_logprobs(logprobs: Any, answer_tokens: int) -> list[dict[int, float]
     if logprobs is None:
         return None
     return [{t: lp.logprob for t, lp in d.items()} for d in logprobs[len(logprobs) - answer_tokens :]]
+
+
+def _joined(first: list[dict[int, float]] | None, rest: list[dict[int, float]] | None) -> Any:
+    """The first token's logprobs and the decode instance's, as one answer's (None if not asked)."""
+    return None if first is None or rest is None else first + rest
 
 
 async def _input_stream(queue: asyncio.Queue) -> AsyncIterator[Any]:
@@ -216,15 +222,16 @@ class Handover:
 
     async def _run(self, prompt: Any, internal_id: str) -> None:
         final_sampling = self._chunk_sampling(ChunkOp.APPEND, True)
-        last = None
+        last, answer = None, None
         try:
             async for out in self._host.generate(prompt, final_sampling, request_id=internal_id):
                 now = time.monotonic()
                 if (generated := self._account(out, now)) is not None:
                     self._on_tokens(generated, now)
+                    answer = generated
                 last = out
-            if not self._decode.answers_here and last is not None and last.finished:
-                await self._decode_remotely(last)
+            if answer is not None and answer.finish_reason is None and last is not None and last.finished:
+                await self._decode_remotely(last, answer)  # the first token did not end the answer
             self._on_end()
         except asyncio.CancelledError:
             raise
@@ -243,24 +250,34 @@ class Handover:
                 chunk.done = now
         if not self._final_sent:
             return None
-        skip = throwaway_tokens(len(current), self._decode.answers_here)
+        skip = throwaway_tokens(len(current), answered_here=True)  # the final chunk's samples are real
         if n_ids <= skip:
             return None
+        finish = completion.finish_reason
+        if finish is not None and not self._decode.ends_here(finish, self._sampling):
+            finish = None  # a decode instance goes on from this first token
         return Generated(
             list(completion.token_ids)[skip:],
             _answer_logprobs(completion.logprobs, n_ids - skip),
-            completion.finish_reason,
+            finish,
             split_transfer_params(out.kv_transfer_params)[0].get(CONFIG_KEY),
         )
 
-    async def _decode_remotely(self, prefilled: Any) -> None:
-        """Another instance answers: hand it the prompt prefilled here, with the KV connector's
-        parameters; the engine core's counters and the KV moved go with its last output."""
+    async def _decode_remotely(self, prefilled: Any, first: Generated) -> None:
+        """Another instance answers the rest: hand it the prompt prefilled here and the first
+        token sampled here (``RemoteDecode.decode``), with the KV connector's parameters; the
+        engine core's counters and the KV moved go with its last output."""
         ours, foreign = split_transfer_params(prefilled.kv_transfer_params)
         counters, moved = dict(ours.get(CONFIG_KEY) or {}), dict(ours.get(KV_PARAMS_KEY) or {})
         trace = self._trace_headers() if self._trace_headers is not None else {}
         prompt = FinalPrompt(list(self.sent), self._cache_salt, foreign, trace)
-        async for generated in self._decode.decode(prompt, self._sampling):
+        async for rest in self._decode.decode(prompt, self._sampling, first.token_ids[0]):
+            generated = Generated(
+                first.token_ids + rest.token_ids,
+                _joined(first.logprobs, rest.logprobs),
+                rest.finish_reason,
+                rest.counters,
+            )
             if generated.finish_reason is not None:  # the decode instance's own counts come last
                 moved.update((generated.counters or {}).get("kv_transfer") or {})
                 generated = replace(generated, counters={**counters, "kv_transfer": moved})

@@ -1,11 +1,13 @@
 """The decode half of a disaggregated deployment: a decode backend that answers on another instance.
 
 With ``EngineConfig.decode_url`` set, every chunk is prefilled on this (prefill) instance exactly
-as before, while ``core.kv_connector`` saves each full block as it is computed; the final chunk
-only prefills (one throw-away token, like an intermediate chunk); then handover hands the whole
-prompt's token ids to ``RemoteDecode.decode``, which asks the decode instance (a plain vLLM OpenAI
-server whose connector loads the stored blocks, computes the rest and generates) and streams its
-answer back as ``Generated``.
+as before, while ``core.kv_connector`` saves each full block as it is computed. The final chunk
+samples the answer's first token here with the caller's parameters (as DistServe does), and it
+reaches the caller at once: the hop to the decode instance moves to the second token. Unless that
+token ended the answer, handover hands the prompt and the first token to ``RemoteDecode.decode``,
+which asks the decode instance (a plain vLLM OpenAI server whose connector loads the stored
+blocks) for the rest: it computes one token (the prompt's last, to replay a first token sampled
+greedily or with a seed; else the first token's own KV) and generates, and its answer streams back.
 """
 
 from __future__ import annotations
@@ -15,22 +17,36 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from vllm.sampling_params import SamplingType
 
 from stream2llm.core.protocol import ChunkMeta
 from stream2llm.engine.decode import FinalPrompt
 from stream2llm.engine.outputs import Generated
 from stream2llm.errors import StreamError
 
+
+class _FirstTokenDiffers(Exception):
+    """A replayed first token that is not the one the prefill instance sampled (numerics)."""
+
+
 KEEPALIVE_S = 2.0  # below the decode server's keep-alive timeout
 TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a logprob's token
 
 
-def prefill_only(sampling: Any, pulls_kv: bool = False) -> Any:
-    """The same request, generating one token: the prefill instance computes the prompt's KV and
-    samples one throw-away token (vLLM has no prefill-only request); the decode instance answers."""
+def first_token_only(sampling: Any, pulls_kv: bool = False) -> Any:
+    """The final chunk's parameters here: the caller's, for one token. The prefill instance
+    samples the answer's first token (stop token ids, ``min_tokens``, seed and logprobs as asked)
+    and streams it at once; the decode instance goes on from it (``continuation``)."""
     params = sampling.clone()
-    params.max_tokens, params.min_tokens, params.stop_token_ids = 1, 0, []
+    params.max_tokens, params.min_tokens = 1, min(sampling.min_tokens, 1)
     return mark_remote_decode(params, pulls_kv)
+
+
+def continuation(sampling: Any) -> Any:
+    """The decode instance's parameters: the caller's, less the first token already sampled."""
+    params = sampling.clone()
+    params.max_tokens, params.min_tokens = sampling.max_tokens - 1, max(sampling.min_tokens - 1, 0)
+    return params
 
 
 def mark_remote_decode(params: Any, pulls_kv: bool) -> Any:
@@ -89,7 +105,8 @@ def _token_logprobs(raw: dict[str, Any] | None) -> list[dict[int, float]]:
 
 
 class RemoteDecode:
-    """A decode backend: the final chunk only prefills here; the instance at ``url`` answers."""
+    """A decode backend: the final chunk samples the first token here; the instance at ``url``
+    answers the rest."""
 
     answers_here = False
 
@@ -103,28 +120,63 @@ class RemoteDecode:
         """The final chunk samples one throw-away token here; a pulling decode instance needs
         vLLM's P/D flag on every chunk."""
         if meta.final:
-            return prefill_only(params, self.pulls_kv)
+            return first_token_only(params, self.pulls_kv)
         return mark_remote_decode(params, self.pulls_kv)
 
-    async def decode(self, prompt: FinalPrompt, sampling: Any) -> AsyncIterator[Generated]:
-        """The decode instance's answer, cumulatively; the last one carries what it computed itself
-        (``counters["kv_transfer"]``)."""
-        body = completion_body(self.model, prompt.token_ids, sampling, prompt.cache_salt, prompt.kv_params)
-        ids: list[int] = []
+    def ends_here(self, finish_reason: str, sampling: Any) -> bool:
+        """The first token ends the answer when it stops it (a stop token, EOS) or the caller
+        asked for one token; otherwise its finish is only the one-token cap of ``first_token_only``."""
+        return finish_reason != "length" or sampling.max_tokens <= 1
+
+    async def decode(self, prompt: FinalPrompt, sampling: Any, first_token: int) -> AsyncIterator[Generated]:
+        """The rest of the answer after ``first_token`` (sampled here), cumulatively; the last one
+        carries what the decode instance computed itself (``counters["kv_transfer"]``).
+
+        Sampling that repeats itself (greedy, or seeded) is replayed: the decode instance gets the
+        prompt prefilled here, samples the first token again and goes on, so that a seeded
+        generator advances exactly as on one instance (vLLM cannot carry its state across); its
+        first token is checked against ours and dropped. Random sampling, or a replayed first
+        token that came out different, continues after ours instead: the prompt and the first
+        token, the caller's parameters less that token (``continuation``)."""
+        if sampling.sampling_type != SamplingType.RANDOM:
+            try:
+                async for rest in self._replayed(prompt, sampling, first_token):
+                    yield rest
+                return
+            except _FirstTokenDiffers:
+                pass  # nothing was yielded: the decode instance's first token is its first output
+        async for rest in self._answer(prompt, [*prompt.token_ids, first_token], continuation(sampling)):
+            yield rest
+
+    async def _replayed(
+        self, prompt: FinalPrompt, sampling: Any, first_token: int
+    ) -> AsyncIterator[Generated]:
+        async for answer in self._answer(prompt, prompt.token_ids, sampling):
+            if answer.token_ids[:1] != [first_token]:
+                raise _FirstTokenDiffers(answer.token_ids[:1])
+            rest = answer.token_ids[1:]
+            if rest or answer.finish_reason is not None:
+                logprobs = answer.logprobs[1:] if answer.logprobs is not None else None
+                yield Generated(rest, logprobs, answer.finish_reason, answer.counters)
+
+    async def _answer(self, prompt: FinalPrompt, ids: list[int], sampling: Any) -> AsyncIterator[Generated]:
+        """The decode instance's answer to ``ids``, cumulatively, then what it computed itself."""
+        body = completion_body(self.model, ids, sampling, prompt.cache_salt, prompt.kv_params)
+        ids_out: list[int] = []
         lps: list[dict[int, float]] = []
         counts: dict[str, int] = {}
         finish: str | None = None
         async for event in self._events(body, prompt.trace_headers):
             counts.update(_usage_counts(event.get("usage")))
             for choice in event.get("choices") or ():
-                ids += choice.get("token_ids") or []
+                ids_out += choice.get("token_ids") or []
                 lps += _token_logprobs(choice.get("logprobs"))
                 finish = choice.get("finish_reason") or finish
                 if finish is None:
-                    yield Generated(list(ids), self._logprobs(sampling, lps))
+                    yield Generated(list(ids_out), self._logprobs(sampling, lps))
         if finish is None:
             raise StreamError(f"the decode instance at {self.url} ended its answer without a finish reason")
-        yield Generated(list(ids), self._logprobs(sampling, lps), finish, {"kv_transfer": counts})
+        yield Generated(list(ids_out), self._logprobs(sampling, lps), finish, {"kv_transfer": counts})
 
     @staticmethod
     def _logprobs(sampling: Any, lps: list[dict[int, float]]) -> list[dict[int, float]] | None:

@@ -104,14 +104,31 @@ def appends(seed: int, n: int = 3, chars: int = 1100) -> list[tuple[str, dict]]:
     return [*events, ("append", {"text": " In short: rivers.", "final": True})]
 
 
-def check_decode_computed_only_the_last_token(result: dict) -> dict:
-    """Every block, the partial last one included, came from the prefill instance: the decode
-    instance computed the one token vLLM samples from (at most one block is the issue's bound)."""
+def check_decode_computed_one_token(result: dict, replayed: bool = True) -> dict:
+    """Every block of the prompt, the partial last one included, came from the prefill instance,
+    which sampled the first token: the decode instance computed one token, the prompt's last to
+    replay that first token (greedy or seeded sampling), or the first token itself, which it got
+    after the prompt (random sampling)."""
     kv = result["kv_transfer"]
-    assert kv["decode_prompt_tokens"] == result["prompt_tokens"]
+    prompt = result["prompt_tokens"]
+    assert kv["decode_prompt_tokens"] == (prompt if replayed else prompt + 1), kv
     assert kv["decode_prefilled_tokens"] == 1, kv
-    assert kv["decode_cached_tokens"] == result["prompt_tokens"] - 1, kv
+    assert kv["decode_cached_tokens"] == kv["decode_prompt_tokens"] - 1, kv
     return kv
+
+
+def decode_requests(http: httpx.Client, url: str) -> float:
+    """Requests the decode instance answered (vLLM's own counter)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(http.get(f"{url}/metrics").text)
+    return sum(
+        s.value
+        for f in families
+        if f.name == "vllm:request_success"
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
 
 
 def test_streamed_appends_equal_a_single_instance_and_move_only_the_final_chunks_blocks(pair):
@@ -120,7 +137,7 @@ def test_streamed_appends_equal_a_single_instance_and_move_only_the_final_chunks
         reference = session(http, pair.single, "Where do rivers go?", appends(1))
     assert result["token_ids"] == reference["token_ids"] and len(result["token_ids"]) == 8
     assert result["prompt_tokens"] == reference["prompt_tokens"] > 3 * 128
-    kv = check_decode_computed_only_the_last_token(result)
+    kv = check_decode_computed_one_token(result)
     final_chunk_tokens = result["chunks"][-1]["tokens"]
     assert len(result["chunks"]) >= 4  # the appends went as chunks of their own
     assert kv["blocks_saved_after_final"] <= math.ceil(final_chunk_tokens / kv["block_size"])
@@ -146,6 +163,39 @@ def test_the_decode_instances_part_joins_the_sessions_trace(pair):
     assert call.parent_span_id == root.span_id and vllm_span.parent_span_id == call.span_id
 
 
+def test_a_first_token_that_ends_the_answer_never_reaches_the_decode_instance(pair):
+    with httpx.Client(timeout=120) as http:
+        before = decode_requests(http, pair.decode)
+        result = session(http, pair.url, "One word?", appends(5, n=2), max_tokens=1)
+        reference = session(http, pair.single, "One word?", appends(5, n=2), max_tokens=1)
+        after = decode_requests(http, pair.decode)
+    assert result["token_ids"] == reference["token_ids"] and len(result["token_ids"]) == 1
+    assert after == before and result["finish_reason"] == "length"
+
+
+def test_seeded_sampling_equals_a_single_instances_one_shot_answer(pair):
+    """Temperature 1 with a fixed seed: the prefill instance's first token and the decode
+    instance's replayed continuation give what vLLM gives for that prompt and seed in one request
+    (the single instance's nonstream session). A streamed session on one instance is no reference:
+    its seeded tokens after the first differ from run to run (see the README)."""
+    seeded = {"max_tokens": 32, "temperature": 1.0, "seed": 1234}
+    with httpx.Client(timeout=120) as http:
+        result = session(http, pair.url, "Tell me about rivers.", appends(6), **seeded)
+        reference = session(
+            http, pair.single, "Tell me about rivers.", appends(6), mode="nonstream", **seeded
+        )
+    assert len(reference["token_ids"]) == 32
+    assert result["token_ids"] == reference["token_ids"]
+    check_decode_computed_one_token(result)  # replayed: the seeded generator advanced as on one
+
+
+def test_random_sampling_continues_after_the_prefill_instances_first_token(pair):
+    with httpx.Client(timeout=120) as http:
+        result = session(http, pair.url, "Tell me about deltas.", appends(8), max_tokens=12, temperature=1.0)
+    assert len(result["token_ids"]) == 12
+    check_decode_computed_one_token(result, replayed=False)  # the prompt's KV all loaded
+
+
 def test_updates_equal_a_single_instance(pair):
     docs = [corpus_text(700, s) for s in (11, 12, 13)]
     events = [
@@ -158,7 +208,7 @@ def test_updates_equal_a_single_instance(pair):
         reference = session(http, pair.single, "Which document survives?", events)
     assert result["token_ids"] == reference["token_ids"] and len(result["token_ids"]) == 8
     assert result["updates"]  # the prefill instance kept KV up to each update's common prefix
-    check_decode_computed_only_the_last_token(result)
+    check_decode_computed_one_token(result)
 
 
 def test_a_nonstream_session_moves_every_block_after_the_final_event(pair):
@@ -166,7 +216,7 @@ def test_a_nonstream_session_moves_every_block_after_the_final_event(pair):
         result = session(http, pair.url, "What is a delta?", appends(2), mode="nonstream")
         reference = session(http, pair.single, "What is a delta?", appends(2), mode="nonstream")
     assert result["token_ids"] == reference["token_ids"]
-    kv = check_decode_computed_only_the_last_token(result)
+    kv = check_decode_computed_one_token(result)
     assert kv["blocks_saved"] == kv["blocks_saved_after_final"] >= 3
 
 

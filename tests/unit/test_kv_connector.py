@@ -127,6 +127,30 @@ def test_producer_saves_the_final_prompts_partial_last_block_and_the_consumer_lo
     assert out.num_scheduled_tokens == {"d": 1}  # 49 tokens loaded
 
 
+@pytest.mark.parametrize("prompt_len", [50, 63])  # a partial tail; a tail that the first token fills
+def test_a_consumer_whose_prompt_ends_with_the_first_token_loads_the_whole_prefilled_prompt(
+    tiny_model, tmp_path, prompt_len
+):
+    """The prefill instance sampled the first token: the decode instance's prompt is the prefill's
+    plus that token, and it loads every block the prefill stored (its partial tail included),
+    computing only the first token."""
+    ids = list(range(100, 100 + prompt_len))
+    producer = _scheduler(tiny_model, tmp_path, "kv_producer")
+    keys = vllm_compat.block_hash_keys(make_request(producer, "probe", ids))
+    full = prompt_len // BS
+    tail = tail_key(keys[full - 1], ids[full * BS :])
+    store = DirectoryStore(tmp_path)
+    for key in [*keys[:full], tail]:
+        store.put(key, torch.zeros(1))
+    consumer = _scheduler(tiny_model, tmp_path, "kv_consumer")
+    decode = make_request(consumer, "d", [*ids, 7], resumable=False, max_tokens=4)
+    consumer.add_request(decode)
+    out = step(consumer)
+    blocks = vllm_compat.request_block_ids(consumer.kv_cache_manager, "d")
+    assert out.kv_connector_metadata.loads == list(zip(blocks[: full + 1], [*keys[:full], tail]))
+    assert out.num_scheduled_tokens == {"d": 1}  # the first token: the prompt's KV was all loaded
+
+
 def test_a_tail_key_names_the_whole_prompt():
     assert tail_key("ab", [1, 2]) == tail_key("ab", [1, 2])
     variants = [("ab", [1, 3]), ("ac", [1, 2]), (None, [1, 2]), ("ab", [12])]

@@ -23,7 +23,8 @@ from stream2llm.engine.remote_decode import (
     _token_logprobs,
     _usage_counts,
     completion_body,
-    prefill_only,
+    continuation,
+    first_token_only,
 )
 
 CALLER = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[2], logprobs=2, seed=5)
@@ -34,15 +35,28 @@ def _sampled(backend, op: ChunkOp, final: bool):
     return backend.chunk_sampling(chunk_params(CALLER, meta), meta)
 
 
-def test_a_remote_backend_makes_the_final_chunk_prefill_only():
+def test_a_remote_backend_samples_the_first_token_here_with_the_callers_parameters():
     remote = RemoteDecode("http://decode", "decode")
     final = _sampled(remote, ChunkOp.APPEND, True)
-    assert final.max_tokens == 1 and final.stop_token_ids == [] and ChunkMeta.of(final).final
-    assert final.logprobs == 2  # the throw-away tokens' logprob lists stay the shape vLLM sized
+    assert final.max_tokens == 1 and ChunkMeta.of(final).final
+    assert (final.stop_token_ids, final.seed, final.logprobs) == ([2], 5, 2)  # the caller's, for one token
     middle = _sampled(remote, ChunkOp.UPDATE, False)
     assert middle.max_tokens == 1 and ChunkMeta.of(middle) == ChunkMeta(ChunkOp.UPDATE, False)
     assert "kv_transfer_params" not in (middle.extra_args or {})
     assert CALLER.max_tokens == 12  # the caller's parameters are not touched
+    wants_more = CALLER.clone()
+    wants_more.min_tokens = 3
+    assert first_token_only(wants_more).min_tokens == 1  # vLLM needs min_tokens <= max_tokens
+    rest = continuation(wants_more)
+    assert (rest.max_tokens, rest.min_tokens, rest.seed) == (11, 2, 5)
+
+
+def test_only_a_stop_or_a_one_token_answer_ends_on_the_prefill_instance():
+    remote, one = RemoteDecode("http://decode", "decode"), CALLER.clone()
+    one.max_tokens = 1
+    assert not remote.ends_here("length", CALLER)  # the one-token cap: the decode instance goes on
+    assert remote.ends_here("stop", CALLER) and remote.ends_here("length", one)
+    assert LocalDecode().ends_here("length", CALLER)
 
 
 def test_the_local_backend_answers_with_the_callers_parameters():
@@ -55,14 +69,14 @@ def test_the_local_backend_answers_with_the_callers_parameters():
 def test_one_throw_away_token_per_chunk_but_the_one_that_answers():
     assert throwaway_tokens(1, answered_here=True) == 0  # a one-shot request
     assert throwaway_tokens(4, answered_here=True) == 3
-    assert throwaway_tokens(4, answered_here=False) == 4  # the final chunk only prefilled here
+    assert throwaway_tokens(4, answered_here=False) == 4  # a chunk that only prefills
 
 
 def test_a_pulling_decode_instance_gets_vllms_pd_flag_on_every_chunk_and_the_prefills_params():
     remote = RemoteDecode("http://decode", "decode", pulls_kv=True)
     for op, final in ((ChunkOp.APPEND, False), (ChunkOp.UPDATE, False), (ChunkOp.APPEND, True)):
         assert _sampled(remote, op, final).extra_args["kv_transfer_params"] == {"do_remote_decode": True}
-    assert prefill_only(CALLER, True).extra_args["kv_transfer_params"] == {"do_remote_decode": True}
+    assert first_token_only(CALLER, True).extra_args["kv_transfer_params"] == {"do_remote_decode": True}
     nixl = {"do_remote_prefill": True, "remote_block_ids": [3, 4], "remote_engine_id": "e"}
     ours, foreign = split_transfer_params(
         {CONFIG_KEY: {"tokens_prefilled": 3}, KV_PARAMS_KEY: {"blocks_saved": 0}, **nixl}
@@ -99,29 +113,54 @@ def test_the_answers_logprobs_and_usage_are_read_back():
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def test_the_decode_instances_events_become_the_cumulative_answer():
-    """RemoteDecode.decode reads the decode server's stream (here: its parsed events) into
-    Generated: cumulative ids and logprobs, then the finish reason and what it computed itself."""
-    events = [
-        {"choices": [{"token_ids": [7], "logprobs": {"top_logprobs": [{"token_id:7": -0.5}]}}]},
-        {"choices": [{"token_ids": [8], "finish_reason": "length", "logprobs": None}]},
-        {"usage": {"prompt_tokens": 130, "prompt_tokens_details": {"cached_tokens": 129}}},
-    ]
-    remote = RemoteDecode("http://decode", "decode")
+def _decoding(events: list[dict], sampling, first_token: int = 7) -> tuple[list, list[dict]]:
+    """RemoteDecode.decode over a decode server's parsed events (the HTTP part is tested against a
+    real server in tests/process): what it yields, and the bodies it sent."""
+    remote, bodies = RemoteDecode("http://decode", "decode"), []
 
     async def fake_events(body, headers):
-        assert body["prompt"] == [1, 2, 3] and headers == {"traceparent": TRACEPARENT}
+        assert headers == {"traceparent": TRACEPARENT}
+        bodies.append(body)
         for event in events:
             yield event
 
-    remote._events = fake_events  # the HTTP part is tested against a real server in tests/process
+    remote._events = fake_events
     prompt = FinalPrompt([1, 2, 3], trace_headers={"traceparent": TRACEPARENT})
 
     async def collect():
-        return [g async for g in remote.decode(prompt, CALLER)]
+        return [g async for g in remote.decode(prompt, sampling, first_token)]
 
-    got = asyncio.run(collect())
-    assert [g.token_ids for g in got] == [[7], [7, 8]]
+    return asyncio.run(collect()), bodies
+
+
+EVENTS = [
+    {"choices": [{"token_ids": [7], "logprobs": {"top_logprobs": [{"token_id:7": -0.5}]}}]},
+    {"choices": [{"token_ids": [8], "logprobs": {"top_logprobs": [{"token_id:8": -0.25}]}}]},
+    {"choices": [{"token_ids": [9], "finish_reason": "length", "logprobs": None}]},
+    {"usage": {"prompt_tokens": 130, "prompt_tokens_details": {"cached_tokens": 129}}},
+]
+
+
+def test_greedy_or_seeded_sampling_is_replayed_and_the_repeated_first_token_dropped():
+    """The decode instance gets the prompt prefilled here and the caller's parameters, samples the
+    first token again (a seeded generator then advances as on one instance) and goes on."""
+    got, (body,) = _decoding(EVENTS, CALLER)
+    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == CALLER.max_tokens and body["seed"] == 5
+    assert [g.token_ids for g in got] == [[8], [8, 9]]
     assert got[0].finish_reason is None and got[-1].finish_reason == "length"
-    assert got[-1].logprobs == [{7: -0.5}]
-    assert got[-1].counters == {"kv_transfer": _usage_counts(events[-1]["usage"])}
+    assert got[-1].logprobs == [{8: -0.25}]
+    assert got[-1].counters == {"kv_transfer": _usage_counts(EVENTS[-1]["usage"])}
+
+
+def test_random_sampling_continues_after_the_first_token():
+    unseeded = SamplingParams(temperature=1.0, max_tokens=12, logprobs=2)
+    got, (body,) = _decoding(EVENTS[1:], unseeded)
+    assert body["prompt"] == [1, 2, 3, 7] and body["max_tokens"] == 11
+    assert [g.token_ids for g in got] == [[8], [8, 9]]
+
+
+def test_a_replayed_first_token_that_differs_falls_back_to_continuing_after_ours():
+    got, bodies = _decoding(EVENTS, CALLER, first_token=6)
+    assert [b["prompt"] for b in bodies] == [[1, 2, 3], [1, 2, 3, 6]]
+    assert bodies[1]["max_tokens"] == CALLER.max_tokens - 1
+    assert got[-1].token_ids == [7, 8, 9]  # the continuation's own tokens, after ours
