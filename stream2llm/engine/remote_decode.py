@@ -30,6 +30,7 @@ class _FirstTokenDiffers(Exception):
 
 
 KEEPALIVE_S = 2.0  # below the decode server's keep-alive timeout
+SILENCE_S = 60.0  # a decode instance that sends nothing this long has failed (it computes one token)
 TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a logprob's token
 
 
@@ -110,10 +111,11 @@ class RemoteDecode:
 
     answers_here = False
 
-    def __init__(self, url: str, model: str, *, pulls_kv: bool = False) -> None:
+    def __init__(self, url: str, model: str, *, pulls_kv: bool = False, silence_s: float = SILENCE_S) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.pulls_kv = pulls_kv
+        self.silence_s = silence_s
         self._http: aiohttp.ClientSession | None = None
 
     def chunk_sampling(self, params: Any, meta: ChunkMeta) -> Any:
@@ -188,7 +190,7 @@ class RemoteDecode:
             # idle connections are dropped before vLLM's server (uvicorn: 5 s) closes them: reusing
             # one it is closing fails the request ("Server disconnected"; seen once in 60 under load)
             connector = aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.silence_s)
             self._http = aiohttp.ClientSession(connector=connector, timeout=timeout)
         usage: dict[str, Any] | None = None
         try:
@@ -206,6 +208,10 @@ class RemoteDecode:
                         usage = event  # the last event: usage only
                         continue
                     yield event
+        except aiohttp.ServerTimeoutError:
+            raise StreamError(
+                f"the decode instance at {self.url} sent nothing for {self.silence_s:g} s"
+            ) from None
         except aiohttp.ClientError as exc:
             raise StreamError(f"the decode instance at {self.url} failed: {exc}") from exc
         if usage is not None:

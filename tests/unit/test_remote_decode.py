@@ -164,3 +164,35 @@ def test_a_replayed_first_token_that_differs_falls_back_to_continuing_after_ours
     assert [b["prompt"] for b in bodies] == [[1, 2, 3], [1, 2, 3, 6]]
     assert bodies[1]["max_tokens"] == CALLER.max_tokens - 1
     assert got[-1].token_ids == [7, 8, 9]  # the continuation's own tokens, after ours
+
+
+def test_a_decode_instance_that_never_answers_fails_the_session_with_a_clear_error():
+    """A real HTTP server on loopback that takes the request and never answers."""
+    import pytest
+    from aiohttp import web
+
+    from stream2llm.errors import StreamError
+
+    async def run() -> None:
+        released = asyncio.Event()
+
+        async def silent(request: web.Request) -> web.Response:
+            await released.wait()
+            return web.Response()
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", silent)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        remote = RemoteDecode(f"http://127.0.0.1:{runner.addresses[0][1]}", "decode", silence_s=0.5)
+        try:
+            with pytest.raises(StreamError, match=r"sent nothing for 0.5 s"):
+                async for _ in remote.decode(FinalPrompt([1, 2, 3]), CALLER, 7):
+                    pass
+        finally:
+            released.set()
+            await remote.close()
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(run(), 20))
