@@ -3,26 +3,33 @@ exports vLLM's: one trace per session, continuing a caller's W3C ``traceparent``
 
 A session's root span opens with the session; retrievers add a span each with an event per context
 arrival while they run. Chunk spans (hand-off, queueing, prefill), the first token and the answer
-are written when the session ends, from the timings the session and the engine core recorded
-anyway (the core's prefill steps come back in the request's counters), so tracing adds nothing to
-the prefill path. The exporter runs on the SDK's worker thread behind a bounded queue: a collector
-that is down or slow costs dropped spans (counted), never a stalled session. Off: no span exists.
+are built when the session ends, on a thread of their own, from the timings the session and the
+engine core recorded anyway (the core's prefill steps come back in the request's counters), so
+tracing adds nothing to the prefill path and one queue put to the event loop. The exporter runs
+on the SDK's worker thread behind a bounded queue: a collector that is down or slow costs spans
+(counted), never a stalled session. Off: no span exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from stream2llm.engine.outputs import ChunkTiming, SessionResult
 
+logger = logging.getLogger(__name__)
 TRACE_HEADERS = ("traceparent", "tracestate")
 PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"  # grpc (vLLM's default) or http/protobuf
 QUEUE_SPANS = 2048  # spans waiting for the exporter; beyond this they are dropped and counted
+QUEUE_TRACES = 1024  # ended sessions whose spans wait to be built; beyond this a trace is dropped
 EXPORT_TIMEOUT_S = 5.0
 
 
@@ -78,6 +85,48 @@ class _CountingExporter:
         return self._exporter.force_flush(timeout_millis)
 
 
+class _Writer:
+    """Builds ended sessions' spans on a thread of its own, from a bounded queue: a session's end
+    costs the event loop one queue put (building ~25 spans takes milliseconds)."""
+
+    def __init__(self, size: int = QUEUE_TRACES) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=size)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="stream2llm-traces", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except Exception:  # a span that cannot be built must not stop the others
+                logger.exception("building a session's trace failed")
+            finally:
+                self._jobs.task_done()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued trace is built (or the time is up)."""
+        deadline = time.monotonic() + timeout_s
+        while self._jobs.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._jobs.unfinished_tasks
+
+    def stop(self, timeout_s: float) -> None:
+        self.drain(timeout_s)
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)
+        self._thread.join(timeout_s)
+
+
 class Tracing:
     """The engine's tracer provider and exporter; ``session`` starts one session's trace."""
 
@@ -95,6 +144,7 @@ class Tracing:
         self._tracer = self._provider.get_tracer("stream2llm")
         self.spans_ended = 0
         self.offset_ns = _epoch_offset_ns()
+        self.writer = _Writer()
 
     def session(self, request_id: str, mode: str, headers: Mapping[str, str] | None = None) -> SessionTrace:
         return SessionTrace(self, request_id, mode, trace_headers(headers))
@@ -107,10 +157,18 @@ class Tracing:
             "failed": self._exporter.failed,
         }
 
-    def flush(self, timeout_s: float = 5.0) -> bool:
-        return self._provider.force_flush(int(timeout_s * 1000))
+    @property
+    def traces_dropped(self) -> int:
+        """Sessions whose trace was dropped: their spans' builder had fallen too far behind."""
+        return self.writer.dropped
 
-    def shutdown(self) -> None:
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Build what ended, then export what is queued (tests, shutdown)."""
+        built = self.writer.drain(timeout_s)
+        return self._provider.force_flush(int(timeout_s * 1000)) and built
+
+    def shutdown(self, timeout_s: float = 1.0) -> None:
+        self.writer.stop(timeout_s)
         self._provider.shutdown()
 
 
@@ -229,10 +287,18 @@ class SessionTrace:
     # -- the end ---------------------------------------------------------------------------------
 
     def finished(self, result: SessionResult, ended_at: float) -> None:
-        """The chunks, the first token and the answer, from what the session recorded."""
-        if self._ended:
-            return
-        self._ended = True
+        """The chunks, the first token and the answer, from what the session recorded (built by
+        the writer thread; nothing else touches this trace once the session ended)."""
+        if not self._ended:
+            self._ended = True
+            self._tracing.writer.submit(lambda: self._write_finished(result, ended_at))
+
+    def failed(self, error: BaseException) -> None:
+        if not self._ended:
+            self._ended = True
+            self._tracing.writer.submit(lambda: self._write_failed(error))
+
+    def _write_finished(self, result: SessionResult, ended_at: float) -> None:
         for retriever in list(self._retrievers):
             self.retriever_done(retriever)
         self._chunks(result.chunks, result.prefill_steps, ended_at)
@@ -261,12 +327,9 @@ class SessionTrace:
             root.add_event("final context", timestamp=self._ns(result.final_event_at))
         self._end(root, ended_at)
 
-    def failed(self, error: BaseException) -> None:
+    def _write_failed(self, error: BaseException) -> None:
         from opentelemetry.trace import Status, StatusCode
 
-        if self._ended:
-            return
-        self._ended = True
         for retriever in list(self._retrievers):
             self.retriever_done(retriever)
         for span in (self._decode, self.root):

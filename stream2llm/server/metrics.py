@@ -127,6 +127,12 @@ class EngineCollector:
         for outcome, value in counts.items():
             spans.add_metric([outcome], value)
         yield spans
+        dropped = engine.tracing.traces_dropped if engine.tracing is not None else 0
+        yield CounterMetricFamily(
+            "stream2llm_traces_dropped",
+            "Sessions whose trace was dropped (its builder behind).",
+            value=dropped,
+        )
 
 
 def _kv_families(stats: Any) -> Iterator[Any]:
