@@ -73,10 +73,10 @@ class ChunkMeta:
         )
 
 
-def throwaway_tokens(chunks: int, answered_here: bool) -> int:
+def throwaway_tokens(chunks: int) -> int:
     """Throw-away tokens at the front of a streaming request's output after ``chunks`` chunks: one
-    per chunk, except the final chunk's when this instance answers (its samples are the answer)."""
-    return THROWAWAY_TOKENS_PER_CHUNK * (chunks - 1 if answered_here else chunks)
+    per chunk but the final one, whose samples are the answer (or, disaggregated, its first token)."""
+    return THROWAWAY_TOKENS_PER_CHUNK * (chunks - 1)
 
 
 def split_transfer_params(params: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -27,11 +27,9 @@ class FinalPrompt:
 
 
 class DecodeBackend(Protocol):
-    """A strategy handover calls: how chunks sample here, and who answers after the final one."""
-
-    # True: the local engine samples the whole answer; False: it samples the first token (the
-    # final chunk's sample), and ``decode`` goes on from it elsewhere unless it ended the answer
-    answers_here: bool
+    """A strategy handover calls: how chunks sample here, and who answers after the final one.
+    The final chunk's samples on the local engine are the answer, or its first token when
+    ``ends_here`` says the answer goes on and ``decode`` answers the rest elsewhere."""
 
     def chunk_sampling(self, params: Any, meta: ChunkMeta) -> Any:
         """A chunk's sampling parameters as this backend needs them on the local engine."""
@@ -43,7 +41,7 @@ class DecodeBackend(Protocol):
 
     def decode(self, prompt: FinalPrompt, sampling: Any, first_token: int) -> AsyncIterator[Generated]:
         """The rest of the answer to a prefilled prompt after its first token, sampled locally
-        (called only when ``answers_here`` is False, with the caller's sampling parameters)."""
+        (called only when ``ends_here`` said the answer goes on; the caller's sampling parameters)."""
         ...
 
     async def close(self) -> None: ...
@@ -52,8 +50,6 @@ class DecodeBackend(Protocol):
 class LocalDecode:
     """The local engine answers: the final chunk samples with the caller's parameters, in the same
     vLLM request that prefilled the chunks, so there is nothing to hand on."""
-
-    answers_here = True
 
     def chunk_sampling(self, params: Any, meta: ChunkMeta) -> Any:
         return params

@@ -125,10 +125,10 @@ class Handover:
         on_tokens: Callable[[Generated, float], None],
         on_end: Callable[[], None],
         on_error: Callable[[Exception], None],
-        trace_headers: Callable[[], dict[str, str]] | None = None,
+        decode_trace: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self._host, self._request_id, self._mode = host, request_id, mode
-        self._trace_headers = trace_headers  # the session's traceparent, passed to a decode instance
+        self._decode_trace = decode_trace  # starts the decode call's span; its traceparent
         self._decode = host.decode
         self._sampling, self._cache_salt = sampling, cache_salt
         self._on_tokens, self._on_end, self._on_error = on_tokens, on_end, on_error
@@ -250,7 +250,7 @@ class Handover:
                 chunk.done = now
         if not self._final_sent:
             return None
-        skip = throwaway_tokens(len(current), answered_here=True)  # the final chunk's samples are real
+        skip = throwaway_tokens(len(current))
         if n_ids <= skip:
             return None
         finish = completion.finish_reason
@@ -269,7 +269,7 @@ class Handover:
         engine core's counters and the KV moved go with its last output."""
         ours, foreign = split_transfer_params(prefilled.kv_transfer_params)
         counters, moved = dict(ours.get(CONFIG_KEY) or {}), dict(ours.get(KV_PARAMS_KEY) or {})
-        trace = self._trace_headers() if self._trace_headers is not None else {}
+        trace = self._decode_trace() if self._decode_trace is not None else {}
         prompt = FinalPrompt(list(self.sent), self._cache_salt, foreign, trace)
         async for rest in self._decode.decode(prompt, self._sampling, first.token_ids[0]):
             generated = Generated(

@@ -109,8 +109,6 @@ class RemoteDecode:
     """A decode backend: the final chunk samples the first token here; the instance at ``url``
     answers the rest."""
 
-    answers_here = False
-
     def __init__(self, url: str, model: str, *, pulls_kv: bool = False, silence_s: float = SILENCE_S) -> None:
         self.url = url.rstrip("/")
         self.model = model

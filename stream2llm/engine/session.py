@@ -67,7 +67,7 @@ class Session:
             on_tokens=self._output.on_output,
             on_end=self._complete,
             on_error=self._fail,
-            trace_headers=trace.decode_call if trace is not None else None,
+            decode_trace=trace.decode_call if trace is not None else None,
         )
 
     # -- public API ------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ class Tracing:
         self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         self._processor = BatchSpanProcessor(self._exporter, max_queue_size=QUEUE_SPANS)  # type: ignore[arg-type]
         self._provider.add_span_processor(self._processor)
-        self._tracer = self._provider.get_tracer("stream2llm")
+        self.tracer = self._provider.get_tracer("stream2llm")
         self.spans_ended = 0
         self.offset_ns = _epoch_offset_ns()
         self.writer = _Writer()
@@ -199,7 +199,7 @@ class SessionTrace:
         # a caller's traceparent; else the span active where the session opened (an instrumented
         # application calling a pipeline), as any OpenTelemetry-instrumented library does
         parent = TraceContextTextMapPropagator().extract(headers) if headers else None
-        self.root = tracing._tracer.start_span(
+        self.root = tracing.tracer.start_span(
             "stream2llm.session",
             context=parent,
             kind=trace.SpanKind.SERVER,
@@ -226,7 +226,7 @@ class SessionTrace:
         from opentelemetry import trace
 
         context = trace.set_span_in_context(parent) if parent is not None else self._context
-        span = self._tracing._tracer.start_span(
+        span = self._tracing.tracer.start_span(
             name,
             context=context,
             start_time=self._ns(start),

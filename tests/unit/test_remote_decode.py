@@ -62,14 +62,13 @@ def test_only_a_stop_or_a_one_token_answer_ends_on_the_prefill_instance():
 def test_the_local_backend_answers_with_the_callers_parameters():
     local = LocalDecode()
     final = _sampled(local, ChunkOp.APPEND, True)
-    assert local.answers_here and final.max_tokens == 12 and final.stop_token_ids == [2]
+    assert final.max_tokens == 12 and final.stop_token_ids == [2]
     assert _sampled(local, ChunkOp.APPEND, False).max_tokens == 1
 
 
 def test_one_throw_away_token_per_chunk_but_the_one_that_answers():
-    assert throwaway_tokens(1, answered_here=True) == 0  # a one-shot request
-    assert throwaway_tokens(4, answered_here=True) == 3
-    assert throwaway_tokens(4, answered_here=False) == 4  # a chunk that only prefills
+    assert throwaway_tokens(1) == 0  # a one-shot request
+    assert throwaway_tokens(4) == 3
 
 
 def test_a_pulling_decode_instance_gets_vllms_pd_flag_on_every_chunk_and_the_prefills_params():
