@@ -282,6 +282,33 @@ async def test_a_session_whose_updates_throw_away_most_stops_speculating_and_equ
     assert gated.tokens_prefilled == pytest.approx(ungated.tokens_prefilled - held, rel=0.02)
 
 
+# temperature 1 with a seed: what one request with this seed samples is reproducible (vLLM seeds a
+# generator of its own per request), and a streamed session must sample the same
+SEEDED = SamplingParams(temperature=1.0, seed=2027, max_tokens=32, ignore_eos=True)
+
+
+@pytest.mark.parametrize("mode", ["append", "update"])
+async def test_a_seeded_streamed_session_samples_what_one_seeded_request_does(engine, mode):
+    """Its earlier chunks run greedy; the final chunk samples with the caller's seed from a fresh
+    generator, so two streamed runs and the one-shot request give the same 32 tokens."""
+    docs = [corpus_text(1500, seed=51 + i) for i in range(3)]
+    answers = []
+    for _ in range(2):
+        session = await engine.open(QUESTION, SEEDED, cache_salt=uuid.uuid4().hex)
+        for i, doc in enumerate(docs):
+            await (session.append(doc + DOC_SEPARATOR) if mode == "append" else session.update(docs[: i + 1]))
+            await asyncio.sleep(0.05)  # each chunk prefilled and parked before the next
+        await session.finish()
+        answers.append((await session.result()).token_ids)
+    context = "".join(d + DOC_SEPARATOR for d in docs) if mode == "append" else docs
+    reference = await oneshot(engine, QUESTION, context, SEEDED)
+    greedy = await oneshot(engine, QUESTION, context, GREEDY)
+    assert reference.token_ids[:24] != greedy.token_ids  # sampled, not the greedy answer
+    assert answers[0] == reference.token_ids
+    assert answers[1] == reference.token_ids
+    assert len(reference.token_ids) == 32
+
+
 async def test_nonstream_computes_the_rendered_prompt(engine):
     """nonstream mode (one request after the last event) against a second one-shot and a direct
     request on the tokenizer's ids: the same computed prompt, tokens and logprobs."""

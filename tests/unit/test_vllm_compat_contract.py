@@ -613,3 +613,36 @@ def test_rank_queues_equals_sort_queues_on_random_queues(seed):
     for queues_ in (expected, got):
         queues_.waiting.append(new)
     both()
+
+
+def test_a_streaming_chunk_gets_a_generator_seeded_as_a_new_request():
+    """vLLM's ``_update_streaming_request`` keeps a session's old generator (none after greedy
+    chunks); patched, each chunk gets one seeded as a new request's, and none without a seed."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert vllm_compat.reseed_streaming_updates() and vllm_compat.reseed_streaming_updates()  # idempotent
+    patched = GPUModelRunner._update_streaming_request
+    assert "generator" not in inspect.getsource(patched.__wrapped__)  # still vLLM's behaviour to fix
+    state = SimpleNamespace(generator=None, output_token_ids=[7])
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(remove_request=lambda req_id: None),
+        requests={"s": state},
+        late_interaction_runner=SimpleNamespace(register_request=lambda *args: None),
+        uses_mrope=False,
+        device=torch.device("cpu"),
+    )
+
+    def chunk(sampling):
+        return SimpleNamespace(
+            prompt_token_ids=[1, 2, 3], mm_features=[], prompt_embeds=None, sampling_params=sampling,
+            pooling_params=None, block_ids=([0],), num_computed_tokens=2,
+        )  # fmt: skip
+
+    assert patched(runner, "s", chunk(SamplingParams(temperature=1.0, seed=5))) is state
+    fresh = torch.Generator().manual_seed(5)
+    assert torch.equal(torch.rand(4, generator=state.generator), torch.rand(4, generator=fresh))
+    assert state.output_token_ids == [] and state.num_prompt_tokens == 3
+    patched(runner, "s", chunk(SamplingParams(temperature=0.0)))
+    assert state.generator is None

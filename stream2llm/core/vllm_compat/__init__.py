@@ -8,7 +8,8 @@ such as ``requests``, ``running``, ``num_computed_tokens``, ``SchedulerOutput.nu
 ``queues`` (ordering vLLM's queues, deferring a prefill, evicting a waiting request's KV),
 ``supersede`` (a queued chunk taking over the one in work, in place), ``kv_cut`` (the KV cut of an
 update), ``kv_transfer`` (what the KV connector reads), ``in_flight`` for async scheduling (vLLM's
-``AsyncScheduler``, what a step in flight holds); for the front end ``engine_process`` (starting
+``AsyncScheduler``, what a step in flight holds); for the workers ``seeded_streams`` (a streaming
+session's chunks seeded as one request); for the front end ``engine_process`` (starting
 AsyncLLM, its engine-core processes, shutting it down). Only a request's ``request_id`` and
 ``sampling_params`` (what it was submitted with) and a streaming chunk's ``sampling_params`` are
 read directly elsewhere. ``tests/unit/test_vllm_compat_contract.py`` (and
@@ -30,6 +31,8 @@ from stream2llm.core.vllm_compat.queues import *  # noqa: F403
 from stream2llm.core.vllm_compat.queues import __all__ as _queues_names
 from stream2llm.core.vllm_compat.scheduler_state import *  # noqa: F403
 from stream2llm.core.vllm_compat.scheduler_state import __all__ as _scheduler_state_names
+from stream2llm.core.vllm_compat.seeded_streams import *  # noqa: F403
+from stream2llm.core.vllm_compat.seeded_streams import __all__ as _seeded_streams_names
 from stream2llm.core.vllm_compat.supersede import *  # noqa: F403
 from stream2llm.core.vllm_compat.supersede import __all__ as _supersede_names
 
@@ -44,5 +47,6 @@ __all__ = [
     *_kv_transfer_names,
     *_queues_names,
     *_scheduler_state_names,
+    *_seeded_streams_names,
     *_supersede_names,
 ]
