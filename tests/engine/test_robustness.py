@@ -189,3 +189,14 @@ def test_requests_stop_at_the_models_end_of_sequence_unless_told_not_to(engine):
     mine = SamplingParams(max_tokens=4, stop_token_ids=[7])
     assert engine.with_eos_stop(mine).stop_token_ids == [7, *eos]
     assert mine.stop_token_ids == [7]  # the caller's params are not changed
+
+
+def test_the_start_up_heap_is_out_of_the_garbage_collectors_way(engine):
+    """What start-up made (vLLM, torch, the tokenizer) is frozen: a full collection no longer
+    walks it. Walking it took 0.4 s on 2 vCPUs, and every session's next chunk waited."""
+    import gc
+
+    assert gc.get_freeze_count() > 50_000
+    assert not any(o is engine.config for o in gc.get_objects())  # made before the freeze
+    made_after = [engine.config]
+    assert any(o is made_after for o in gc.get_objects())  # collected as before
