@@ -29,6 +29,17 @@ ENGINE += ["--max-num-seqs", "256", "--max-sessions", "512"]
 READY = {"single": r"at (http://\S+) \(OpenAI", "replicas": r"replicas at (http://\S+)"}
 
 
+# --pin: every engine on cores of its own (engines sharing cores thrash in their OpenMP barriers):
+# one instance on core 0, or on both (the mixed-load comparison: the cores disaggregation splits);
+# the prefill instance on core 0 and the decode instance on core 1; replicas on core 0 and core 1
+PLANS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "single": ([], {"VLLM_CPU_OMP_THREADS_BIND": "0"}),
+    "single-both-cores": ([], {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}),
+    "disaggregated": (["--disaggregate"], {"VLLM_CPU_OMP_THREADS_BIND": "0", "STREAM2LLM_DECODE_CPUS": "1"}),
+    "replicas": (["--replicas", "2"], {"STREAM2LLM_REPLICA_CPUS": "0|1"}),
+}
+
+
 def start(extra: list[str], log: Path, cpus: dict[str, str]) -> tuple[subprocess.Popen, str, str | None]:
     """A deployment; its URL and (disaggregated) its decode instance's URL, read from its output."""
     out = open(log, "w")  # noqa: SIM115 - the process writes to it until it is stopped
@@ -130,6 +141,19 @@ def run_deployment(name: str, plan: tuple, args: argparse.Namespace, root: Path)
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    """TTFT, second token and time per output token per run, as the README's tables show them."""
+    lines = ["| deployment | policy | TTFT p50 / p99 (s) | second token p50 / p99 (s) | TPOT p50 / p99 (s) |"]
+    lines.append("|---|---|---|---|---|")
+    for row in rows:
+        cells = [
+            " / ".join(f"{row[m][p]:.3f}" for p in ("p50", "p99")) if m in row else "-"
+            for m in ("ttft_final_s", "second_token_s", "tpot_s")
+        ]
+        lines.append(f"| {row['deployment']} | {row['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,30 +163,22 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--scale", type=float, default=0.7)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--only", default="single,disaggregated,replicas")
+    parser.add_argument("--only", default="single,disaggregated,replicas", help=f"of {','.join(PLANS)}")
+    parser.add_argument("--policies", default="stream2llm,nonstream", help="the streamed and nonstream runs")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="let the engines share every core")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    # --pin: every engine on cores of its own (engines sharing cores thrash in their OpenMP
-    # barriers): one instance on core 0; the prefill instance on core 0 and the decode instance
-    # on core 1; replicas on core 0 and core 1
-    plan = {
-        "single": ([], ["stream2llm", "nonstream"], args.qps, {"VLLM_CPU_OMP_THREADS_BIND": "0"}),
-        "disaggregated": (
-            ["--disaggregate"],
-            ["stream2llm", "nonstream"],
-            args.qps,
-            {"VLLM_CPU_OMP_THREADS_BIND": "0", "STREAM2LLM_DECODE_CPUS": "1"},
-        ),
-        "replicas": (["--replicas", "2"], ["stream2llm"], 2 * args.qps, {"STREAM2LLM_REPLICA_CPUS": "0|1"}),
-    }
+    policies = args.policies.split(",")
+    plan = {name: (extra, policies, args.qps, cpus) for name, (extra, cpus) in PLANS.items()}
+    plan["replicas"] = (*PLANS["replicas"][:1], ["stream2llm"], 2 * args.qps, PLANS["replicas"][1])
     rows = []
     for name in args.only.split(","):
         rows += run_deployment(name, plan[name], args, args.out)
         (args.out / "summary.json").write_text(
             json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
         )
+    print(table(rows))
 
 
 if __name__ == "__main__":
