@@ -171,7 +171,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     policies = args.policies.split(",")
     plan = {name: (extra, policies, args.qps, cpus) for name, (extra, cpus) in PLANS.items()}
-    plan["replicas"] = (*PLANS["replicas"][:1], ["stream2llm"], 2 * args.qps, PLANS["replicas"][1])
+    extra, cpus = PLANS["replicas"]
+    plan["replicas"] = (extra, ["stream2llm"], 2 * args.qps, cpus)  # twice the load, streamed only
     rows = []
     for name in args.only.split(","):
         rows += run_deployment(name, plan[name], args, args.out)

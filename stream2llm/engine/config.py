@@ -15,6 +15,7 @@ from stream2llm.engine.tracing import check_endpoint
 Mode = Literal["stream", "vllm", "nonstream"]
 MODES: tuple[str, ...] = ("stream", "vllm", "nonstream")
 SCHEDULER_CLS = "stream2llm.core.scheduler.StreamScheduler"
+WORKER_EXTENSION_CLS = "stream2llm.core.worker_extension.StreamWorkerExtension"  # imported by workers only
 
 
 @dataclass
@@ -147,6 +148,7 @@ def engine_args(
         "max_num_seqs": config.max_num_seqs,
         "kv_cache_memory_bytes": config.kv_cache_bytes,
         "scheduler_cls": SCHEDULER_CLS,
+        "worker_extension_cls": WORKER_EXTENSION_CLS,  # workers seed streaming chunks as requests
         "additional_config": {
             CONFIG_KEY: {
                 "policy": config.policy,

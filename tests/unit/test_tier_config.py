@@ -30,6 +30,16 @@ def test_the_default_engine_has_our_tier_and_decides_by_the_packaged_profile(tin
     assert options["preemption"] == "cost" and options["cost_profile"]["name"] == "cpu-tiny"
 
 
+def test_the_workers_get_the_extension_that_seeds_streaming_chunks(tiny_model):
+    """vLLM resolves ``worker_extension_cls`` in each worker; importing it patches the runner."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    args = engine_args(EngineConfig(model="tiny", preemption="recompute"), tiny_model, "/tmp/board")
+    assert resolve_obj_by_qualname(args.worker_extension_cls).__name__ == "StreamWorkerExtension"
+    assert getattr(GPUModelRunner._update_streaming_request, "_stream2llm_reseeds", False)
+
+
 def test_recompute_means_no_tier_at_all(tiny_model):
     config = EngineConfig(model="tiny", preemption="recompute")
     assert not has_kv_tier(config)
