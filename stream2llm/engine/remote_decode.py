@@ -7,7 +7,7 @@ reaches the caller at once: the hop to the decode instance moves to the second t
 token ended the answer, handover hands the prompt and the first token to ``RemoteDecode.decode``,
 which asks the decode instance (a plain vLLM OpenAI server whose connector loads the stored
 blocks) for the rest: it computes one token (the prompt's last, to replay a first token sampled
-greedily or with a seed; else the first token's own KV) and generates, and its answer streams back.
+with a seed; else the first token's own KV) and generates, and its answer streams back.
 """
 
 from __future__ import annotations
@@ -132,13 +132,14 @@ class RemoteDecode:
         """The rest of the answer after ``first_token`` (sampled here), cumulatively; the last one
         carries what the decode instance computed itself (``counters["kv_transfer"]``).
 
-        Sampling that repeats itself (greedy, or seeded) is replayed: the decode instance gets the
-        prompt prefilled here, samples the first token again and goes on, so that a seeded
-        generator advances exactly as on one instance (vLLM cannot carry its state across); its
-        first token is checked against ours and dropped. Random sampling, or a replayed first
-        token that came out different, continues after ours instead: the prompt and the first
-        token, the caller's parameters less that token (``continuation``)."""
-        if sampling.sampling_type != SamplingType.RANDOM:
+        Greedy and random sampling continue after our token: the decode instance gets the prompt
+        and the first token, the caller's parameters less that token (``continuation``), computes
+        the first token's KV and samples the second, so the hop costs no more than one step there.
+        Seeded sampling is replayed: the decode instance gets the prompt prefilled here, samples
+        the first token again and goes on, so that its generator advances exactly as on one
+        instance (vLLM cannot carry a generator's state across); the repeated first token is
+        checked against ours and dropped, and one that came out different continues after ours."""
+        if sampling.sampling_type == SamplingType.RANDOM_SEED:
             try:
                 async for rest in self._replayed(prompt, sampling, first_token):
                     yield rest

@@ -104,11 +104,11 @@ def appends(seed: int, n: int = 3, chars: int = 1100) -> list[tuple[str, dict]]:
     return [*events, ("append", {"text": " In short: rivers.", "final": True})]
 
 
-def check_decode_computed_one_token(result: dict, replayed: bool = True) -> dict:
+def check_decode_computed_one_token(result: dict, replayed: bool = False) -> dict:
     """Every block of the prompt, the partial last one included, came from the prefill instance,
-    which sampled the first token: the decode instance computed one token, the prompt's last to
-    replay that first token (greedy or seeded sampling), or the first token itself, which it got
-    after the prompt (random sampling)."""
+    which sampled the first token: the decode instance computed one token, the first token itself,
+    which it got after the prompt (greedy and random sampling), or the prompt's last to replay that
+    first token (seeded sampling)."""
     kv = result["kv_transfer"]
     prompt = result["prompt_tokens"]
     assert kv["decode_prompt_tokens"] == (prompt if replayed else prompt + 1), kv
@@ -186,14 +186,14 @@ def test_seeded_sampling_equals_a_single_instances_one_shot_answer(pair):
         )
     assert len(reference["token_ids"]) == 32
     assert result["token_ids"] == reference["token_ids"]
-    check_decode_computed_one_token(result)  # replayed: the seeded generator advanced as on one
+    check_decode_computed_one_token(result, replayed=True)  # the seeded generator advanced as on one
 
 
 def test_random_sampling_continues_after_the_prefill_instances_first_token(pair):
     with httpx.Client(timeout=120) as http:
         result = session(http, pair.url, "Tell me about deltas.", appends(8), max_tokens=12, temperature=1.0)
     assert len(result["token_ids"]) == 12
-    check_decode_computed_one_token(result, replayed=False)  # the prompt's KV all loaded
+    check_decode_computed_one_token(result)  # the prompt's KV all loaded
 
 
 def test_updates_equal_a_single_instance(pair):

@@ -140,28 +140,34 @@ EVENTS = [
 ]
 
 
-def test_greedy_or_seeded_sampling_is_replayed_and_the_repeated_first_token_dropped():
+SEEDED = SamplingParams(temperature=1.0, max_tokens=12, stop_token_ids=[2], logprobs=2, seed=5)
+
+
+def test_seeded_sampling_is_replayed_and_the_repeated_first_token_dropped():
     """The decode instance gets the prompt prefilled here and the caller's parameters, samples the
-    first token again (a seeded generator then advances as on one instance) and goes on."""
-    got, (body,) = _decoding(EVENTS, CALLER)
-    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == CALLER.max_tokens and body["seed"] == 5
+    first token again (its seeded generator then advances as on one instance) and goes on."""
+    got, (body,) = _decoding(EVENTS, SEEDED)
+    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == SEEDED.max_tokens and body["seed"] == 5
     assert [g.token_ids for g in got] == [[8], [8, 9]]
     assert got[0].finish_reason is None and got[-1].finish_reason == "length"
     assert got[-1].logprobs == [{8: -0.25}]
     assert got[-1].counters == {"kv_transfer": _usage_counts(EVENTS[-1]["usage"])}
 
 
-def test_random_sampling_continues_after_the_first_token():
+def test_random_and_greedy_sampling_continue_after_the_first_token():
+    """No replay where nothing needs a generator to advance as on one instance: the decode
+    instance computes our first token's KV and samples the second (one step fewer)."""
     unseeded = SamplingParams(temperature=1.0, max_tokens=12, logprobs=2)
-    got, (body,) = _decoding(EVENTS[1:], unseeded)
-    assert body["prompt"] == [1, 2, 3, 7] and body["max_tokens"] == 11
-    assert [g.token_ids for g in got] == [[8], [8, 9]]
+    for sampling in (unseeded, CALLER):  # CALLER: temperature 0 (its seed changes nothing)
+        got, (body,) = _decoding(EVENTS[1:], sampling)
+        assert body["prompt"] == [1, 2, 3, 7] and body["max_tokens"] == 11
+        assert [g.token_ids for g in got] == [[8], [8, 9]]
 
 
 def test_a_replayed_first_token_that_differs_falls_back_to_continuing_after_ours():
-    got, bodies = _decoding(EVENTS, CALLER, first_token=6)
+    got, bodies = _decoding(EVENTS, SEEDED, first_token=6)
     assert [b["prompt"] for b in bodies] == [[1, 2, 3], [1, 2, 3, 6]]
-    assert bodies[1]["max_tokens"] == CALLER.max_tokens - 1
+    assert bodies[1]["max_tokens"] == SEEDED.max_tokens - 1
     assert got[-1].token_ids == [7, 8, 9]  # the continuation's own tokens, after ours
 
 
