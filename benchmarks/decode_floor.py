@@ -26,10 +26,18 @@ from deployments import start, stop
 CPUS = {"VLLM_CPU_OMP_THREADS_BIND": "0", "STREAM2LLM_DECODE_CPUS": "1"}
 
 
-def first_token_s(url: str, ids: list[int]) -> float:
-    body = {"model": "decode", "prompt": ids, "max_tokens": 1, "stream": True, "temperature": 0}
+def first_token_s(url: str, ids: list[int], endpoint: str = "completions") -> float:
+    """Time to the first streamed token: vLLM's OpenAI ``/v1/completions`` or its token-in,
+    token-out ``/inference/v1/generate``."""
+    if endpoint == "completions":
+        body = {"model": "decode", "prompt": ids, "max_tokens": 1, "stream": True, "temperature": 0}
+        path = "/v1/completions"
+    else:
+        sampling = {"max_tokens": 1, "temperature": 0, "detokenize": False}
+        body = {"model": "decode", "token_ids": ids, "sampling_params": sampling, "stream": True}
+        path = "/inference/v1/generate"
     request = urllib.request.Request(
-        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     t0 = time.perf_counter()
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -43,12 +51,14 @@ def measure(url: str, lengths: list[int], repeat: int, vocab: int) -> list[dict]
     rng = random.Random(1)
     rows = []
     for n in lengths:
-        cold, cached = [], []
+        cold, cached, generate = [], [], []
         for _ in range(repeat):
             ids = [rng.randrange(10, vocab) for _ in range(n)]
             cold.append(first_token_s(url, ids))
             cached.append(first_token_s(url, ids))
-        rows.append({"prompt_tokens": n, "cold_ms": _ms(cold), "cached_ms": _ms(cached)})
+            generate.append(first_token_s(url, ids, "generate"))
+        row = {"prompt_tokens": n, "cold_ms": _ms(cold), "cached_ms": _ms(cached)}
+        rows.append(row | {"cached_generate_ms": _ms(generate)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

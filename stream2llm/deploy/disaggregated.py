@@ -58,6 +58,7 @@ def decode_argv(config: EngineConfig, model: Any, port: int, transfer: dict[str,
     argv += ["--max-num-batched-tokens", str(config.max_num_batched_tokens)]
     argv += ["--kv-cache-memory-bytes", str(config.kv_cache_bytes)]
     argv += ["--enforce-eager", "--enable-prefix-caching", "--enable-prompt-tokens-details"]
+    argv += ["--enable-scale-out"]  # vLLM's token-in, token-out /inference/v1/generate
     argv += ["--kv-transfer-config", json.dumps(transfer)]
     if config.block_size is not None:
         argv += ["--block-size", str(config.block_size)]

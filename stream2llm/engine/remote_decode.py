@@ -6,7 +6,8 @@ samples the answer's first token here with the caller's parameters (as DistServe
 reaches the caller at once: the hop to the decode instance moves to the second token. Unless that
 token ended the answer, handover hands the prompt and the first token to ``RemoteDecode.decode``,
 which asks the decode instance (a plain vLLM OpenAI server whose connector loads the stored
-blocks) for the rest: it computes one token (the prompt's last, to replay a first token sampled
+blocks) for the rest over vLLM's token-in, token-out API (the lightest it serves: no text either
+way): it computes one token (the prompt's last, to replay a first token sampled
 with a seed; else the first token's own KV) and generates, and its answer streams back.
 """
 
@@ -31,7 +32,6 @@ class _FirstTokenDiffers(Exception):
 
 KEEPALIVE_S = 2.0  # below the decode server's keep-alive timeout
 SILENCE_S = 60.0  # a decode instance that sends nothing this long has failed (it computes one token)
-TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a logprob's token
 
 
 def first_token_only(sampling: Any, pulls_kv: bool = False) -> Any:
@@ -61,33 +61,38 @@ def mark_remote_decode(params: Any, pulls_kv: bool) -> Any:
     return params
 
 
-def completion_body(
+GENERATE_PATH = "/inference/v1/generate"  # vLLM's token-in, token-out API (``--enable-scale-out``)
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "logprobs",
+)
+
+
+def generate_body(
     model: str, ids: list[int], sampling: Any, cache_salt: str | None, kv_params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The decode instance's ``/v1/completions`` body for the session's sampling parameters."""
+    """The decode instance's ``/inference/v1/generate`` body: token ids in, token ids out, the
+    session's sampling parameters as vLLM's own; nothing is detokenized there (the session
+    decodes its text here, as for every answer)."""
+    params = {name: getattr(sampling, name) for name in SAMPLING_FIELDS}
+    params |= {"stop_token_ids": list(sampling.stop_token_ids or ()), "detokenize": False}
     body: dict[str, Any] = {
         "model": model,
-        "prompt": ids,
-        "max_tokens": sampling.max_tokens,
-        "min_tokens": sampling.min_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-        "min_p": sampling.min_p,
-        "seed": sampling.seed,
-        "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty,
-        "repetition_penalty": sampling.repetition_penalty,
-        "stop_token_ids": list(sampling.stop_token_ids or ()),
-        "ignore_eos": sampling.ignore_eos,
-        "skip_special_tokens": sampling.skip_special_tokens,
+        "token_ids": ids,
+        "sampling_params": params,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "return_token_ids": True,
-        "return_tokens_as_token_ids": True,
     }
-    if sampling.logprobs is not None:
-        body["logprobs"] = sampling.logprobs
     if cache_salt is not None:
         body["cache_salt"] = cache_salt
     if kv_params:
@@ -96,13 +101,14 @@ def completion_body(
 
 
 def _token_logprobs(raw: dict[str, Any] | None) -> list[dict[int, float]]:
-    """vLLM's streamed completion logprobs (top_logprobs keyed ``token_id:N``) as the session's."""
+    """vLLM's streamed generate logprobs (one entry per token, its top candidates by id) as the
+    session's."""
     if not raw:
         return []
-    out = []
-    for top in raw.get("top_logprobs") or ():
-        out.append({int(k.removeprefix(TOKEN_PREFIX)): float(v) for k, v in (top or {}).items()})
-    return out
+    return [
+        {int(top["token_id"]): float(top["logprob"]) for top in entry.get("top_logprobs") or ()}
+        for entry in raw.get("content") or ()
+    ]
 
 
 class RemoteDecode:
@@ -162,7 +168,7 @@ class RemoteDecode:
 
     async def _answer(self, prompt: FinalPrompt, ids: list[int], sampling: Any) -> AsyncIterator[Generated]:
         """The decode instance's answer to ``ids``, cumulatively, then what it computed itself."""
-        body = completion_body(self.model, ids, sampling, prompt.cache_salt, prompt.kv_params)
+        body = generate_body(self.model, ids, sampling, prompt.cache_salt, prompt.kv_params)
         ids_out: list[int] = []
         lps: list[dict[int, float]] = []
         counts: dict[str, int] = {}
@@ -193,7 +199,7 @@ class RemoteDecode:
             self._http = aiohttp.ClientSession(connector=connector, timeout=timeout)
         usage: dict[str, Any] | None = None
         try:
-            post = self._http.post(self.url + "/v1/completions", json=body, headers=headers)
+            post = self._http.post(self.url + GENERATE_PATH, json=body, headers=headers)
             async with post as response:
                 if response.status != 200:
                     text = (await response.text())[:300]

@@ -22,9 +22,9 @@ from stream2llm.engine.remote_decode import (
     RemoteDecode,
     _token_logprobs,
     _usage_counts,
-    completion_body,
     continuation,
     first_token_only,
+    generate_body,
 )
 
 CALLER = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[2], logprobs=2, seed=5)
@@ -85,21 +85,34 @@ def test_a_pulling_decode_instance_gets_vllms_pd_flag_on_every_chunk_and_the_pre
         KV_PARAMS_KEY: {"blocks_saved": 0},
     }
     assert split_transfer_params(None) == ({}, {})
-    body = completion_body("decode", [1, 2, 3], CALLER, "t1", foreign)
+    body = generate_body("decode", [1, 2, 3], CALLER, "t1", foreign)
     assert body["kv_transfer_params"] == nixl
-    assert "kv_transfer_params" not in completion_body("decode", [1], CALLER, None, {})
+    assert "kv_transfer_params" not in generate_body("decode", [1], CALLER, None, {})
 
 
 def test_the_decode_body_carries_the_callers_sampling():
-    body = completion_body("decode", [5, 6], CALLER, "salt")
-    assert body["prompt"] == [5, 6] and body["model"] == "decode" and body["cache_salt"] == "salt"
-    assert (body["max_tokens"], body["temperature"], body["seed"], body["logprobs"]) == (12, 0, 5, 2)
-    assert body["stop_token_ids"] == [2] and body["stream"] and body["return_token_ids"]
-    assert body["return_tokens_as_token_ids"] and body["stream_options"] == {"include_usage": True}
+    body = generate_body("decode", [5, 6], CALLER, "salt")
+    assert body["token_ids"] == [5, 6] and body["model"] == "decode" and body["cache_salt"] == "salt"
+    params = body["sampling_params"]
+    assert (params["max_tokens"], params["temperature"], params["seed"], params["logprobs"]) == (12, 0, 5, 2)
+    assert params["stop_token_ids"] == [2] and not params["detokenize"]  # token ids out, no text
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    from vllm import SamplingParams as VllmSampling
+
+    assert VllmSampling(**params).max_tokens == 12  # every field is one of vLLM's own
+
+
+def _lp(token: int, logprob: float) -> dict:
+    return {"token_id": token, "logprob": logprob}
 
 
 def test_the_answers_logprobs_and_usage_are_read_back():
-    raw = {"top_logprobs": [{"token_id:7": -0.25, "token_id:9": -1.5}, {"token_id:3": -0.125}]}
+    raw = {
+        "content": [
+            {"token_id": 7, "logprob": -0.25, "top_logprobs": [_lp(7, -0.25), _lp(9, -1.5)]},
+            {"token_id": 3, "logprob": -0.125, "top_logprobs": [_lp(3, -0.125)]},
+        ]
+    }
     assert _token_logprobs(raw) == [{7: -0.25, 9: -1.5}, {3: -0.125}]
     assert _token_logprobs(None) == []
     usage = {"prompt_tokens": 1538, "prompt_tokens_details": {"cached_tokens": 1536}}
@@ -133,8 +146,16 @@ def _decoding(events: list[dict], sampling, first_token: int = 7) -> tuple[list,
 
 
 EVENTS = [
-    {"choices": [{"token_ids": [7], "logprobs": {"top_logprobs": [{"token_id:7": -0.5}]}}]},
-    {"choices": [{"token_ids": [8], "logprobs": {"top_logprobs": [{"token_id:8": -0.25}]}}]},
+    {
+        "choices": [
+            {"token_ids": [7], "logprobs": {"content": [{**_lp(7, -0.5), "top_logprobs": [_lp(7, -0.5)]}]}}
+        ]
+    },
+    {
+        "choices": [
+            {"token_ids": [8], "logprobs": {"content": [{**_lp(8, -0.25), "top_logprobs": [_lp(8, -0.25)]}]}}
+        ]
+    },
     {"choices": [{"token_ids": [9], "finish_reason": "length", "logprobs": None}]},
     {"usage": {"prompt_tokens": 130, "prompt_tokens_details": {"cached_tokens": 129}}},
 ]
@@ -147,7 +168,10 @@ def test_seeded_sampling_is_replayed_and_the_repeated_first_token_dropped():
     """The decode instance gets the prompt prefilled here and the caller's parameters, samples the
     first token again (its seeded generator then advances as on one instance) and goes on."""
     got, (body,) = _decoding(EVENTS, SEEDED)
-    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == SEEDED.max_tokens and body["seed"] == 5
+    params = body["sampling_params"]
+    assert (
+        body["token_ids"] == [1, 2, 3] and params["max_tokens"] == SEEDED.max_tokens and params["seed"] == 5
+    )
     assert [g.token_ids for g in got] == [[8], [8, 9]]
     assert got[0].finish_reason is None and got[-1].finish_reason == "length"
     assert got[-1].logprobs == [{8: -0.25}]
@@ -160,14 +184,14 @@ def test_random_and_greedy_sampling_continue_after_the_first_token():
     unseeded = SamplingParams(temperature=1.0, max_tokens=12, logprobs=2)
     for sampling in (unseeded, CALLER):  # CALLER: temperature 0 (its seed changes nothing)
         got, (body,) = _decoding(EVENTS[1:], sampling)
-        assert body["prompt"] == [1, 2, 3, 7] and body["max_tokens"] == 11
+        assert body["token_ids"] == [1, 2, 3, 7] and body["sampling_params"]["max_tokens"] == 11
         assert [g.token_ids for g in got] == [[8], [8, 9]]
 
 
 def test_a_replayed_first_token_that_differs_falls_back_to_continuing_after_ours():
     got, bodies = _decoding(EVENTS, SEEDED, first_token=6)
-    assert [b["prompt"] for b in bodies] == [[1, 2, 3], [1, 2, 3, 6]]
-    assert bodies[1]["max_tokens"] == SEEDED.max_tokens - 1
+    assert [b["token_ids"] for b in bodies] == [[1, 2, 3], [1, 2, 3, 6]]
+    assert bodies[1]["sampling_params"]["max_tokens"] == SEEDED.max_tokens - 1
     assert got[-1].token_ids == [7, 8, 9]  # the continuation's own tokens, after ours
 
 
@@ -186,7 +210,7 @@ def test_a_decode_instance_that_never_answers_fails_the_session_with_a_clear_err
             return web.Response()
 
         app = web.Application()
-        app.router.add_post("/v1/completions", silent)
+        app.router.add_post("/inference/v1/generate", silent)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
