@@ -97,6 +97,7 @@ class RunResult:
                 "prompt_tokens": [r.prompt_tokens for r in ok],
                 "timeline": [r.timeline for r in ok],  # to join with the step log
                 **({"kv_transfer": [r.kv_transfer for r in ok]} if any(r.kv_transfer for r in ok) else {}),
+                **_decode_samples(ok),
             },
         }
 
@@ -109,6 +110,14 @@ def _decode_summaries(ok: Sequence[RequestRecord]) -> dict[str, Any]:
         if values:
             out[metric] = summary(values)
     return out
+
+
+def _decode_samples(ok: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Each request's second-token latency, where the transport measured it (to join deployments'
+    runs request by request)."""
+    if all(r.second_token_s is None for r in ok):
+        return {}
+    return {"second_token_s": [None if r.second_token_s is None else round(r.second_token_s, 5) for r in ok]}
 
 
 def ci95(values: Sequence[float]) -> tuple[float, float]:

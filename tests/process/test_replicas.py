@@ -183,6 +183,8 @@ def test_http_bench_replays_a_trace_through_the_router(deployment):
         assert all(t > 0 for t in run["samples"]["ttft_final_s"])
         assert all(n > 40 for n in run["samples"]["prompt_tokens"])
         assert run["second_token_s"]["p50"] > 0 and run["tpot_s"]["p50"] > 0  # two tokens each
+        seconds = run["samples"]["second_token_s"]  # request by request, to join two deployments
+        assert len(seconds) == 4 and sorted(seconds)[1] <= run["second_token_s"]["p50"] <= sorted(seconds)[2]
 
 
 def test_a_killed_instance_fails_only_its_sessions(deployment):
