@@ -108,6 +108,18 @@ async def _wait_for(task: asyncio.Task) -> None:
     await asyncio.shield(task)
 
 
+def _ended_tokens(generated: Generated, now: float) -> None:
+    """An ended session takes no more tokens."""
+
+
+def _ended() -> None:
+    """An ended session does not end again."""
+
+
+def _ended_error(exc: Exception) -> None:
+    """An ended session does not fail later."""
+
+
 class Handover:
     """One session's vLLM request: its input queue, the chunks sent and their timings, the runner.
 
@@ -233,10 +245,19 @@ class Handover:
             if answer is not None and answer.finish_reason is None and last is not None and last.finished:
                 await self._decode_remotely(last, answer)  # the first token did not end the answer
             self._on_end()
+            self._detach()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the engine failed this request; others go on
             self._on_error(exc)
+            self._detach()
+
+    def _detach(self) -> None:
+        """The session has its outcome: drop the callbacks into it, so that an ended session and
+        its hand-over are no reference cycle (only a full garbage collection, which pauses every
+        session, would free them)."""
+        self._on_tokens, self._on_end, self._on_error = _ended_tokens, _ended, _ended_error
+        self._decode_trace = None
 
     def _account(self, out: Any, now: float) -> Generated | None:
         """Mark the chunks whose prefill finished or that a later chunk took over (one output
@@ -299,9 +320,11 @@ class Handover:
                 await runner
         if self._internal_id is not None and self._host.engine_died() is None:
             await self._host.abort(self._internal_id)
+        self._detach()
 
     def drop(self) -> None:
         """The engine is gone: cancel the runner, abort nothing."""
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
+        self._detach()

@@ -200,3 +200,33 @@ def test_the_start_up_heap_is_out_of_the_garbage_collectors_way(engine):
     assert not any(o is engine.config for o in gc.get_objects())  # made before the freeze
     made_after = [engine.config]
     assert any(o is made_after for o in gc.get_objects())  # collected as before
+
+
+async def test_an_ended_session_is_freed_without_the_garbage_collector(engine):
+    """A session and its hand-over, once ended (finished, aborted or failed), are no reference
+    cycle: reference counting frees them. Cycles of ended sessions piled up between full
+    collections (26-31k objects each under load) and one such collection paused serving 175 ms."""
+    import gc
+    import weakref
+
+    async def ended(how: str) -> weakref.ref:
+        session = await engine.open(QUESTION, SamplingParams(temperature=0, max_tokens=4))
+        await session.append(corpus_text(600, 7), final=how == "finish")
+        if how == "finish":
+            await session.result()
+        else:
+            await session.abort()
+        await asyncio.sleep(0.05)  # the runner's and the stop's tasks end
+        return weakref.ref(session)
+
+    gc.collect()
+    gc.disable()
+    try:
+        for how in ("finish", "abort"):
+            ref = await ended(how)
+            await asyncio.sleep(0.05)
+            assert ref() is None, (
+                f"a {how}ed session is alive: {[type(r).__name__ for r in gc.get_referrers(ref())]}"
+            )
+    finally:
+        gc.enable()
