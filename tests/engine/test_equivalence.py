@@ -225,15 +225,18 @@ async def test_vllm_mode_update_resubmits_and_equals_oneshot(engine):
     assert result.updates == []  # stock path: no in-place update happened
 
 
-async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine):
+@pytest.mark.parametrize("policy", ["fcfs", "stream2llm"])
+async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine, policy):
     """An ANN pipeline refines faster than a long update prefills. Each update here replaces the
     first document, so almost nothing of the previous one survives; sent back to back, the engine
     core ends the update in flight after the tokens it already scheduled (the next update's LCP
-    shows it held fewer tokens than that update's prompt), and the answer is still the one-shot's."""
+    shows it held fewer tokens than that update's prompt), and the answer is still the one-shot's.
+    How much an update threw away depends on whether a step of the one before it started before
+    it arrived (a race with the engine core): at most that one step, never the whole update."""
     text = corpus_text(16000, seed=21)
     series = [[f"Refinement {i}: " + text[i * 50 : 4000 + i * 50], text[8000:11000]] for i in range(5)]
-    with engine_policy(engine, "fcfs"):  # take-over alone: stream2llm's gate would hold some updates
-        session = await engine.open(QUESTION, GREEDY)
+    with engine_policy(engine, policy):  # salted: no KV from the other run or the reference
+        session = await engine.open(QUESTION, GREEDY, cache_salt=uuid.uuid4().hex)
         for docs in series:
             await session.update(docs)
         await session.finish()
@@ -245,8 +248,9 @@ async def test_an_update_that_arrives_mid_prefill_cuts_the_one_in_flight(engine)
     applied = result.updates
     # an update found the one before it only partly prefilled, and kept what was computed of it
     assert any(later["old_len"] < earlier["new_len"] for earlier, later in zip(applied, applied[1:])), applied
-    # so the final prompt was prefilled about once (each full update would cost another ~3,300)
-    assert result.tokens_prefilled < 1.2 * len(result.prompt_token_ids)
+    # each update threw away at most the step in flight when it came (each full one: ~3,300)
+    step = engine.config.max_num_batched_tokens
+    assert all(update["discarded"] <= step for update in applied), applied
     # exactly: what streaming prefilled beyond one-shot is the KV that updates threw away
     assert result.tokens_prefilled == len(result.prompt_token_ids) + result.tokens_discarded
 
