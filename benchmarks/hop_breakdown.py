@@ -25,7 +25,7 @@ holds (the hop's floor).
 
     .venv/bin/stream2llm synth --workload crawler --n 300 --seed 42 --out crawler.jsonl
     PYTHONPATH=. .venv/bin/python benchmarks/hop_breakdown.py crawler.jsonl --n 16 --scale 0.6 \
-        --out benchmarks/results/hop-breakdown.json
+        --out benchmarks/results/hop28/hop-breakdown.json
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from the final event to the second token, disaggregated less one instance's. The
 vLLM's own server takes to answer a prompt of that size whose KV it already holds (interpolated
 between the measured sizes), so ``hop - floor`` is what the deployment adds beyond it.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/hop_vs_floor.py benchmarks/results/deployments28-qps025 \\
-        benchmarks/results/decode-floor.json --policy stream2llm
+    PYTHONPATH=. .venv/bin/python benchmarks/hop_vs_floor.py \\
+        benchmarks/results/hop28/deployments28-qps025-generate benchmarks/results/hop28/decode-floor.json
 """
 
 from __future__ import annotations

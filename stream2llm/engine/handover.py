@@ -108,16 +108,8 @@ async def _wait_for(task: asyncio.Task) -> None:
     await asyncio.shield(task)
 
 
-def _ended_tokens(generated: Generated, now: float) -> None:
-    """An ended session takes no more tokens."""
-
-
-def _ended() -> None:
-    """An ended session does not end again."""
-
-
-def _ended_error(exc: Exception) -> None:
-    """An ended session does not fail later."""
+def _ended(*_: Any) -> None:
+    """What an ended session's callbacks become: it takes no more tokens, outcomes or errors."""
 
 
 class Handover:
@@ -256,7 +248,7 @@ class Handover:
         """The session has its outcome: drop the callbacks into it, so that an ended session and
         its hand-over are no reference cycle (only a full garbage collection, which pauses every
         session, would free them)."""
-        self._on_tokens, self._on_end, self._on_error = _ended_tokens, _ended, _ended_error
+        self._on_tokens = self._on_end = self._on_error = _ended
         self._decode_trace = None
 
     def _account(self, out: Any, now: float) -> Generated | None:
